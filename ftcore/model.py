@@ -1,0 +1,270 @@
+"""One Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2 and SmolLM2 differ only by ModelConfig.
+
+Module and parameter names follow the Hugging Face layout minus its leading `model.`
+(`layers.3.self_attn.q_proj.weight`), so checkpoints map by one rule (weights.py) and PEFT
+target-module names (`q_proj`, `down_proj`, ...) mean the same thing here as in HF PEFT.
+
+    tokens ─> embed_tokens ─┐ (or input_embeds: the prompt-tuning hook)
+                            v
+      ┌── Block x N ─────────────────────────────────────────────────────┐
+      │ x + o_proj(SDPA(rope(q), [prefix_k; cache_k; rope(k)], [...v]))  │  prefix_kv: the prefix-tuning hook
+      │ x + down_proj(silu(gate_proj(x)) * up_proj(x))                   │
+      └──────────────────────────────────────────────────────────────────┘
+                            v
+                   norm ─> lm_head ─> logits [B, T, vocab]
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ftcore.errors import FtcoreError
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets qkv_bias and o_bias
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int = 0  # Mistral; 0 = full attention
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise FtcoreError(
+                f"num_attention_heads={self.num_heads} must be a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
+        rope_type = self.rope_scaling.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise FtcoreError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in float32, with linear or llama3 scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    rope_type = s.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B, 1, T, head_dim] for integer positions [B, T] (computed in float32)."""
+    freqs = position_ids[:, :, None].float() * inv_freq.float()[None, None, :]  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (HF convention): x [B, H, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32, cast back before the scale (as HF Llama does).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: k, v [B, n_kv, max_len, hd]; `length` tokens are filled.
+
+    Prefix-tuning prefixes are not stored here: they are passed to every forward as `prefix_kv`.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, n_kv, T, hd] at the current length; return all filled keys and values."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k[layer].shape[2]:
+            raise FtcoreError(f"KV cache overflow: {end} tokens > max_len {self.k[layer].shape[2]}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None):
+        """x [B, T, D]; mask: bool [B, 1, T, S] (True = attend) or None for plain causal.
+
+        prefix_kv: (k, v) each [B, n_kv, P, hd], prepended to the keys/values without RoPE
+        (the prefix-tuning hook); `mask` must then cover the P prefix columns first.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # [B, Hkv, S_cache, hd]
+        if prefix_kv is not None:
+            pk, pv = prefix_kv
+            k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+        gqa = self.n_heads != self.n_kv
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix_kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_mask(
+    T: int, past: int, prefix: int, attention_mask, sliding_window: int, device
+) -> torch.Tensor | None:
+    """Boolean attention mask [B|1, 1, T, prefix + past + T] (True = attend), or None for plain causal.
+
+    attention_mask: None, a key padding mask [B, past + T] (1 = real token), or a ready bool mask
+    [B, 1, T, past + T] (e.g. block-diagonal for packed documents). Prefix columns are always visible.
+    Every query may attend to its own key, so rows of padding tokens never go all-masked (NaN).
+    """
+    S = past + T
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask.bool()
+    else:
+        if attention_mask is None and prefix == 0 and past == 0 and not sliding_window:
+            return None
+        q_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
+        k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+        mask = k_pos <= q_pos
+        if sliding_window:
+            mask = mask & (k_pos > q_pos - sliding_window)
+        mask = mask[None, None]  # [1, 1, T, S]
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]
+        mask = mask | (k_pos == q_pos)[None, None]
+    if prefix:
+        mask = torch.cat([mask.new_ones(*mask.shape[:3], prefix), mask], dim=-1)
+    return mask
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def reset_buffers(self, device=None):
+        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        self.inv_freq = rope_inv_freq(self.cfg).to(device or self.embed_tokens.weight.device)
+
+    def tie_weights(self):
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random init for from-scratch tests (HF's initializer_range convention)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std, generator=generator)
+        self.reset_buffers()
+
+    def forward(
+        self,
+        tokens: torch.Tensor | None = None,  # [B, T] int64
+        *,
+        input_embeds: torch.Tensor | None = None,  # [B, T, D]: used in place of tokens (prompt tuning)
+        position_ids: torch.Tensor | None = None,  # [B, T]; default past .. past + T - 1
+        attention_mask: torch.Tensor | None = None,  # [B, past + T] padding mask or bool [B, 1, T, past + T]
+        kv_cache: KVCache | None = None,
+        prefix_kv: list | None = None,  # per layer (k, v) [B, n_kv, P, hd] (prefix tuning)
+        return_hidden: bool = False,  # final normed hidden states [B, T, D] instead of logits
+    ) -> torch.Tensor:
+        x = self.embed_tokens(tokens) if input_embeds is None else input_embeds
+        B, T, _ = x.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        prefix = prefix_kv[0][0].shape[2] if prefix_kv is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        mask = build_mask(T, past, prefix, attention_mask, self.cfg.sliding_window, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, kv_cache, None if prefix_kv is None else prefix_kv[i])
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)

@@ -1,0 +1,94 @@
+"""Memory-mapped safetensors reading with one-line errors, and atomic writing.
+
+We parse the 8-byte header length and JSON header ourselves so that a truncated or malformed
+file names the file and tensor, and so that tensors are zero-copy views of a private mmap
+(pages are read lazily; copy-on-write if a parameter is later updated in place).
+"""
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from ftcore.errors import FtcoreError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class SafetensorsFile:
+    """An open safetensors file: `names()`, `shape(name)`, `get(name)` -> mmap-backed tensor."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FtcoreError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if 8 + n > size:
+                raise FtcoreError(f"{self.path}: truncated safetensors header ({n} header bytes, file has {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise FtcoreError(f"{self.path}: malformed safetensors header ({e})") from None
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.data_start = 8 + n
+        self.entries = header
+        for name, e in header.items():
+            if e.get("dtype") not in DTYPES:
+                raise FtcoreError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+            begin, end = e["data_offsets"]
+            if self.data_start + end > size:
+                raise FtcoreError(
+                    f"{self.path}: truncated: tensor {name!r} needs bytes up to {self.data_start + end}, file has {size}"
+                )
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name) -> tuple:
+        return tuple(self.entries[name]["shape"])
+
+    def nbytes(self, name) -> int:
+        begin, end = self.entries[name]["data_offsets"]
+        return end - begin
+
+    def get(self, name) -> torch.Tensor:
+        e = self.entries[name]
+        dtype, shape = DTYPES[e["dtype"]], e["shape"]
+        begin, end = e["data_offsets"]
+        count = end - begin
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(self.mm, dtype=torch.uint8, count=count, offset=self.data_start + begin)
+        return t.view(dtype).reshape(shape)
+
+    def release(self, name):
+        """Drop the pages of one tensor from memory after it was copied elsewhere (keeps peak RSS ~1x)."""
+        begin, end = self.entries[name]["data_offsets"]
+        page = mmap.PAGESIZE
+        start = (self.data_start + begin) // page * page
+        stop = (self.data_start + end) // page * page  # whole pages only; neighbours may still be in use
+        if stop > start and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """Write tensors to `path` atomically (temporary name in the same directory, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)

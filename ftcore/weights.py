@@ -1,0 +1,257 @@
+"""Checkpoints in Hugging Face layout: config.json <-> ModelConfig, safetensors load/save, hub download.
+
+Our parameter names are HF's without the leading `model.` (lm_head stays `lm_head`), so the
+name map is one rule: `hf_name(ours)` / `our_name(hf)`.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ftcore.errors import FtcoreError
+from ftcore.model import ModelConfig, Transformer
+from ftcore.safetensors_io import SafetensorsFile, save_safetensors
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def our_name(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def read_config(model_dir) -> tuple[ModelConfig, dict]:
+    """Parse `config.json` into a ModelConfig; also return the raw dict (kept for saving)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FtcoreError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FtcoreError(f"{path}: invalid JSON ({e})") from None
+    archs = hf.get("architectures") or [
+        {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+            hf.get("model_type"), str(hf.get("model_type"))
+        )
+    ]
+    if archs[0] not in ARCHITECTURES:
+        raise FtcoreError(
+            f"{path}: unsupported architecture {archs[0]!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+    model_type = ARCHITECTURES[archs[0]]
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in hf:
+            raise FtcoreError(f"{path}: missing key {key!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise FtcoreError(f"{path}: hidden_act {hf['hidden_act']!r} unsupported; expected 'silu'")
+    # transformers >= 5 writes rope_parameters; older checkpoints write rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    attention_bias = hf.get("attention_bias", False)
+    sliding = 0
+    if model_type == "mistral" or (model_type == "qwen2" and hf.get("use_sliding_window")):
+        sliding = hf.get("sliding_window") or 0
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or 0,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=rope if rope.get("rope_type", "default") != "default" else {},
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=hf.get("mlp_bias", False),
+        sliding_window=sliding,
+    )
+    return cfg, hf
+
+
+def _shard_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise FtcoreError(f"{index}: no 'weight_map'")
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = [model_dir / "model.safetensors"]
+    for f in files:
+        if not f.is_file():
+            raise FtcoreError(f"{model_dir}: missing weights file {f.name}")
+    return files
+
+
+def load_weights(model: Transformer, model_dir, dtype=torch.float32, device="cpu"):
+    """Assign the checkpoint's tensors to a (meta-device) model with strict name and shape checks.
+
+    Tensors already in `dtype` on CPU stay zero-copy mmap views; otherwise each is converted and
+    its mmap pages released at once, so the peak stays near one copy of the weights.
+    """
+    model_dir = Path(model_dir)
+    expected = {hf_name(n): p.shape for n, p in model.named_parameters()}  # tied lm_head appears once
+    files = [SafetensorsFile(f) for f in _shard_files(model_dir)]
+    tied_head = model.cfg.tie_word_embeddings
+    state, seen = {}, set()
+    for st in files:
+        for name in st.names():
+            if tied_head and name == "lm_head.weight":
+                continue  # HF ignores a stored lm_head when embeddings are tied
+            if name not in expected:
+                raise FtcoreError(f"{st.path}: unexpected tensor {name!r} (not a parameter of this model)")
+            if st.shape(name) != tuple(expected[name]):
+                raise FtcoreError(
+                    f"{st.path}: tensor {name!r} has shape {list(st.shape(name))}, expected {list(expected[name])}"
+                )
+            t = st.get(name)
+            if t.dtype != dtype or torch.device(device).type != "cpu":
+                t = t.to(device=device, dtype=dtype, copy=True)
+                st.release(name)
+            state[our_name(name)] = t
+            seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FtcoreError(f"{model_dir}: checkpoint is missing tensor {missing[0]!r}{more}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.reset_buffers(torch.device(device))
+    return model
+
+
+def resolve(path_or_repo_id) -> Path:
+    """Turn a model reference into a local HF-layout directory.
+
+    Accepts a local directory, a `.gguf` file (imported once into the cache), `pkg://package/file`
+    (a file inside an installed Python package, located without importing it), or a hub repo id.
+    """
+    ref = str(path_or_repo_id)
+    if ref.startswith("pkg://"):
+        pkg, _, rel = ref[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise FtcoreError(f"{ref}: Python package {pkg!r} is not installed")
+        ref = str(Path(list(spec.submodule_search_locations)[0]) / rel)
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise FtcoreError(f"{path}: GGUF file not found")
+        from ftcore.gguf import cached_import
+
+        return cached_import(path)
+    if path.is_dir():
+        return path
+    looks_local = path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1 or path.exists()
+    if looks_local:
+        raise FtcoreError(f"{ref}: model directory not found")
+    return download(ref)
+
+
+def download(repo_id: str) -> Path:
+    """Fetch config, tokenizer and safetensors of a hub repo (honours HF_HUB_OFFLINE and the HF cache)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth, offline-and-not-cached: all user-facing
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FtcoreError(f"{repo_id}: not a local directory and could not be fetched from the hub ({msg})") from None
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def load_model(path_or_repo_id, dtype=torch.float32, device="cpu") -> Transformer:
+    model_dir = resolve(path_or_repo_id)
+    cfg, hf = read_config(model_dir)
+    model = load_weights(build_model(cfg), model_dir, dtype, device)
+    model.hf_config = hf  # kept so a save writes back the same config.json
+    return model
+
+
+def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu"):
+    """Load (model, tokenizer) from a local directory, a .gguf file, `pkg://...` or a hub repo id."""
+    from ftcore.tokenizer import Tokenizer
+
+    model_dir = resolve(path_or_repo_id)
+    return load_model(model_dir, dtype, device), Tokenizer.from_dir(model_dir)
+
+
+def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 4 << 30):
+    """Write config.json and (sharded) model.safetensors in HF layout, atomically as a directory."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    hf = dict(getattr(model, "hf_config", None) or config_to_hf(model.cfg))
+    sd = {hf_name(n): p for n, p in model.named_parameters(remove_duplicate=True)}
+    dtype = next(iter(sd.values())).dtype
+    hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    shards, cur, size = [], {}, 0
+    for name, t in sd.items():
+        if cur and size + t.numel() * t.element_size() > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += t.numel() * t.element_size()
+    shards.append(cur)
+    if len(shards) == 1:
+        save_safetensors(shards[0], tmp / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_safetensors(shard, tmp / fname)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """A config.json for a model that was not loaded from one (e.g. built in a test)."""
+    arch = "Qwen2ForCausalLM" if cfg.qkv_bias and not cfg.o_bias else "LlamaForCausalLM"
+    hf = {
+        "architectures": [arch],
+        "model_type": ARCHITECTURES[arch],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **cfg.rope_scaling},
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+    }
+    if arch == "LlamaForCausalLM":
+        hf.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    return hf

@@ -1,0 +1,37 @@
+"""Tiny random-weight checkpoints written by transformers' save_pretrained (test-only reference)."""
+
+import torch
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+VARIANTS = {
+    "llama_gqa_llama3": ("LlamaConfig", dict(
+        num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        rope_theta=500000.0)),
+    "llama_tied": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama_untied_bias": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+    "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+}  # fmt: skip
+
+
+def make_hf_checkpoint(variant: str, out_dir, seed: int = 0):
+    """Save a random model of `variant` to out_dir; return the transformers model (fp32, eval)."""
+    import transformers
+
+    cls_name, extra = VARIANTS[variant]
+    config = getattr(transformers, cls_name)(**{**COMMON, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger than HF's init so that differences show up in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out_dir)
+    return model.eval()
