@@ -1,0 +1,88 @@
+"""Batched decoding with a KV cache: greedy or sampled (temperature, top-p), left padding, stop tokens.
+
+Position ids come from the padding mask (cumsum - 1), as in HF generate, so a left-padded row
+computes exactly what it would alone.
+"""
+
+import torch
+
+from ftcore.model import KVCache, Transformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
+    """Next token ids [B] from last-position logits [B, V]; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens past the nucleus; the top one always stays
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device):
+    """tokens [B, L] padded on the left, mask [B, L] (1 = real token)."""
+    L = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if p:
+            tokens[i, L - len(p) :] = torch.tensor(p, device=device)
+            mask[i, L - len(p) :] = 1
+    return tokens, mask
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids=(),
+    pad_id: int = 0,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """New tokens for each prompt, cut before the first stop token.
+
+    use_cache=False recomputes the whole sequence every step (the reference the cache is tested against).
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    tokens, mask = left_pad(prompts, pad_id, device)
+    B, L = tokens.shape
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    cache = KVCache(model.cfg, B, L + max_new_tokens + model_extra_tokens(model), dtype, device) if use_cache else None
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    logits = model(tokens, attention_mask=mask, position_ids=positions, kv_cache=cache)[:, -1]
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, gen)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        out.append(nxt)
+        finished |= torch.isin(nxt, stop)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if use_cache:
+            logits = model(nxt[:, None], attention_mask=mask, position_ids=positions[:, -1:], kv_cache=cache)[:, -1]
+        else:
+            logits = model(tokens, attention_mask=mask, position_ids=positions)[:, -1]
+    new = torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]
+    stop_set = set(stop_ids)
+    return [row[: next((j for j, t in enumerate(row) if t in stop_set), len(row))] for row in new]
+
+
+def model_extra_tokens(model: Transformer) -> int:
+    """Cache slots used by tokens the model inserts itself (prompt tuning's soft tokens), else 0."""
+    return getattr(model, "num_virtual_tokens", 0)
