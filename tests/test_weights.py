@@ -1,0 +1,164 @@
+"""Loading and saving checkpoints: round trips, sharding, dtypes, and one-line errors for bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ftcore.errors import FtcoreError
+from ftcore.model import ModelConfig, Transformer
+from ftcore.safetensors_io import save_safetensors
+from ftcore.weights import load_model, resolve, save_pretrained
+
+
+def tiny_model(**kw):
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, **kw)
+    model = Transformer(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    return model
+
+
+@pytest.mark.parametrize("shard_bytes", [4 << 30, 40_000])
+def test_save_load_round_trip(tmp_path, shard_bytes):
+    model = tiny_model(tie_word_embeddings=True)
+    save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=shard_bytes)
+    sharded = (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    assert sharded == (shard_bytes < 1e6)
+    loaded = load_model(tmp_path / "ckpt")
+    for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n == m and torch.equal(a, b)
+    tokens = torch.randint(0, 97, (1, 9))
+    assert torch.equal(model(tokens), loaded(tokens))
+
+
+def test_load_in_bf16_casts_every_parameter(tmp_path):
+    save_pretrained(tiny_model(), tmp_path / "ckpt")
+    model = load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32 and model.inv_freq.device.type == "cpu"
+
+
+def test_transformers_loads_our_save(tmp_path, hf_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    path, ref = hf_checkpoint("qwen2")
+    save_pretrained(load_model(path), tmp_path / "resaved")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").eval()
+    tokens = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, ref(tokens).logits)
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    save_pretrained(tiny_model(), tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def rewrite_tensors(ckpt, edit):
+    from safetensors.torch import load_file
+
+    sd = load_file(ckpt / "model.safetensors")
+    edit(sd)
+    save_safetensors(sd, ckpt / "model.safetensors")
+
+
+def test_error_missing_directory(tmp_path):
+    with pytest.raises(FtcoreError, match="model directory not found"):
+        resolve(tmp_path / "nope")
+
+
+def test_error_no_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(FtcoreError, match=r"no config\.json"):
+        load_model(ckpt)
+
+
+def test_error_unsupported_architecture(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FtcoreError, match="unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM"):
+        load_model(ckpt)
+
+
+def test_error_missing_tensor(ckpt):
+    rewrite_tensors(ckpt, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(FtcoreError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        load_model(ckpt)
+
+
+def test_error_extra_tensor(ckpt):
+    rewrite_tensors(ckpt, lambda sd: sd.update({"model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(FtcoreError, match=r"unexpected tensor 'model\.layers\.0\.extra\.weight'"):
+        load_model(ckpt)
+
+
+def test_error_shape_mismatch(ckpt):
+    rewrite_tensors(ckpt, lambda sd: sd.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(FtcoreError, match=r"'model\.norm\.weight' has shape \[65\], expected \[64\]"):
+        load_model(ckpt)
+
+
+def test_error_truncated_safetensors(ckpt):
+    f = ckpt / "model.safetensors"
+    os.truncate(f, f.stat().st_size - 100)
+    with pytest.raises(FtcoreError, match=r"model\.safetensors: truncated: tensor '.+' needs bytes up to"):
+        load_model(ckpt)
+    os.truncate(f, 5)
+    with pytest.raises(FtcoreError, match="truncated safetensors file"):
+        load_model(ckpt)
+
+
+def test_error_missing_shard(ckpt, tmp_path):
+    save_pretrained(tiny_model(), tmp_path / "sharded", max_shard_bytes=40_000)
+    next((tmp_path / "sharded").glob("model-00002-*")).unlink()
+    with pytest.raises(FtcoreError, match=r"missing weights file model-00002-of-"):
+        load_model(tmp_path / "sharded")
+
+
+def test_error_hub_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
+    with pytest.raises(FtcoreError, match="could not be fetched from the hub"):
+        resolve("someone/not-a-cached-model")
+
+
+def test_pkg_reference_errors():
+    with pytest.raises(FtcoreError, match="package 'no_such_pkg_xyz' is not installed"):
+        resolve("pkg://no_such_pkg_xyz/model.gguf")
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from ftcore.model import ModelConfig
+from ftcore.weights import build_model, load_model
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+# Page in the code first (a fixed ~70 MB of torch, independent of the checkpoint's size).
+torch.ones(1024).sum()
+build_model(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1))
+before = rss()
+model = load_model(sys.argv[1])
+total = sum(p.detach().sum().item() for p in model.parameters())  # touch every page, no temporaries
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(before, peak, rss())
+"""
+
+
+@pytest.mark.slow
+def test_loading_peak_memory_below_1_3x(tmp_path):
+    """Load a ~200 MB checkpoint in a fresh process: peak RSS growth < 1.3x the tensor bytes."""
+    cfg = ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=6, num_heads=12, num_kv_heads=4)
+    model = Transformer(cfg)  # uninitialized values are fine: only bytes matter
+    save_pretrained(model, tmp_path / "big")
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    del model
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big")], capture_output=True, text=True, check=True)
+    before, peak, _ = map(int, out.stdout.split())
+    ratio = (peak - before) / nbytes
+    print(f"checkpoint {nbytes / 2**20:.0f} MiB, peak RSS growth {(peak - before) / 2**20:.0f} MiB = {ratio:.2f}x")
+    assert ratio < 1.3
+    shutil.rmtree(tmp_path / "big")
