@@ -4,14 +4,18 @@ Module and parameter names follow the Hugging Face layout minus its leading `mod
 (`layers.3.self_attn.q_proj.weight`), so checkpoints map by one rule (weights.py) and PEFT
 target-module names (`q_proj`, `down_proj`, ...) mean the same thing here as in HF PEFT.
 
-    tokens ─> embed_tokens ─┐ (or input_embeds: the prompt-tuning hook)
-                            v
+    tokens ─> embed_tokens ─┐ (or input_embeds)
+                            v   [soft prompt; x]   prompt_encoder: the prompt-tuning hook
       ┌── Block x N ─────────────────────────────────────────────────────┐
       │ x + o_proj(SDPA(rope(q), [prefix_k; cache_k; rope(k)], [...v]))  │  prefix_kv: the prefix-tuning hook
       │ x + down_proj(silu(gate_proj(x)) * up_proj(x))                   │
       └──────────────────────────────────────────────────────────────────┘
                             v
-                   norm ─> lm_head ─> logits [B, T, vocab]
+                   norm ─> lm_head ─> logits [B, T, vocab]   (real tokens only)
+
+Virtual tokens (a prefix_kv prefix or prompt_encoder's soft prompt, P of them) take positions 0..P-1
+and shift the real tokens' positions by P, as HF PEFT does; callers' position_ids and attention_mask
+always describe the real tokens only.
 """
 
 import math
@@ -184,6 +188,26 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def prepend_soft_prompt_mask(attention_mask, soft: int, prefill: bool):
+    """Give a real-token mask (None, [B, S] padding or bool [B, 1, T, S]) `soft` leading visible columns.
+
+    On the prefill call the soft tokens are also queries: their rows [soft, soft + S] are causal among
+    themselves and see no real token.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return torch.cat([attention_mask.new_ones(attention_mask.shape[0], soft), attention_mask], dim=1)
+    m = attention_mask.bool()
+    B, _, T, S = m.shape
+    m = torch.cat([m.new_ones(B, 1, T, soft), m], dim=-1)  # [B, 1, T, soft + S]
+    if prefill:
+        top = torch.ones(soft, soft, dtype=torch.bool, device=m.device).tril()
+        top = torch.cat([top, top.new_zeros(soft, S)], dim=-1).expand(B, 1, soft, soft + S)
+        m = torch.cat([top, m], dim=2)  # [B, 1, soft + T, soft + S]
+    return m
+
+
 def build_mask(
     T: int, past: int, prefix: int, attention_mask, sliding_window: int, device
 ) -> torch.Tensor | None:
@@ -223,6 +247,17 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # PEFT hook points (None = unused), root modules so that FSDP shards them with the root:
+        # prefix_encoder(batch_size) -> per layer (k, v) [B, n_kv, P, hd], used when forward gets no prefix_kv;
+        # prompt_encoder(batch_size) -> soft tokens [B, P, D] (with .num_virtual_tokens = P), prepended on the
+        # prefill call (empty or no KV cache) and kept in the cache.
+        self.register_module("prefix_encoder", None)
+        self.register_module("prompt_encoder", None)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """KV-cache slots the model fills itself: prompt tuning's soft tokens (0 otherwise)."""
+        return self.prompt_encoder.num_virtual_tokens if self.prompt_encoder is not None else 0
 
     def reset_buffers(self, device=None):
         """Recompute non-persistent buffers (needed after building on the meta device)."""
@@ -247,24 +282,36 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor | None = None,  # [B, T] int64
         *,
-        input_embeds: torch.Tensor | None = None,  # [B, T, D]: used in place of tokens (prompt tuning)
-        position_ids: torch.Tensor | None = None,  # [B, T]; default past .. past + T - 1
-        attention_mask: torch.Tensor | None = None,  # [B, past + T] padding mask or bool [B, 1, T, past + T]
+        input_embeds: torch.Tensor | None = None,  # [B, T, D]: used in place of tokens
+        position_ids: torch.Tensor | None = None,  # [B, T] real-token positions; default past .. past + T - 1
+        attention_mask: torch.Tensor | None = None,  # [B, past + T] padding or bool [B, 1, T, past + T] (real tokens)
         kv_cache: KVCache | None = None,
-        prefix_kv: list | None = None,  # per layer (k, v) [B, n_kv, P, hd] (prefix tuning)
+        prefix_kv: list | None = None,  # per layer (k, v) [B, n_kv, P, hd]; default prefix_encoder's
         return_hidden: bool = False,  # final normed hidden states [B, T, D] instead of logits
     ) -> torch.Tensor:
         x = self.embed_tokens(tokens) if input_embeds is None else input_embeds
         B, T, _ = x.shape
-        past = kv_cache.length if kv_cache is not None else 0
+        if prefix_kv is None and self.prefix_encoder is not None:
+            prefix_kv = self.prefix_encoder(B)
         prefix = prefix_kv[0][0].shape[2] if prefix_kv is not None else 0
+        soft = self.num_virtual_tokens
+        past = kv_cache.length if kv_cache is not None else 0  # includes the soft prompt after prefill
+        past_real = max(past - soft, 0)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+            position_ids = torch.arange(past_real, past_real + T, device=x.device)[None].expand(B, T)
+        if prefix + soft:
+            position_ids = position_ids + (prefix + soft)  # virtual tokens hold positions 0..P-1
+        if soft:
+            attention_mask = prepend_soft_prompt_mask(attention_mask, soft, prefill=past == 0)
+            if past == 0:
+                x = torch.cat([self.prompt_encoder(B).to(x.dtype), x], dim=1)  # [B, soft + T, D]
+                soft_pos = torch.arange(soft, device=x.device)[None].expand(B, soft)
+                position_ids = torch.cat([soft_pos, position_ids], dim=1)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
-        mask = build_mask(T, past, prefix, attention_mask, self.cfg.sliding_window, x.device)
+        mask = build_mask(x.shape[1], past, prefix, attention_mask, self.cfg.sliding_window, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, kv_cache, None if prefix_kv is None else prefix_kv[i])
         if kv_cache is not None:
-            kv_cache.length += T
-        x = self.norm(x)
+            kv_cache.length += x.shape[1]
+        x = self.norm(x[:, -T:])  # the real tokens
         return x if return_hidden else self.lm_head(x)
