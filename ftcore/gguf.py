@@ -32,7 +32,6 @@ _MAGIC = b"GGUF"
 _STRING, _ARRAY = 8, 9
 _VALUE_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
                  10: "<u8", 11: "<i8", 12: "<f8"}  # GGUF value type -> numpy dtype (8/9: string/array)
-_REQUIRED = object()
 IMPORT_VERSION = 1  # part of cached_import's key: bump when the output of import_gguf changes
 OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json")
@@ -190,8 +189,8 @@ def _rope_parameters(r: GGUFReader, theta: float, head_dim: int) -> dict:
     if "rope_freqs.weight" in r.tensors:
         got = r.tensor("rope_freqs.weight").reshape(-1)
         orig = r.metadata.get("llama.rope.scaling.original_context_length", 8192)
-        params = dict(factor=float(got.max()), low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=orig)
+        params = {"factor": float(got.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": orig}
         if got.shape != (head_dim // 2,) or not np.allclose(got, llama3_rope_factors(theta, head_dim, **params),
                                                             rtol=1e-4):
             raise FtcoreError(f"{r.path}: tensor 'rope_freqs.weight' does not match llama3 rope scaling "
@@ -361,7 +360,7 @@ def import_gguf(gguf_path, out_dir) -> Path:
         md, tokens = r.metadata, r.require("tokenizer.ggml.tokens")
         add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
         tok_json = build_tokenizer_json(r, add_bos)
-        name = lambda key: tokens[md[key]] if key in md else None  # noqa: E731
+        name = lambda key: tokens[md[key]] if key in md else None
         eos_ids = sorted({md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                           "tokenizer.ggml.eom_token_id") if k in md})
         out_dir.parent.mkdir(parents=True, exist_ok=True)

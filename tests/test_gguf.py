@@ -218,11 +218,12 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENS = SPECIALS + _bytes_to_unicode() + ["Ġt", "he", "Ġthe", "Ġc", "Ġca", "Ġcat"]
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ c", "Ġc a", "Ġca t"]
 CHAT = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-TINY = dict(hidden=64, heads=4, kv=2, inter=128, layers=2, vocab=len(TOKENS))
+TINY = {"hidden": 64, "heads": 4, "kv": 2, "inter": 128, "layers": 2, "vocab": len(TOKENS)}
 LAYER_TYPES = [[Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, Q8_0], [F32, F16, Q8_0, Q8_0, Q4_1, Q5_1, F32]]
 ORDER = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-HF = dict(attn_q="self_attn.q_proj", attn_k="self_attn.k_proj", attn_v="self_attn.v_proj",
-          attn_output="self_attn.o_proj", ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj")
+HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+      "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+      "ffn_down": "mlp.down_proj"}
 
 
 def tiny_metadata(**over):
@@ -248,8 +249,9 @@ def tiny_weights(seed=0, tied=False):
     w = {"model.embed_tokens.weight": rng.normal(0, 0.1, (v, h)), "model.norm.weight": 1 + 0.1 * rng.normal(size=h)}
     if not tied:
         w["lm_head.weight"] = rng.normal(0, 0.1, (v, h))
-    shapes = dict(attn_q=(h, h), attn_k=(TINY["kv"] * hd, h), attn_v=(TINY["kv"] * hd, h), attn_output=(h, h),
-                  ffn_gate=(f, h), ffn_up=(f, h), ffn_down=(h, f))
+    kv = TINY["kv"] * hd
+    shapes = {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, h),
+              "ffn_gate": (f, h), "ffn_up": (f, h), "ffn_down": (h, f)}
     for i in range(TINY["layers"]):
         w[f"model.layers.{i}.input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)
         w[f"model.layers.{i}.post_attention_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)
@@ -258,12 +260,12 @@ def tiny_weights(seed=0, tied=False):
     return {k: a.astype(np.float32) for k, a in w.items()}
 
 
-def tiny_gguf_tensors(w):
+def tiny_gguf_tensors(w, all_f32=False):
     """[(name, type, shape, raw)] in llama.cpp's layout (Q/K permuted), plus what import should yield."""
     tensors, expected = [], {}
 
     def add(name, t, hf, permute_heads=None):
-        x = w[hf]
+        x, t = w[hf], F32 if all_f32 else t
         gx = permute_qk(x, permute_heads) if permute_heads else x
         tensors.append((name, t, x.shape, quantize(gx, t)))
         # quantization blocks lie within rows, so quantize(permute(x)) == permute(quantize(x)):
@@ -351,12 +353,7 @@ def test_tiny_gguf_runs_in_transformers(tiny_gguf, tmp_path):
     transformers = pytest.importorskip("transformers")
     for tied in (False, True):
         w = tiny_weights(tied=tied)
-        ts, expected = tiny_gguf_tensors(w)
-        for i, (name, _, shape, _) in enumerate(ts):  # all-float32 so nothing is lost
-            gx = w[expected_name(name)]
-            if ".attn_q." in name or ".attn_k." in name:
-                gx = permute_qk(gx, TINY["heads"] if ".attn_q." in name else TINY["kv"])
-            ts[i] = (name, F32, shape, gx.tobytes())
+        ts, _ = tiny_gguf_tensors(w, all_f32=True)  # nothing lost to quantization
         out = import_gguf(write_gguf(tmp_path / f"t{tied}.gguf", tiny_metadata(), ts), tmp_path / f"out{tied}")
         model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
         ref = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(out)).eval()
@@ -365,16 +362,6 @@ def test_tiny_gguf_runs_in_transformers(tiny_gguf, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, ref(ids).logits)
         assert model.config.tie_word_embeddings is tied
-
-
-def expected_name(gguf_name):
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-    if gguf_name in top:
-        return top[gguf_name]
-    _, i, g, _ = gguf_name.split(".")
-    g = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}.get(g) or HF[g]
-    return f"model.layers.{i}.{g}.weight"
 
 
 def test_llama3_rope_freqs_become_rope_parameters(tiny_gguf, tmp_path):
@@ -506,7 +493,8 @@ def test_smollm2_config(smol_dir):
     n_params = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     assert n_params == 134_515_008 and "lm_head.weight" not in header
     tc = json.loads((smol_dir / "tokenizer_config.json").read_text())
-    assert (tc["bos_token"], tc["eos_token"]) == ("<|im_start|>", "<|im_end|>") and "<|im_start|>" in tc["chat_template"]
+    assert (tc["bos_token"], tc["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+    assert "<|im_start|>" in tc["chat_template"]
 
 
 def test_smollm2_answers_in_transformers(smol_dir):

@@ -140,7 +140,8 @@ def test_rich_template_matches_transformers(tmp_path):
 # ---------------------------------------------------------------- the imported SmolLM2 tokenizer
 
 TEXTS = [
-    "Hello, world!", "   three leading spaces", " one leading space", "naïve café — 日本語, Ελληνικά 😀👍🏽",
+    "Hello, world!", "   three leading spaces", " one leading space",
+    "naïve café — 日本語, Ελληνικά 😀👍🏽",
     "def f(x):\n    return x**2  # square\n\n\tprint(f(3))", "3.14159 and 2024-01-01 and 1,000,000 and 12345678",
     "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n", "trailing spaces   \n\n", "",
     "<|endoftext|><repo_name>x<file_sep>", "I'm sure you'll see it's DON'T",
