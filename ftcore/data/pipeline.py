@@ -1,0 +1,89 @@
+"""build_datasets: read -> clean -> split -> tokenize with label masks -> length filter, cached on disk.
+
+    splits, report = build_datasets(cfg, tokenizer)
+    splits["train"][0] == {"input_ids": [...], "labels": [...], "messages": [...], "where": "file:line"}
+
+labels equal input_ids where the loss applies and are -100 elsewhere (not yet shifted; the collator
+shifts them). The split comes before tokenization, so it does not depend on the tokenizer or template.
+The report (what each step read, changed and removed) is a plain dict to save with the run.
+"""
+
+import json
+
+from ftcore.data import cache
+from ftcore.data.clean import clean_examples
+from ftcore.data.config import SPLIT_NAMES, DataConfig, resolve_path
+from ftcore.data.format import IGNORE, encode_example
+from ftcore.data.io import load_examples
+from ftcore.data.split import split_examples, split_key
+from ftcore.errors import FtcoreError
+
+
+def build_datasets(cfg: DataConfig, tokenizer) -> tuple[dict[str, list[dict]], dict]:
+    """The train/validation/test splits of cfg's data, tokenized, and the report of how they were made."""
+    cfg.validate()
+    files = {
+        "train": resolve_path(cfg.path, "data.path"),
+        "validation": resolve_path(cfg.val_path, "data.val_path") if cfg.val_path else None,
+        "test": resolve_path(cfg.test_path, "data.test_path") if cfg.test_path else None,
+    }
+    key = cache.cache_key(files, tokenizer, cfg) if cfg.cache_dir else None
+    if key and (hit := cache.load(cfg.cache_dir, key)) is not None:
+        splits, report = hit
+        report["cache"] = {"dir": cfg.cache_dir, "key": key, "hit": True}
+        return splits, report
+    report = {"files": {name: str(p) for name, p in files.items() if p is not None}, "clean": {}}
+
+    # 1-2. read and clean each file on its own
+    examples = {}
+    for name, path in files.items():
+        if path is None:
+            continue
+        raw = load_examples(path, cfg.format, cfg.schema, cfg.fields, cfg.system_prompt)
+        examples[name], report["clean"][name] = clean_examples(raw, cfg.clean)
+        if not examples[name]:
+            raise FtcoreError(f"{path}: no examples left after cleaning; report: {json.dumps(report['clean'][name])}")
+
+    # 3. split the main file among the splits that have no file of their own
+    fractions = [f if name == "train" or files[name] is None else 0.0 for name, f in zip(SPLIT_NAMES, cfg.split)]
+    splits = split_examples(examples["train"], fractions, cfg.seed, cfg.split_by)
+    splits.update({name: exs for name, exs in examples.items() if name != "train"})
+    report["removed_overlap"] = drop_overlap(splits, cfg.split_by)
+
+    # 4. tokenize with label masks; drop examples over max_length or with nothing to learn
+    report["tokenize"] = {}
+    for name, exs in splits.items():
+        encoded = [{**encode_example(ex["messages"], cfg.template, tokenizer, cfg.loss_on, ex["where"]), **ex} for ex in exs]
+        kept = [ex for ex in encoded if len(ex["input_ids"]) <= cfg.max_length]
+        learnable = [ex for ex in kept if any(t != IGNORE for t in ex["labels"][1:])]
+        report["tokenize"][name] = {
+            "examples": len(learnable),
+            "removed_over_max_length": len(encoded) - len(kept),
+            "removed_no_loss_tokens": len(kept) - len(learnable),
+            "tokens": sum(len(ex["input_ids"]) for ex in learnable),
+            "loss_tokens": sum(sum(t != IGNORE for t in ex["labels"][1:]) for ex in learnable),
+            "max_tokens": max((len(ex["input_ids"]) for ex in learnable), default=0),
+        }
+        splits[name] = learnable
+    if not splits["train"]:
+        raise FtcoreError(f"{files['train']}: the training split is empty; report: {json.dumps(report)}")
+
+    if key:
+        cache.save(cfg.cache_dir, key, splits, report)
+        report["cache"] = {"dir": cfg.cache_dir, "key": key, "hit": False}
+    return splits, report
+
+
+def drop_overlap(splits: dict, by: str) -> dict:
+    """Drop validation examples also in test, and training examples also in validation or test.
+
+    Only separate files can overlap: within one file equal examples hash to the same split.
+    """
+    removed, later = {}, set()
+    for name in reversed(SPLIT_NAMES):
+        keys = [split_key(ex["messages"], by) for ex in splits[name]]
+        kept = [ex for ex, k in zip(splits[name], keys) if k not in later]
+        removed[name], splits[name] = len(splits[name]) - len(kept), kept
+        later.update(keys)
+    del removed["test"]
+    return removed
