@@ -1,0 +1,34 @@
+"""PEFT methods in plain PyTorch, interchangeable with HF PEFT adapters on disk.
+
+    cfg = PeftConfig(method="lora", r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    apply(model, cfg)                  # freeze the base, swap in LoRA layers (base names kept)
+    print(summary(model))              # trainable vs total parameters
+    save_adapter(model, "out/")        # adapter_config.json + adapter_model.safetensors (PEFT format)
+    load_adapter(fresh_model, "out/")  # also reads adapters written by HF PEFT
+    export_merged(model, "merged/")    # LoRA/DoRA/IA3 folded into a plain HF-layout model
+
+One file per method: lora.py (LoRA, rsLoRA, DoRA), ia3.py, prefix.py, prompt.py, full.py;
+attach.py (apply, targets, merge), io.py (PEFT format), export.py (merged model).
+"""
+
+from ftcore.peft.attach import (
+    adapter_layers,
+    apply,
+    count_parameters,
+    find_targets,
+    linear_modules,
+    merge,
+    summary,
+    adapter_parameters,
+    unload,
+    unmerge,
+)
+from ftcore.peft.config import METHODS, PeftConfig
+from ftcore.peft.export import export_merged, merge_and_unload, merged_state_dict
+from ftcore.peft.io import adapter_state, load_adapter, save_adapter
+
+__all__ = [
+    "METHODS", "PeftConfig", "apply", "summary", "count_parameters", "save_adapter", "load_adapter",
+    "adapter_state", "merge", "unmerge", "unload", "merge_and_unload", "merged_state_dict", "export_merged",
+    "adapter_layers", "adapter_parameters", "find_targets", "linear_modules",
+]  # fmt: skip

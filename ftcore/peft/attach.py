@@ -1,0 +1,187 @@
+"""apply(model, cfg): freeze the base and attach one method; target matching, merge, parameter counts.
+
+Adapted layers are swapped in place (`setattr(parent, name, LoraLinear(old))`) and keep the base
+Parameters under their names, so `layers.0.self_attn.q_proj.weight` is still a key of the model.
+Adapter layers share one small protocol: adapter_tensors() (PEFT's names), merge(), unmerge(),
+merged_weight(), merged_bias(). Prefix and prompt tuning attach root modules at the model's hooks.
+
+Target matching is PEFT's, on PEFT's module keys (`model.layers.0.self_attn.q_proj`, `lm_head`):
+a list entry matches a key equal to it or ending in `.entry`; a string is a regex that must match
+the whole key. Stricter than PEFT: every list entry must match some linear layer.
+"""
+
+import re
+
+import torch
+from torch import nn
+
+from ftcore.errors import FtcoreError
+from ftcore.peft.config import PeftConfig
+from ftcore.peft.full import apply_full
+from ftcore.peft.ia3 import IA3Linear
+from ftcore.peft.lora import LoraLinear
+from ftcore.peft.prefix import PrefixEncoder
+from ftcore.peft.prompt import PromptEncoder, encode_init_text
+
+ADAPTER_LAYERS = (LoraLinear, IA3Linear)
+HOOKS = ("prefix_encoder", "prompt_encoder")
+
+
+def peft_key(name: str) -> str:
+    """Our module name -> PEFT's module key under the causal-LM wrapper (`model.` prefix but lm_head)."""
+    return name if name == "lm_head" or name.startswith("lm_head.") else "model." + name
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(HOOKS)}
+
+
+def _matches(targets, key: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    return any(key == t or key.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets, field: str = "target_modules") -> list[str]:
+    """Names of the linear layers matched by `targets` (a list of names or one regex)."""
+    linears = linear_modules(model)
+    short = list(dict.fromkeys(n.split(".")[-1] for n in linears))
+    known = f"linear modules: {', '.join(short)}"
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise FtcoreError(f"peft.{field}: invalid regex {targets!r} ({e})") from None
+    else:
+        for t in targets:
+            if not any(_matches([t], peft_key(n)) for n in linears):
+                raise FtcoreError(f"peft.{field}: {t!r} matches no linear module of this model; {known}")
+    found = [n for n in linears if _matches(targets, peft_key(n))]
+    if not found:
+        raise FtcoreError(f"peft.{field}: {targets!r} matches no linear module of this model; {known}")
+    return found
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)}
+
+
+def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) -> nn.Module:
+    """Freeze the base model and attach `cfg.method` in place; returns the model.
+
+    tokenizer: only for prompt_init="text" (else loaded from cfg.tokenizer_path).
+    init=False skips the adapter init (load_adapter overwrites the values anyway).
+    """
+    if not isinstance(cfg, PeftConfig):
+        cfg = PeftConfig.from_dict(dict(cfg))
+    cfg.validate()
+    if getattr(model, "peft_config", None) is not None and model.peft_config.method != "none":
+        raise FtcoreError(f"peft: the model already has a {model.peft_config.method!r} adapter attached")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.method == "full":
+        apply_full(model, cfg.freeze)
+        model.peft_config = cfg
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.method in ("lora", "dora"):
+        for name in find_targets(model, cfg.target_modules):
+            layer = LoraLinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora,
+                               dora=cfg.method == "dora")
+            if init:
+                layer.reset_parameters(cfg.init, gen)
+            _swap(model, name, layer)
+    elif cfg.method == "ia3":
+        targets = find_targets(model, cfg.ia3_target_modules, "ia3_target_modules")
+        for name in targets:
+            _swap(model, name, IA3Linear(model.get_submodule(name), is_feedforward(cfg.feedforward_modules, name)))
+    elif cfg.method == "prefix":
+        device = model.embed_tokens.weight.device
+        enc = PrefixEncoder(model.cfg, cfg.num_virtual_tokens, cfg.prefix_projection, cfg.prefix_hidden_size, device)
+        if init:
+            enc.reset_parameters(gen)
+        model.prefix_encoder = enc
+    elif cfg.method == "prompt":
+        embed = model.embed_tokens
+        enc = PromptEncoder(cfg.num_virtual_tokens, model.cfg.hidden_size, embed.weight.device)
+        if init and cfg.prompt_init == "random":
+            enc.init_random(gen)
+        elif init and cfg.prompt_init == "sample_vocab":
+            enc.init_sample_vocab(embed, gen)
+        elif init:
+            enc.init_from_tokens(embed, encode_init_text(cfg.init_text, tokenizer, cfg.tokenizer_path))
+        model.prompt_encoder = enc
+    for p in adapter_parameters(model):
+        p.requires_grad_(True)
+    model.peft_config = cfg
+    return model
+
+
+def is_feedforward(feedforward_modules, name: str) -> bool:
+    """PEFT's rule: a regex must match the whole key; a list entry matches a key *ending* in it (no dot)."""
+    key = peft_key(name)
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, key) is not None
+    return any(key.endswith(t) for t in feedforward_modules)
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter's parameters: adapter-layer tensors plus the prefix/prompt encoders."""
+    params = [p for m in adapter_layers(model).values() for p in m.adapter_tensors().values()]
+    for hook in HOOKS:
+        if getattr(model, hook, None) is not None:
+            params += list(getattr(model, hook).parameters())
+    return params
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold LoRA/DoRA/IA3 into the base weights in place (forward then uses the base path only)."""
+    _check_mergeable(model)
+    for m in adapter_layers(model).values():
+        m.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo merge(): restore the base weights (up to float rounding)."""
+    _check_mergeable(model)
+    for m in adapter_layers(model).values():
+        m.unmerge()
+    return model
+
+
+def _check_mergeable(model):
+    method = getattr(getattr(model, "peft_config", None), "method", None)
+    if method in ("prefix", "prompt"):
+        raise FtcoreError(f"peft: {method} tuning adds virtual tokens and cannot be merged into the base weights")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT."""
+    params = list(model.parameters())  # deduplicated by nn.Module
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    method = getattr(getattr(model, "peft_config", None), "method", "none")
+    return (f"peft {method}: trainable params: {trainable:,} || all params: {total:,} "
+            f"|| trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the attached method without merging: plain nn.Linear layers with the current base weights."""
+    for name, layer in adapter_layers(model).items():
+        layer.unmerge()
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        _swap(model, name, plain)
+    for hook in HOOKS:
+        setattr(model, hook, None)
+    model.peft_config = None
+    return model

@@ -1,0 +1,193 @@
+"""Adapters on disk in HF PEFT's format, both ways: adapter_config.json + adapter_model.safetensors.
+
+Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight       [r, in]
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight       [out, r]
+    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   [out]      (DoRA)
+    base_model.model.model.layers.0.mlp.down_proj.ia3_l                  [1, in] / [out, 1] (IA3)
+    prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ftcore.errors import FtcoreError
+from ftcore.peft.attach import adapter_layers, apply, peft_key, unload
+from ftcore.peft.config import PeftConfig
+from ftcore.safetensors_io import SafetensorsFile, save_safetensors
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+# PEFT features we do not implement: loading them would silently compute something else.
+UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
+               "fan_in_fan_out", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
+               "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "velora_config",
+               "monteclora_config", "kasa_config")
+NO_VALUES = (None, False, {}, [], "none", "")
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names (live Parameters, not copies)."""
+    method = _method(model)
+    if method == "prefix":
+        return {"prompt_embeddings": model.prefix_encoder.flat()}
+    if method == "prompt":
+        return {"prompt_embeddings": model.prompt_encoder.embedding.weight}
+    return {f"base_model.model.{peft_key(name)}.{suffix}": t
+            for name, layer in adapter_layers(model).items() for suffix, t in layer.adapter_tensors().items()}
+
+
+def _method(model) -> str:
+    cfg = getattr(model, "peft_config", None)
+    if cfg is None or cfg.method in ("none", "full"):
+        what = "no adapter" if cfg is None or cfg.method == "none" else "full fine-tuning (no adapter)"
+        raise FtcoreError(f"save_adapter: the model has {what}; use ftcore.save_pretrained for a full model")
+    return cfg.method
+
+
+def peft_config_dict(model: nn.Module) -> dict:
+    """adapter_config.json for the attached method, with PEFT's field names and values."""
+    cfg, mcfg = model.peft_config, model.cfg
+    common = {"base_model_name_or_path": cfg.base_model_name_or_path or None, "revision": None,
+              "task_type": "CAUSAL_LM", "inference_mode": True, "modules_to_save": None, "auto_mapping": None}
+    if cfg.method in ("lora", "dora"):
+        alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+        return {**common, "peft_type": "LORA", "r": cfg.r, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
+                "target_modules": cfg.target_modules, "use_rslora": cfg.use_rslora,
+                "use_dora": cfg.method == "dora",
+                "init_lora_weights": True if cfg.init == "kaiming-uniform" else "gaussian",
+                "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "exclude_modules": None,
+                "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+    if cfg.method == "ia3":
+        return {**common, "peft_type": "IA3", "target_modules": cfg.ia3_target_modules,
+                "feedforward_modules": cfg.feedforward_modules, "init_ia3_weights": True, "fan_in_fan_out": False,
+                "exclude_modules": None}
+    prompt_learning = {**common, "num_virtual_tokens": cfg.num_virtual_tokens, "num_transformer_submodules": 1,
+                       "num_layers": mcfg.num_layers}
+    if cfg.method == "prefix":
+        token_dim = mcfg.num_kv_heads * mcfg.head_dim  # PEFT's GQA convention
+        return {**prompt_learning, "peft_type": "PREFIX_TUNING", "token_dim": token_dim,
+                "num_attention_heads": mcfg.num_kv_heads, "prefix_projection": cfg.prefix_projection,
+                "encoder_hidden_size": cfg.prefix_hidden_size or token_dim, "init_weights": None}
+    return {**prompt_learning, "peft_type": "PROMPT_TUNING", "token_dim": mcfg.hidden_size,
+            "num_attention_heads": mcfg.num_heads, "prompt_tuning_init": PROMPT_INITS[cfg.prompt_init],
+            "prompt_tuning_init_text": cfg.init_text or None,
+            "tokenizer_name_or_path": cfg.tokenizer_path or None, "tokenizer_kwargs": None}
+
+
+def save_adapter(model: nn.Module, out_dir) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors (fp32) that HF PEFT loads as-is."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().float() for k, v in adapter_state(model).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(state, out_dir / WEIGHTS)
+    tmp = out_dir / f".{CONFIG}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(peft_config_dict(model), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / CONFIG)
+    return out_dir
+
+
+def config_from_peft(d: dict, where) -> PeftConfig:
+    """Translate a PEFT adapter_config dict into our PeftConfig (unsupported features are errors)."""
+    peft_type = d.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise FtcoreError(f"{where}: peft_type {peft_type!r} is not supported; supported: {', '.join(PEFT_TYPES)}")
+    for key in UNSUPPORTED:
+        if d.get(key) not in NO_VALUES:
+            raise FtcoreError(f"{where}: {key}={d[key]!r} is not supported by ftcore (expected it unset)")
+    if d.get("bias", "none") != "none":
+        raise FtcoreError(f"{where}: bias={d['bias']!r} is not supported by ftcore (expected 'none')")
+    base = d.get("base_model_name_or_path") or ""
+    method = PEFT_TYPES[peft_type]
+    if method == "lora":
+        init = d.get("init_lora_weights", True)
+        return PeftConfig(method="dora" if d.get("use_dora") else "lora", r=d["r"], alpha=d["lora_alpha"],
+                          dropout=d.get("lora_dropout") or 0.0, target_modules=_targets(d["target_modules"]),
+                          use_rslora=bool(d.get("use_rslora")),
+                          init="gaussian" if init == "gaussian" else "kaiming-uniform",
+                          base_model_name_or_path=base)
+    if method == "ia3":
+        targets = _targets(d["target_modules"])
+        return PeftConfig(method="ia3", ia3_target_modules=targets,
+                          feedforward_modules=_targets(d.get("feedforward_modules") or []), base_model_name_or_path=base)
+    if (d.get("num_transformer_submodules") or 1) != 1:
+        raise FtcoreError(f"{where}: num_transformer_submodules={d['num_transformer_submodules']} (expected 1)")
+    if method == "prefix":
+        # The saved prefix is already projected (PEFT folds the MLP when saving), so load it unprojected.
+        return PeftConfig(method="prefix", num_virtual_tokens=d["num_virtual_tokens"], base_model_name_or_path=base)
+    init = {v: k for k, v in PROMPT_INITS.items()}.get(str(d.get("prompt_tuning_init", "RANDOM")).upper(), "random")
+    return PeftConfig(method="prompt", num_virtual_tokens=d["num_virtual_tokens"], prompt_init=init,
+                      init_text=d.get("prompt_tuning_init_text") or "",
+                      tokenizer_path=d.get("tokenizer_name_or_path") or "", base_model_name_or_path=base)
+
+
+def _targets(t):
+    return sorted(t) if isinstance(t, (list, tuple, set)) else t
+
+
+def _check_shape_fields(d: dict, model, where):
+    """Prompt-learning configs record the base model's sizes: check them against this model."""
+    c = model.cfg
+    expected = {"num_layers": c.num_layers}
+    if d["peft_type"] == "PREFIX_TUNING":
+        expected.update(token_dim=c.num_kv_heads * c.head_dim, num_attention_heads=c.num_kv_heads)
+    elif d["peft_type"] == "PROMPT_TUNING":
+        expected.update(token_dim=c.hidden_size)
+    for key, want in expected.items():
+        if d.get(key) is not None and d[key] != want:
+            raise FtcoreError(f"{where}: {key}={d[key]} but this model has {want} (adapter for another base model?)")
+
+
+def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
+    """Read a PEFT adapter directory, attach its method to `model` and load its tensors; returns the model."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights_path = adapter_dir / CONFIG, adapter_dir / WEIGHTS
+    if not cfg_path.is_file():
+        raise FtcoreError(f"{adapter_dir}: no {CONFIG} (expected a PEFT adapter directory)")
+    if not weights_path.is_file():
+        raise FtcoreError(f"{adapter_dir}: no {WEIGHTS} (only safetensors adapters are supported)")
+    try:
+        d = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FtcoreError(f"{cfg_path}: invalid JSON ({e})") from None
+    try:
+        cfg = config_from_peft(d, cfg_path)
+    except KeyError as e:
+        raise FtcoreError(f"{cfg_path}: missing key {e.args[0]!r}") from None
+    _check_shape_fields(d, model, cfg_path)
+    st = SafetensorsFile(weights_path)
+    apply(model, cfg, init=False)
+    try:
+        expected = adapter_state(model)
+        # PEFT also saves the base weight of a targeted lm_head/embed_tokens and loads it back: so do we.
+        optional = {f"base_model.model.{peft_key(n)}.base_layer.weight": layer.weight
+                    for n, layer in adapter_layers(model).items()}
+        names = {n.removesuffix(".weight") if n.endswith("lora_magnitude_vector.weight") else n: n
+                 for n in st.names()}  # PEFT < 0.12 saved DoRA's magnitude with a `.weight` suffix
+        for key, file_key in names.items():
+            target = expected.get(key, optional.get(key))
+            if target is None:
+                raise FtcoreError(f"{weights_path}: unexpected tensor {file_key!r} (no such adapter tensor in this model)")
+            if st.shape(file_key) != tuple(target.shape):
+                raise FtcoreError(f"{weights_path}: tensor {file_key!r} has shape {list(st.shape(file_key))}, "
+                                  f"expected {list(target.shape)}")
+        missing = sorted(set(expected) - set(names))
+        if missing:
+            raise FtcoreError(f"{weights_path}: missing tensor {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        with torch.no_grad():
+            for key, file_key in names.items():
+                if key == "prompt_embeddings" and cfg.method == "prefix":
+                    model.prefix_encoder.load_flat(st.get(file_key))
+                else:
+                    expected.get(key, optional.get(key)).copy_(st.get(file_key))
+    except FtcoreError:
+        unload(model)
+        raise
+    return model

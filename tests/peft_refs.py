@@ -1,0 +1,101 @@
+"""HF PEFT references for the ftcore.peft tests: matching configs per method, random adapters, a tiny tokenizer."""
+
+import copy
+import json
+
+import torch
+
+VOCAB = 97
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# id -> (our PeftConfig kwargs, PEFT config kwargs). The regex spec also targets lm_head.
+SPECS = {
+    "lora": (dict(method="lora", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+             dict(kind="LoraConfig", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "lora_regex": (dict(method="lora", r=2, alpha=3, target_modules=r".*\.(k_proj|up_proj)|lm_head"),
+                   dict(kind="LoraConfig", r=2, lora_alpha=3, target_modules=r".*\.(k_proj|up_proj)|lm_head")),
+    "rslora": (dict(method="lora", r=4, alpha=8, use_rslora=True, target_modules=ALL_LINEAR),
+               dict(kind="LoraConfig", r=4, lora_alpha=8, use_rslora=True, target_modules=ALL_LINEAR)),
+    "dora": (dict(method="dora", r=4, alpha=8, target_modules=ALL_LINEAR),
+             dict(kind="LoraConfig", r=4, lora_alpha=8, use_dora=True, target_modules=ALL_LINEAR)),
+    "ia3": (dict(method="ia3"),
+            dict(kind="IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "ia3_regex": (dict(method="ia3", ia3_target_modules=r".*\.(q_proj|o_proj|gate_proj)", feedforward_modules=r".*o_proj"),
+                  dict(kind="IA3Config", target_modules=r".*\.(q_proj|o_proj|gate_proj)", feedforward_modules=r".*o_proj")),
+    "prefix": (dict(method="prefix", num_virtual_tokens=3),
+               dict(kind="PrefixTuningConfig", num_virtual_tokens=3)),
+    "prefix_proj": (dict(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
+                    dict(kind="PrefixTuningConfig", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),
+    "prompt_random": (dict(method="prompt", num_virtual_tokens=4),
+                      dict(kind="PromptTuningConfig", num_virtual_tokens=4)),
+    "prompt_vocab": (dict(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
+                     dict(kind="PromptTuningConfig", num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB")),
+    "prompt_text": (dict(method="prompt", num_virtual_tokens=5, prompt_init="text", init_text="t5 t9 t11"),
+                    dict(kind="PromptTuningConfig", num_virtual_tokens=5, prompt_tuning_init="TEXT",
+                         prompt_tuning_init_text="t5 t9 t11")),
+}  # fmt: skip
+
+
+def peft_config(spec: str, tokenizer_dir=None):
+    import peft
+
+    kwargs = dict(SPECS[spec][1])
+    kind = kwargs.pop("kind")
+    if kind in ("PrefixTuningConfig", "PromptTuningConfig"):
+        kwargs["task_type"] = "CAUSAL_LM"
+    if kwargs.get("prompt_tuning_init") == "TEXT":
+        kwargs["tokenizer_name_or_path"] = str(tokenizer_dir)
+    return getattr(peft, kind)(**kwargs)
+
+
+def our_config(spec: str, tokenizer_dir=None):
+    from ftcore.peft import PeftConfig
+
+    kwargs = dict(SPECS[spec][0])
+    if kwargs.get("prompt_init") == "text":
+        kwargs["tokenizer_path"] = str(tokenizer_dir)
+    return PeftConfig(**kwargs)
+
+
+@torch.no_grad()
+def randomize_(params, seed: int = 0, std: float = 0.3):
+    """Non-trivial adapter values: IA3 and DoRA scales 1 + N(0, std), everything else ~ N(0, std)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in params:
+        noise = torch.randn(p.shape, generator=g)
+        if "ia3_l" in name:
+            p.copy_(1 + std * noise)
+        elif "lora_magnitude_vector" in name:
+            p.mul_(1 + std * noise)
+        else:
+            p.copy_(std * noise)
+
+
+def peft_model(base, spec: str, tokenizer_dir=None, seed: int = 0, randomize: bool = True):
+    """A PEFT-wrapped deep copy of the transformers model `base`, with random adapter values (eval mode)."""
+    import peft
+
+    model = peft.get_peft_model(copy.deepcopy(base), peft_config(spec, tokenizer_dir))
+    if randomize:
+        randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed)
+    return model.eval()
+
+
+def peft_logits(model, tokens, mask=None):
+    """PEFT's logits for the real tokens [B, T, V] (prompt tuning returns the soft tokens' too)."""
+    with torch.no_grad():
+        out = model(input_ids=tokens, attention_mask=mask).logits
+    return out[:, -tokens.shape[1] :]
+
+
+def make_tokenizer(out_dir):
+    """A word-level tokenizer over t0..t96 (no special-token post-processing), loadable by transformers and ftcore."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "t1", "eos_token": "t2", "unk_token": "t0",
+              "add_bos_token": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return out_dir

@@ -1,0 +1,121 @@
+"""LoRA/DoRA/IA3 invariants: zero-init is a no-op, base names survive, merge/unmerge, init choices."""
+
+import pytest
+import torch
+
+from ftcore.model import ModelConfig, Transformer
+from ftcore.peft import PeftConfig, adapter_layers, apply, merge, merge_and_unload, unload, unmerge
+from peft_refs import ALL_LINEAR, randomize_
+
+CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                  qkv_bias=True, o_bias=True, mlp_bias=True)  # biases: IA3 scales them, DoRA must skip them
+METHODS = {
+    "lora": PeftConfig(method="lora", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"]),
+    "rslora": PeftConfig(method="lora", r=4, alpha=8, use_rslora=True, target_modules=ALL_LINEAR),
+    "gaussian": PeftConfig(method="lora", r=4, alpha=8, init="gaussian", target_modules=ALL_LINEAR),
+    "dora": PeftConfig(method="dora", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"]),
+    "ia3": PeftConfig(method="ia3"),
+    "ia3_all": PeftConfig(method="ia3", ia3_target_modules=ALL_LINEAR, feedforward_modules=["down_proj", "o_proj"]),
+}
+
+
+def tiny_model(seed=0):
+    model = Transformer(CFG)
+    model.init_weights(std=0.08, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def tokens():
+    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
+    model = tiny_model()
+    base_keys = set(model.state_dict())
+    with torch.no_grad():
+        before = model(tokens())
+    apply(model, METHODS[name])
+    with torch.no_grad():
+        after = model(tokens())
+    assert torch.equal(before, after) if name.startswith("ia3") else (after - before).abs().max() < 1e-6
+    keys = set(model.state_dict())
+    assert base_keys <= keys  # `layers.0.self_attn.q_proj.weight` is still `...q_proj.weight`
+    extra = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys - base_keys}
+    assert extra <= {"lora_A", "lora_B", "lora_magnitude_vector", "ia3_l"}
+    # a base checkpoint still loads into the adapted model, by the same names
+    fresh = tiny_model(seed=1).state_dict()
+    missing, unexpected = model.load_state_dict(fresh, strict=False)
+    assert not unexpected and set(missing) == keys - base_keys
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_merge_unmerge(name):
+    model = apply(tiny_model(), METHODS[name])
+    randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=4, std=0.1)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = tiny_model()(tokens())
+        unmerged = model(tokens())
+        plain = merge_and_unload(model)(tokens())  # a separate plain model; `model` is untouched
+        merge(model)
+        merged = model(tokens())
+        unmerge(model)
+        again = model(tokens())
+    assert (unmerged - base).abs().max() > 1e-2  # the adapter matters
+    assert (merged - unmerged).abs().max() < 1e-5
+    assert (plain - unmerged).abs().max() < 1e-5
+    assert (again - unmerged).abs().max() < 1e-5
+    for k, v in model.state_dict().items():
+        assert (v - weights[k]).abs().max() < 1e-5, k
+
+
+def test_lora_init_choices_and_scaling():
+    model = apply(tiny_model(), METHODS["gaussian"])
+    q = model.layers[0].self_attn.q_proj
+    assert torch.equal(q.lora_B.weight, torch.zeros_like(q.lora_B.weight))
+    assert abs(q.lora_A.weight.std().item() - 1 / 4) < 0.05  # PEFT's gaussian: N(0, 1/r)
+    assert q.scaling == 8 / 4
+    kaiming = apply(tiny_model(), METHODS["lora"]).layers[0].self_attn.q_proj
+    bound = 1 / 64**0.5  # kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+    assert kaiming.lora_A.weight.abs().max() <= bound and kaiming.lora_A.weight.abs().max() > 0.8 * bound
+    rs = apply(tiny_model(), METHODS["rslora"]).layers[0].self_attn.q_proj
+    assert rs.scaling == 8 / 4**0.5
+    # the seed, not the global RNG, decides the init
+    again = apply(tiny_model(), METHODS["lora"]).layers[0].self_attn.q_proj
+    assert torch.equal(again.lora_A.weight, kaiming.lora_A.weight)
+
+
+def test_dora_magnitude_starts_at_the_weight_norm():
+    model = apply(tiny_model(), METHODS["dora"])
+    v = model.layers[1].self_attn.v_proj
+    assert torch.allclose(v.lora_magnitude_vector, v.weight.norm(dim=1))
+
+
+def test_dora_with_dropout_trains_like_peft_formula():
+    """Train mode with dropout takes PEFT's other DoRA branch: W dropout(x) instead of reusing W x."""
+    torch.manual_seed(0)
+    layer_model = apply(tiny_model(), PeftConfig(method="dora", r=4, alpha=8, dropout=0.5, target_modules=["q_proj"]))
+    q = layer_model.layers[0].self_attn.q_proj.train()
+    randomize_([(n, p) for n, p in q.named_parameters() if p.requires_grad], seed=5)
+    x = torch.randn(3, 64)
+    torch.manual_seed(1)
+    y = q(x)
+    torch.manual_seed(1)
+    xd = torch.nn.functional.dropout(x, 0.5, training=True)
+    w = q.weight
+    delta = q.lora_B.weight @ q.lora_A.weight * q.scaling
+    scale = q.lora_magnitude_vector / (w + delta).norm(dim=1)
+    expected = x @ w.T + q.bias + (scale - 1) * (xd @ w.T) + scale * (xd @ delta.T)
+    assert (y - expected).abs().max() < 1e-5
+
+
+def test_unload_restores_plain_linears():
+    model = apply(tiny_model(), METHODS["lora"])
+    with torch.no_grad():
+        before = tiny_model()(tokens())
+    unload(model)
+    assert not adapter_layers(model) and model.peft_config is None
+    assert type(model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(model(tokens()), before)

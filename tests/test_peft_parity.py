@@ -1,0 +1,69 @@
+"""Adapters move both ways between HF PEFT and ftcore.peft with the same logits, for every method."""
+
+import copy
+
+import pytest
+import torch
+
+from ftcore.peft import apply, count_parameters, load_adapter, save_adapter
+from ftcore.weights import load_model
+from peft_refs import SPECS, VOCAB, make_tokenizer, our_config, peft_config, peft_logits, peft_model, randomize_
+
+peft = pytest.importorskip("peft")
+
+CASES = [(spec, "llama_gqa_llama3") for spec in SPECS]
+CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix")]  # biases, n_kv = 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def batch():
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(3, VOCAB, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    return tokens, mask
+
+
+def assert_close(ours, ref, mask, base):
+    real = mask.bool()
+    assert ours.shape == ref.shape
+    assert (ours - ref)[real].abs().max().item() < 1e-4
+    assert (ref - base)[real].abs().max().item() > 1e-2  # the adapter really changes the logits
+
+
+@pytest.mark.parametrize("spec,variant", CASES)
+def test_peft_adapter_loads_with_same_logits(hf_checkpoint, tokenizer_dir, tmp_path, spec, variant):
+    path, ref = hf_checkpoint(variant)
+    tokens, mask = batch()
+    pm = peft_model(ref, spec, tokenizer_dir, seed=1)
+    pm.save_pretrained(tmp_path)
+    model = load_adapter(load_model(path).eval(), tmp_path)
+    with torch.no_grad():
+        base = ref(tokens, attention_mask=mask).logits
+        assert_close(model(tokens, attention_mask=mask), peft_logits(pm, tokens, mask), mask, base)
+        assert_close(model(tokens), peft_logits(pm, tokens), torch.ones_like(mask), ref(tokens).logits)
+
+
+@pytest.mark.parametrize("spec,variant", CASES)
+def test_our_adapter_loads_in_peft_with_same_logits(hf_checkpoint, tokenizer_dir, tmp_path, spec, variant):
+    path, ref = hf_checkpoint(variant)
+    tokens, mask = batch()
+    model = apply(load_model(path).eval(), our_config(spec, tokenizer_dir))
+    randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=2)
+    save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path).eval()
+    with torch.no_grad():
+        base = ref(tokens, attention_mask=mask).logits
+        assert_close(model(tokens, attention_mask=mask), peft_logits(pm, tokens, mask), mask, base)
+
+
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_trainable_parameter_counts_equal_peft(hf_checkpoint, tokenizer_dir, spec):
+    path, ref = hf_checkpoint("llama_gqa_llama3")
+    pm = peft.get_peft_model(copy.deepcopy(ref), peft_config(spec, tokenizer_dir))
+    model = apply(load_model(path), our_config(spec, tokenizer_dir))
+    assert count_parameters(model) == pm.get_nb_trainable_parameters()
