@@ -1,0 +1,108 @@
+"""Sampler: deterministic, exact resume, sharding across ranks matches one rank, bucketing, eval order."""
+
+import random
+
+import pytest
+
+from ftcore.data.sampler import Sampler, eval_batches
+from ftcore.errors import FtcoreError
+
+_rng = random.Random(0)
+LENGTHS = [_rng.randint(5, 200) for _ in range(103)]
+
+
+def take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def epochs(sampler, n):
+    out = []
+    for _ in range(n):
+        out.append([b for b in sampler])
+    return out
+
+
+def test_deterministic_and_epochs_differ():
+    a, b = Sampler(LENGTHS, 4, seed=1), Sampler(LENGTHS, 4, seed=1)
+    ea, eb = epochs(a, 2), epochs(b, 2)
+    assert ea == eb and ea[0] != ea[1]
+    assert len(ea[0]) == len(a) == 103 // 4
+    used = [i for batch in ea[0] for i in batch]
+    assert len(used) == len(set(used)) == 100  # the 3 left over sit out this epoch
+    assert a.state_dict() == {"epoch": 2, "seed": 1, "position": 0}
+    assert epochs(Sampler(LENGTHS, 4, seed=2), 1) != ea[:1]
+
+
+@pytest.mark.parametrize("bucketing", [False, True])
+def test_resume_continues_on_the_exact_next_batch(bucketing):
+    kw = dict(grad_accum=2, seed=5, bucketing=bucketing, bucket_window=2)
+    full = Sampler(LENGTHS, 4, **kw)
+    reference = epochs(full, 3)  # uninterrupted: 3 epochs of 24 micro-batches
+    run = Sampler(LENGTHS, 4, **kw)
+    epochs(run, 1)
+    got = take(run, 10)  # stop 10 micro-batches into epoch 1 ...
+    state = run.state_dict()
+    assert state == {"epoch": 1, "seed": 5, "position": 40}
+    resumed = Sampler(LENGTHS, 4, **{**kw, "seed": 0})  # ... and resume in a fresh process
+    resumed.load_state_dict(state)
+    got += [b for b in resumed]
+    assert got == reference[1] and epochs(resumed, 1) == reference[2:]
+
+
+def test_state_saved_at_epoch_end_resumes_in_next_epoch():
+    s = Sampler(LENGTHS, 5)
+    first = list(iter(s))
+    r = Sampler(LENGTHS, 5)
+    r.load_state_dict({"epoch": 0, "seed": 0, "position": 100})
+    assert list(iter(r)) == [] and r.state_dict()["epoch"] == 1
+    assert list(iter(r)) == list(iter(s)) and first
+
+
+@pytest.mark.parametrize("bucketing", [False, True])
+def test_two_ranks_see_the_same_examples_per_step_as_one(bucketing):
+    kw = dict(seed=3, bucketing=bucketing, bucket_window=3)
+    one = Sampler(LENGTHS, 4, grad_accum=4, **kw)  # global batch 16 on one rank
+    ranks = [Sampler(LENGTHS, 4, grad_accum=2, world_size=2, rank=r, **kw) for r in range(2)]  # 16 on two
+    for epoch in range(2):
+        single, shards = list(one), [list(r) for r in ranks]
+        assert len(shards[0]) == len(shards[1]) == len(single) // 2
+        for step in range(one.steps_per_epoch):
+            want = {i for b in single[step * 4 : (step + 1) * 4] for i in b}
+            got = [i for s in shards for b in s[step * 2 : (step + 1) * 2] for i in b]
+            assert len(got) == len(set(got)) == 16 and set(got) == want, (epoch, step)
+        # together the ranks cover exactly what one rank covers, and never the same example twice
+        assert sorted(i for s in shards for b in s for i in b) == sorted(i for b in single for i in b)
+
+
+def test_rank_states_resume_in_lockstep():
+    ranks = [Sampler(LENGTHS, 4, world_size=2, rank=r) for r in range(2)]
+    for r in ranks:
+        take(r, 3)
+    assert ranks[0].state_dict() == ranks[1].state_dict() == {"epoch": 0, "seed": 0, "position": 24}
+    with pytest.raises(FtcoreError, match="not a multiple of batch_size x world size"):
+        Sampler(LENGTHS, 5).load_state_dict(ranks[0].state_dict())
+
+
+def test_bucketing_groups_similar_lengths():
+    def padding(sampler):
+        return sum(max(LENGTHS[i] for i in b) * len(b) - sum(LENGTHS[i] for i in b) for b in sampler)
+
+    assert padding(Sampler(LENGTHS, 4, bucketing=True)) < 0.3 * padding(Sampler(LENGTHS, 4))
+    bucketed = [i for b in Sampler(LENGTHS, 4, bucketing=True) for i in b]
+    assert len(set(bucketed)) == 100  # still every example once
+
+
+def test_too_few_items_and_bad_rank():
+    with pytest.raises(FtcoreError, match="the training split has 3 items, fewer than one global batch of 8"):
+        Sampler([1, 2, 3], 4, grad_accum=2)
+    with pytest.raises(FtcoreError, match="rank 2 is outside world_size 2"):
+        Sampler(LENGTHS, 4, world_size=2, rank=2)
+
+
+def test_eval_batches_cover_everything_once():
+    shards = [eval_batches(LENGTHS, 8, rank=r, world_size=3) for r in range(3)]
+    flat = [i for s in shards for b in s for i in b]
+    assert sorted(flat) == list(range(103))
+    first = eval_batches(LENGTHS, 8)[0]
+    assert [LENGTHS[i] for i in first] == sorted(LENGTHS, reverse=True)[:8]
