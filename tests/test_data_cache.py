@@ -1,9 +1,10 @@
 """Cache: a second build is a hit with identical splits; the key follows data, tokenizer and settings."""
 
+from test_data_common import FakeTokenizer, pairs, write_jsonl
+
 from ftcore.data import cache
 from ftcore.data.config import DataConfig
 from ftcore.data.pipeline import build_datasets
-from test_data_common import FakeTokenizer, pairs, write_jsonl
 
 
 def build(path, cache_dir, tok=None, **kw):

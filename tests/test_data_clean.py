@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from test_data_common import FakeTokenizer, write_jsonl
 
 from ftcore.data.clean import clean_examples, collapse_whitespace, normalize_unicode, strip_html
 from ftcore.data.config import CleanConfig, DataConfig
 from ftcore.data.pipeline import build_datasets
 from ftcore.errors import FtcoreError
-from test_data_common import FakeTokenizer, write_jsonl
 
 
 def ex(user, answer, system=None):

@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from test_data_common import FakeTokenizer
 
 from ftcore.data.collate import Batcher, collate, pack
 from ftcore.data.format import IGNORE, encode_example
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
-from test_data_common import FakeTokenizer
 
 TOK = FakeTokenizer()
 

@@ -32,7 +32,7 @@ def test_defaults_validate():
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
-    with pytest.raises(FtcoreError, match=None) as e:
+    with pytest.raises(FtcoreError) as e:
         DataConfig.from_dict(overrides)
     assert message in str(e.value)
     assert "\n" not in str(e.value)

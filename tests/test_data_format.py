@@ -1,10 +1,10 @@
 """Templates and label masks: loss on responses / assistant turns / everything; prompts match training."""
 
 import pytest
+from test_data_common import FakeTokenizer
 
 from ftcore.data.format import IGNORE, encode_example, encode_prompt, segments, split_prompt
 from ftcore.errors import FtcoreError
-from test_data_common import FakeTokenizer
 
 TOK = FakeTokenizer()
 SINGLE = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]

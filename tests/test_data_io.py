@@ -26,9 +26,9 @@ def test_instruction_records_join_instruction_and_input(tmp_path):
     recs = [{"instruction": "Translate.", "input": "hola", "output": "hello"},
             {"instruction": "Say hi.", "input": "", "output": "hi"}]  # fmt: skip
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    exs = load_examples(p, system_prompt="You are terse.")
-    assert exs[0]["messages"] == msgs(("system", "You are terse."), ("user", "Translate.\n\nhola"), ("assistant", "hello"))
-    assert exs[1]["messages"][1] == {"role": "user", "content": "Say hi."}
+    exs = load_examples(p)
+    assert exs[0]["messages"] == msgs(("user", "Translate.\n\nhola"), ("assistant", "hello"))
+    assert exs[1]["messages"][0] == {"role": "user", "content": "Say hi."}
 
 
 def test_chat_messages_and_sharegpt(tmp_path):

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_data_common import FakeTokenizer, pairs, write_jsonl
 
 from ftcore.data import Batcher, DataConfig, Sampler, build_datasets, encode_prompt, get_task, pad_token_id
 from ftcore.data.format import IGNORE, split_prompt
 from ftcore.data.tasks import extract_answer
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
-from test_data_common import FakeTokenizer, pairs, write_jsonl
 
 CONF = Path(__file__).parents[1] / "conf" / "data"
 
@@ -47,6 +47,15 @@ def test_tickets_report_shows_cleaning_work():
     assert clean["strip_html_changed"] > 0 and clean["removed_duplicates"] > 0
     assert not any("<p>" in m["content"] or "&amp;" in m["content"] for s in splits.values() for e in s
                    for m in e["messages"])  # fmt: skip
+
+
+def test_system_prompt_is_added_after_the_split(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", pairs(200))
+    plain, _ = build_datasets(DataConfig(path=str(data), cache_dir=""), FakeTokenizer())
+    system, _ = build_datasets(DataConfig(path=str(data), cache_dir="", system_prompt="Be brief."), FakeTokenizer())
+    for name in plain:
+        assert [e["where"] for e in plain[name]] == [e["where"] for e in system[name]]
+        assert all(e["messages"][0] == {"role": "system", "content": "Be brief."} for e in system[name])
 
 
 def test_over_length_examples_are_dropped_and_an_empty_train_split_is_an_error(tmp_path):

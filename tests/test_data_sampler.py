@@ -36,7 +36,7 @@ def test_deterministic_and_epochs_differ():
 
 @pytest.mark.parametrize("bucketing", [False, True])
 def test_resume_continues_on_the_exact_next_batch(bucketing):
-    kw = dict(grad_accum=2, seed=5, bucketing=bucketing, bucket_window=2)
+    kw = {"grad_accum": 2, "seed": 5, "bucketing": bucketing, "bucket_window": 2}
     full = Sampler(LENGTHS, 4, **kw)
     reference = epochs(full, 3)  # uninterrupted: 3 epochs of 24 micro-batches
     run = Sampler(LENGTHS, 4, **kw)
@@ -61,7 +61,7 @@ def test_state_saved_at_epoch_end_resumes_in_next_epoch():
 
 @pytest.mark.parametrize("bucketing", [False, True])
 def test_two_ranks_see_the_same_examples_per_step_as_one(bucketing):
-    kw = dict(seed=3, bucketing=bucketing, bucket_window=3)
+    kw = {"seed": 3, "bucketing": bucketing, "bucket_window": 3}
     one = Sampler(LENGTHS, 4, grad_accum=4, **kw)  # global batch 16 on one rank
     ranks = [Sampler(LENGTHS, 4, grad_accum=2, world_size=2, rank=r, **kw) for r in range(2)]  # 16 on two
     for epoch in range(2):

@@ -2,11 +2,12 @@
 
 import random
 
+from test_data_common import FakeTokenizer, pairs, write_jsonl
+
 from ftcore.data.clean import content_key
 from ftcore.data.config import DataConfig
 from ftcore.data.pipeline import build_datasets
 from ftcore.data.split import split_examples
-from test_data_common import FakeTokenizer, pairs, write_jsonl
 
 
 def examples(n, prefix="q"):

@@ -38,6 +38,13 @@ def encode_example(messages: list[dict], template: str, tokenizer, loss_on: str 
     return {"input_ids": ids, "labels": labels}
 
 
+def add_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
+    """Prepend data.system_prompt to a conversation that has no system message of its own."""
+    if not system_prompt or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def split_prompt(messages: list[dict]) -> tuple[list[dict], str]:
     """(the conversation before its last assistant message, that message's text): a test example."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

@@ -22,8 +22,7 @@ ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assi
          "bot": "assistant", "model": "assistant"}  # fmt: skip
 
 
-def load_examples(path: Path, fmt: str = "auto", schema: str = "auto", fields: dict | None = None,
-                  system_prompt: str = "") -> list[dict]:  # fmt: skip
+def load_examples(path: Path, fmt: str = "auto", schema: str = "auto", fields: dict | None = None) -> list[dict]:
     """Read a file and turn each record into an example (the whole file must have one shape)."""
     records = read_records(path, fmt)
     if not records:
@@ -33,7 +32,7 @@ def load_examples(path: Path, fmt: str = "auto", schema: str = "auto", fields: d
         fields["messages"] = "conversations"  # ShareGPT
     if schema == "auto":
         schema = detect_schema(records[0][1], fields, f"{path}:{records[0][0]}")
-    return [to_example(rec, schema, fields, f"{path}:{line}", system_prompt) for line, rec in records]
+    return [to_example(rec, schema, fields, f"{path}:{line}") for line, rec in records]
 
 
 def read_records(path: Path, fmt: str = "auto") -> list[tuple[int, dict]]:
@@ -134,7 +133,7 @@ def detect_schema(record: dict, fields: dict, where: str) -> str:
     )
 
 
-def to_example(record: dict, schema: str, fields: dict, where: str, system_prompt: str = "") -> dict:
+def to_example(record: dict, schema: str, fields: dict, where: str) -> dict:
     """One record -> {"messages": [...], "where": where}."""
     key = lambda name: fields.get(name, name)
 
@@ -173,8 +172,6 @@ def to_example(record: dict, schema: str, fields: dict, where: str, system_promp
         system = _text(get("system", required=False), where, key("system"))
         if system.strip():
             messages.insert(0, {"role": "system", "content": system})
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
     return {"messages": messages, "where": where}
 
 

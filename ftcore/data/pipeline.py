@@ -4,7 +4,7 @@
     splits["train"][0] == {"input_ids": [...], "labels": [...], "messages": [...], "where": "file:line"}
 
 labels equal input_ids where the loss applies and are -100 elsewhere (not yet shifted; the collator
-shifts them). The split comes before tokenization, so it does not depend on the tokenizer or template.
+shifts them). The split comes before formatting, so it does not depend on the system prompt, template or tokenizer.
 The report (what each step read, changed and removed) is a plain dict to save with the run.
 """
 
@@ -13,7 +13,7 @@ import json
 from ftcore.data import cache
 from ftcore.data.clean import clean_examples
 from ftcore.data.config import SPLIT_NAMES, DataConfig, resolve_path
-from ftcore.data.format import IGNORE, encode_example
+from ftcore.data.format import IGNORE, add_system_prompt, encode_example
 from ftcore.data.io import load_examples
 from ftcore.data.split import split_examples, split_key
 from ftcore.errors import FtcoreError
@@ -39,7 +39,7 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[dict[str, list[dict]], d
     for name, path in files.items():
         if path is None:
             continue
-        raw = load_examples(path, cfg.format, cfg.schema, cfg.fields, cfg.system_prompt)
+        raw = load_examples(path, cfg.format, cfg.schema, cfg.fields)
         examples[name], report["clean"][name] = clean_examples(raw, cfg.clean)
         if not examples[name]:
             raise FtcoreError(f"{path}: no examples left after cleaning; report: {json.dumps(report['clean'][name])}")
@@ -50,9 +50,11 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[dict[str, list[dict]], d
     splits.update({name: exs for name, exs in examples.items() if name != "train"})
     report["removed_overlap"] = drop_overlap(splits, cfg.split_by)
 
-    # 4. tokenize with label masks; drop examples over max_length or with nothing to learn
+    # 4. format (system prompt, template), tokenize with label masks; drop examples over max_length
+    #    or with nothing to learn
     report["tokenize"] = {}
     for name, exs in splits.items():
+        exs = [{**ex, "messages": add_system_prompt(ex["messages"], cfg.system_prompt)} for ex in exs]
         encoded = [{**encode_example(ex["messages"], cfg.template, tokenizer, cfg.loss_on, ex["where"]), **ex} for ex in exs]
         kept = [ex for ex in encoded if len(ex["input_ids"]) <= cfg.max_length]
         learnable = [ex for ex in kept if any(t != IGNORE for t in ex["labels"][1:])]
