@@ -127,3 +127,11 @@ def test_static_shape_always_batch_by_seq_len():
             b = batcher(idx)
             assert b["input_ids"].shape == (len(idx), 200) and b["position_ids"].shape == (len(idx), 200)
     assert Batcher(docs, TOK.pad_id)([0, 1])["input_ids"].shape[1] == max(len(d["input_ids"]) for d in docs[:2])
+    # a last, short batch padded with empty rows keeps the shape (and the empty rows carry no loss)
+    for packing in (False, True):
+        b = Batcher(docs, TOK.pad_id, packing=packing, seq_len=200, static_shape=True)([0], pad_to=3)
+        assert b["input_ids"].shape == (3, 200) and (b["targets"][1:] == IGNORE).all()
+        with torch.no_grad():
+            logits = tiny_model(TOK.vocab_size)(b["input_ids"], position_ids=b["position_ids"],
+                                                attention_mask=b["attention_mask"])  # fmt: skip
+        assert torch.isfinite(logits).all()

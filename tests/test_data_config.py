@@ -50,6 +50,14 @@ def test_from_dict_nested_clean_and_int_for_float():
     assert cfg.clean.dedup is False and cfg.clean.strip_html is True and cfg.split == [1, 0, 0]
 
 
+def test_from_omegaconf_containers():
+    omegaconf = pytest.importorskip("omegaconf")
+    node = omegaconf.OmegaConf.create({"split": [0.8, 0.1, 0.1], "fields": {"prompt": "q"}, "clean": {"dedup": False}})
+    cfg = DataConfig.from_dict(node)
+    assert cfg.split == [0.8, 0.1, 0.1] and type(cfg.split) is list and cfg.fields == {"prompt": "q"}
+    assert cfg.clean.dedup is False
+
+
 def test_resolve_path_demo_names_and_repo_relative(tmp_path, monkeypatch):
     for name in DEMOS:
         assert resolve_path(name).is_file()

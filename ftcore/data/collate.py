@@ -103,6 +103,8 @@ class Batcher:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __call__(self, indices: list[int]) -> dict:
+    def __call__(self, indices: list[int], pad_to: int | None = None) -> dict:
+        """The batch of items `indices`; pad_to adds empty rows (all padding, no loss) up to that many."""
         rows = [[self.examples[i] for i in self.rows[j]] for j in indices]
+        rows += [[] for _ in range((pad_to or 0) - len(rows))]
         return collate(rows, self.pad_id, self.length, self.packing)

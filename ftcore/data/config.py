@@ -5,9 +5,11 @@ A wrong key or value fails with the key's name and what was expected, e.g.
 """
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftcore.data.tasks import TASKS
 from ftcore.errors import FtcoreError
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -68,10 +70,10 @@ class DataConfig:
     labels: list = field(default_factory=list)  # class names for task=label
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "data") -> "DataConfig":
-        """Build from plain YAML values; unknown keys fail naming the allowed ones."""
+    def from_dict(cls, d: Mapping, where: str = "data") -> "DataConfig":
+        """Build from YAML values (dicts or OmegaConf containers); unknown keys fail naming the allowed ones."""
         d = dict(d)
-        if isinstance(d.get("clean"), dict):
+        if isinstance(d.get("clean"), Mapping):
             d["clean"] = _from_dict(CleanConfig, d["clean"], f"{where}.clean")
         cfg = _from_dict(cls, d, where)
         cfg.validate(where)
@@ -111,8 +113,6 @@ class DataConfig:
                 f"{where}.max_length={self.max_length} > {where}.seq_len={self.seq_len}: "
                 f"with {mode} every example must fit in one row; lower max_length or raise seq_len"
             )
-        from ftcore.data.tasks import TASKS  # tasks imports nothing from here at module level
-
         _one_of(where, "task", self.task, tuple(TASKS))
         return self
 
@@ -145,8 +145,11 @@ def _check_types(obj, where: str):
         expected = type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             continue
-        if expected is list and isinstance(value, tuple):
+        if expected is list and isinstance(value, Sequence) and not isinstance(value, str):
             setattr(obj, f.name, list(value))
+            continue
+        if expected is dict and isinstance(value, Mapping):
+            setattr(obj, f.name, dict(value))
             continue
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise FtcoreError(f"{where}.{f.name}={value!r}: expected {expected.__name__}")
