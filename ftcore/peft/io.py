@@ -175,8 +175,8 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
             if target is None:
                 raise FtcoreError(f"{weights_path}: unexpected tensor {file_key!r} (no such adapter tensor in this model)")
             if st.shape(file_key) != tuple(target.shape):
-                raise FtcoreError(f"{weights_path}: tensor {file_key!r} has shape {list(st.shape(file_key))}, "
-                                  f"expected {list(target.shape)}")
+                raise FtcoreError(f"{weights_path}: tensor {file_key!r} has shape {list(st.shape(file_key))}, but this "
+                                  f"model expects {list(target.shape)} (an adapter for another base model?)")
         missing = sorted(set(expected) - set(names))
         if missing:
             raise FtcoreError(f"{weights_path}: missing tensor {missing[0]!r}"

@@ -1,0 +1,98 @@
+"""Bad input fails with one clear FtcoreError line naming the key, module or tensor and what was expected."""
+
+import json
+
+import pytest
+import torch
+
+from ftcore.errors import FtcoreError
+from ftcore.model import ModelConfig, Transformer
+from ftcore.peft import PeftConfig, adapter_layers, apply, load_adapter, merge, save_adapter
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4)
+
+
+def model(num_kv_heads=2, **kw):
+    m = Transformer(ModelConfig(num_kv_heads=num_kv_heads, **{**SMALL, **kw}))
+    m.init_weights(generator=torch.Generator().manual_seed(0))
+    return m
+
+
+def error(fn, *args, **kwargs) -> str:
+    with pytest.raises(FtcoreError) as e:
+        fn(*args, **kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_method_lists_the_supported_ones():
+    msg = error(PeftConfig, method="loha")
+    assert "peft.method" in msg and "'loha'" in msg
+    assert "none, full, lora, dora, ia3, prefix, prompt" in msg
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    (dict(r=0), "peft.r"), (dict(alpha=-1), "peft.alpha"), (dict(dropout=1.5), "peft.dropout"),
+    (dict(init="xavier"), "peft.init"), (dict(prompt_init="words"), "peft.prompt_init"),
+    (dict(method="prompt", prompt_init="text", tokenizer_path="x"), "peft.init_text"),
+    (dict(method="prompt", prompt_init="text", init_text="hi"), "peft.tokenizer_path"),
+    (dict(num_virtual_tokens=0), "peft.num_virtual_tokens"), (dict(target_modules=[]), "peft.target_modules"),
+    (dict(feedforward_modules=["up_proj"]), "peft.feedforward_modules"),
+])  # fmt: skip
+def test_bad_values_name_the_key(kwargs, key):
+    assert error(PeftConfig, **kwargs).startswith(key + ":")
+
+
+def test_unknown_config_key_lists_known_keys():
+    msg = error(PeftConfig.from_dict, {"method": "lora", "rank": 8})
+    assert "peft.rank" in msg and "target_modules" in msg
+
+
+def test_unknown_target_module_lists_the_linear_modules():
+    msg = error(apply, model(), PeftConfig(target_modules=["q_proj", "qkv_proj"]))
+    assert "'qkv_proj'" in msg
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head" in msg
+    msg = error(apply, model(), PeftConfig(method="ia3", ia3_target_modules=r".*attn_c"))
+    assert "peft.ia3_target_modules" in msg and "down_proj" in msg
+    assert "invalid regex" in error(apply, model(), PeftConfig(target_modules="(q_proj"))
+
+
+def test_bad_freeze_pattern():
+    msg = error(apply, model(), PeftConfig(method="full", freeze=["embeddings.*"]))
+    assert "'embeddings.*'" in msg and "embed_tokens" in msg
+
+
+def test_adapter_for_another_base_names_the_tensor_and_shapes(tmp_path):
+    src = apply(model(num_kv_heads=2), PeftConfig(target_modules=["v_proj"]))
+    save_adapter(src, tmp_path)
+    dst = model(num_kv_heads=4)
+    msg = error(load_adapter, dst, tmp_path)
+    assert "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight" in msg
+    assert "[32, 8]" in msg and "[64, 8]" in msg
+    assert not adapter_layers(dst) and dst.peft_config is None  # the failed load left the model as it was
+
+
+def test_prefix_for_another_base(tmp_path):
+    save_adapter(apply(model(num_kv_heads=2), PeftConfig(method="prefix", num_virtual_tokens=2)), tmp_path)
+    msg = error(load_adapter, model(num_kv_heads=1), tmp_path)
+    assert "token_dim=32" in msg and "16" in msg
+
+
+def test_unsupported_peft_features_and_types(tmp_path):
+    save_adapter(apply(model(), PeftConfig()), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 16}}))
+    assert "rank_pattern" in error(load_adapter, model(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LOHA"}))
+    msg = error(load_adapter, model(), tmp_path)
+    assert "'LOHA'" in msg and "LORA, IA3, PREFIX_TUNING, PROMPT_TUNING" in msg
+    (tmp_path / "adapter_config.json").unlink()
+    assert "adapter_config.json" in error(load_adapter, model(), tmp_path)
+
+
+def test_misuse():
+    full = apply(model(), PeftConfig(method="full"))
+    assert "full fine-tuning" in error(save_adapter, full, "/tmp/unused")
+    assert "prefix tuning" in error(merge, apply(model(), PeftConfig(method="prefix")))
+    assert "already has" in error(apply, apply(model(), PeftConfig()), PeftConfig())

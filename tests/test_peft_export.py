@@ -1,0 +1,76 @@
+"""Merged export: ftcore.load_pretrained and transformers load it and compute the adapted model's logits."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import ftcore
+from ftcore.peft import apply, export_merged, save_adapter
+from ftcore.tokenizer import Tokenizer
+from ftcore.weights import load_model
+from peft_refs import ALL_LINEAR, make_tokenizer, randomize_
+
+transformers = pytest.importorskip("transformers")
+
+CASES = [
+    ("lora", "llama_untied_bias", dict(method="lora", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"])),
+    ("dora", "llama_untied_bias", dict(method="dora", r=4, alpha=8, target_modules=ALL_LINEAR)),
+    ("ia3", "qwen2", dict(method="ia3", ia3_target_modules=["k_proj", "v_proj", "down_proj"])),
+    ("lora_tied_head", "llama_tied", dict(method="lora", r=4, alpha=8, target_modules=["q_proj", "lm_head"])),
+]
+
+
+@pytest.mark.parametrize("name,variant,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_merged_export_loads_everywhere(hf_checkpoint, tmp_path, name, variant, kwargs):
+    path, ref = hf_checkpoint(variant)
+    tok = Tokenizer.from_dir(make_tokenizer(tmp_path))
+    model = apply(load_model(path).eval(), our_config_from(kwargs))
+    randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=7, std=0.1)
+    tokens = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model(tokens)
+        base = ref(tokens).logits
+    out = export_merged(model, tmp_path / "merged", tok)
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    ours, _ = ftcore.load_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got_ours, got_hf = ours(tokens), hf(tokens).logits
+    assert (expected - base).abs().max() > 1e-2
+    assert (got_ours - expected).abs().max() < 1e-5
+    assert (got_hf - expected).abs().max() < 1e-5
+    assert set(ours.state_dict()) == set(load_model(path).state_dict())  # a plain model, no adapter keys
+    if name == "lora_tied_head":  # LoRA on a tied lm_head unties it in the export
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+        assert ours.lm_head.weight is not ours.embed_tokens.weight
+    # PEFT's own merge of the same adapter gives the same model
+    peft = pytest.importorskip("peft")
+    save_adapter(model, tmp_path / "adapter")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "adapter").eval()
+    if name != "lora_tied_head":  # NOTE: PEFT's merge into a tied lm_head also alters the embeddings (peft#2777)
+        pm = pm.merge_and_unload()
+    with torch.no_grad():
+        assert (pm(input_ids=tokens).logits - got_hf).abs().max() < 1e-5
+    # the trained model itself is untouched by the export
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected)
+
+
+def our_config_from(kwargs):
+    from ftcore.peft import PeftConfig
+
+    return PeftConfig(**kwargs)
+
+
+def test_full_fine_tuning_exports_as_is(hf_checkpoint, tmp_path):
+    path, ref = hf_checkpoint("qwen2")
+    model = apply(load_model(path), our_config_from(dict(method="full", freeze=["embed_tokens.*"])))
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    out = export_merged(model, tmp_path / "full")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max() < 1e-5
