@@ -30,6 +30,7 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[dict[str, list[dict]], d
     key = cache.cache_key(files, tokenizer, cfg) if cfg.cache_dir else None
     if key and (hit := cache.load(cfg.cache_dir, key)) is not None:
         splits, report = hit
+        report["files"] = {name: str(p) for name, p in files.items() if p is not None}  # same bytes, maybe moved
         report["cache"] = {"dir": cfg.cache_dir, "key": key, "hit": True}
         return splits, report
     report = {"files": {name: str(p) for name, p in files.items() if p is not None}, "clean": {}}
