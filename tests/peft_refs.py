@@ -30,9 +30,9 @@ SPECS = {
                       dict(kind="PromptTuningConfig", num_virtual_tokens=4)),
     "prompt_vocab": (dict(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
                      dict(kind="PromptTuningConfig", num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB")),
-    "prompt_text": (dict(method="prompt", num_virtual_tokens=5, prompt_init="text", init_text="t5 t9 t11"),
+    "prompt_text": (dict(method="prompt", num_virtual_tokens=5, prompt_init="text", init_text="t5 t9 t7"),
                     dict(kind="PromptTuningConfig", num_virtual_tokens=5, prompt_tuning_init="TEXT",
-                         prompt_tuning_init_text="t5 t9 t11")),
+                         prompt_tuning_init_text="t5 t9 t7")),
 }  # fmt: skip
 
 
@@ -89,7 +89,10 @@ def peft_logits(model, tokens, mask=None):
 
 
 def make_tokenizer(out_dir):
-    """A word-level tokenizer over t0..t96 (no special-token post-processing), loadable by transformers and ftcore."""
+    """A word-level tokenizer over t0..t96 (no special-token post-processing), loadable by transformers and ftcore.
+
+    NOTE: transformers matches the special token "t1" inside "t10".."t19", so test texts avoid those.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))

@@ -96,3 +96,11 @@ def test_misuse():
     assert "full fine-tuning" in error(save_adapter, full, "/tmp/unused")
     assert "prefix tuning" in error(merge, apply(model(), PeftConfig(method="prefix")))
     assert "already has" in error(apply, apply(model(), PeftConfig()), PeftConfig())
+
+
+def test_config_from_hydra_style_mapping():
+    omegaconf = pytest.importorskip("omegaconf")
+    node = omegaconf.OmegaConf.create({"method": "dora", "r": 4, "target_modules": ["q_proj", "k_proj"]})
+    cfg = PeftConfig.from_dict(node)
+    assert cfg.method == "dora" and cfg.target_modules == ["q_proj", "k_proj"]
+    assert PeftConfig.from_dict(cfg.to_dict()) == cfg

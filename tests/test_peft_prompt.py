@@ -1,0 +1,78 @@
+"""Prompt and prefix tuning details: PEFT's prompt inits, labels/loss, packed (4-D mask) batches."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftcore.peft import PeftConfig, apply, load_adapter
+from ftcore.weights import load_model
+from peft_refs import VOCAB, make_tokenizer, peft_model
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize("P,text,ids", [(5, "t5 t9 t7", [5, 9, 7, 5, 9]), (2, "t5 t9 t7", [5, 9])])
+def test_text_init_equals_peft(hf_checkpoint, tokenizer_dir, P, text, ids):
+    path, ref = hf_checkpoint("llama_gqa_llama3")
+    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prompt_tuning_init="TEXT",
+                                  prompt_tuning_init_text=text, tokenizer_name_or_path=str(tokenizer_dir))
+    theirs = peft.get_peft_model(copy.deepcopy(ref), cfg).prompt_encoder["default"].embedding.weight
+    model = apply(load_model(path), PeftConfig(method="prompt", num_virtual_tokens=P, prompt_init="text",
+                                               init_text=text, tokenizer_path=str(tokenizer_dir)))
+    ours = model.prompt_encoder.embedding.weight
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, model.embed_tokens.weight[ids])  # repeated, then cut to P
+
+
+def test_sample_vocab_and_random_init(hf_checkpoint):
+    path, _ = hf_checkpoint("llama_gqa_llama3")
+    model = apply(load_model(path), PeftConfig(method="prompt", num_virtual_tokens=6, prompt_init="sample_vocab"))
+    rows = model.prompt_encoder.embedding.weight
+    table = model.embed_tokens.weight
+    assert all((table == row).all(-1).any() for row in rows)  # every soft token starts as a real embedding
+    seeded = apply(load_model(path), PeftConfig(method="prompt", num_virtual_tokens=6, prompt_init="sample_vocab"))
+    assert torch.equal(seeded.prompt_encoder.embedding.weight, rows)  # cfg.seed decides, not the global RNG
+    rand = apply(load_model(path), PeftConfig(method="prompt", num_virtual_tokens=64, seed=3))
+    w = rand.prompt_encoder.embedding.weight
+    assert abs(w.mean().item()) < 0.05 and abs(w.std().item() - 1) < 0.05  # PEFT's RANDOM: N(0, 1)
+
+
+def test_prompt_tuning_loss_equals_peft(hf_checkpoint, tmp_path):
+    """Logits are [B, T, V] for the real tokens; the loss over them is PEFT's (labels padded with -100)."""
+    path, ref = hf_checkpoint("llama_gqa_llama3")
+    pm = peft_model(ref, "prompt_random", seed=1)
+    pm.save_pretrained(tmp_path)
+    model = load_adapter(load_model(path).eval(), tmp_path)
+    tokens = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[:, :4] = -100  # prompt part masked (PEFT would also score token 0 from the last soft token otherwise)
+    with torch.no_grad():
+        expected = pm(input_ids=tokens, labels=labels).loss
+        logits = model(tokens)
+    assert logits.shape == (2, 10, VOCAB)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(loss.item() - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["prompt_random", "prefix"])
+def test_packed_documents_each_see_the_virtual_tokens(hf_checkpoint, tokenizer_dir, tmp_path, spec):
+    """A block-diagonal 4-D mask with per-document positions computes each document as if alone."""
+    path, ref = hf_checkpoint("llama_gqa_llama3")
+    peft_model(ref, spec, seed=1).save_pretrained(tmp_path)
+    model = load_adapter(load_model(path).eval(), tmp_path)
+    a, b = torch.randint(3, VOCAB, (1, 5)), torch.randint(3, VOCAB, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    doc = torch.tensor([0] * 5 + [1] * 7)
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        got = model(packed, attention_mask=mask[None, None], position_ids=positions)
+        alone = torch.cat([model(a), model(b)], dim=1)
+    assert (got - alone).abs().max() < 1e-5
