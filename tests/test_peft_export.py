@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from peft_refs import ALL_LINEAR, make_tokenizer, randomize_
 
 import ftcore
-from ftcore.peft import apply, export_merged, save_adapter
+from ftcore.peft import PeftConfig, apply, export_merged, save_adapter
 from ftcore.tokenizer import Tokenizer
 from ftcore.weights import load_model
-from peft_refs import ALL_LINEAR, make_tokenizer, randomize_
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,7 +26,7 @@ CASES = [
 def test_merged_export_loads_everywhere(hf_checkpoint, tmp_path, name, variant, kwargs):
     path, ref = hf_checkpoint(variant)
     tok = Tokenizer.from_dir(make_tokenizer(tmp_path))
-    model = apply(load_model(path).eval(), our_config_from(kwargs))
+    model = apply(load_model(path).eval(), PeftConfig(**kwargs))
     randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=7, std=0.1)
     tokens = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -58,15 +58,9 @@ def test_merged_export_loads_everywhere(hf_checkpoint, tmp_path, name, variant, 
         assert torch.equal(model(tokens), expected)
 
 
-def our_config_from(kwargs):
-    from ftcore.peft import PeftConfig
-
-    return PeftConfig(**kwargs)
-
-
 def test_full_fine_tuning_exports_as_is(hf_checkpoint, tmp_path):
-    path, ref = hf_checkpoint("qwen2")
-    model = apply(load_model(path), our_config_from(dict(method="full", freeze=["embed_tokens.*"])))
+    path, _ = hf_checkpoint("qwen2")
+    model = apply(load_model(path), PeftConfig(method="full", freeze=["embed_tokens.*"]))
     with torch.no_grad():
         model.layers[0].mlp.up_proj.weight.mul_(1.5)
     out = export_merged(model, tmp_path / "full")

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from peft_refs import peft_model
 
 from ftcore.generate import generate, left_pad
 from ftcore.peft import load_adapter
 from ftcore.weights import load_model
-from peft_refs import peft_model
 
 pytest.importorskip("peft")
 

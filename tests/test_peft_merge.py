@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from peft_refs import ALL_LINEAR, randomize_
 
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, adapter_layers, apply, merge, merge_and_unload, unload, unmerge
-from peft_refs import ALL_LINEAR, randomize_
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   qkv_bias=True, o_bias=True, mlp_bias=True)  # biases: IA3 scales them, DoRA must skip them

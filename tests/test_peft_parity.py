@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from peft_refs import SPECS, VOCAB, make_tokenizer, our_config, peft_config, peft_logits, peft_model, randomize_
 
 from ftcore.peft import apply, count_parameters, load_adapter, save_adapter
 from ftcore.weights import load_model
-from peft_refs import SPECS, VOCAB, make_tokenizer, our_config, peft_config, peft_logits, peft_model, randomize_
 
 peft = pytest.importorskip("peft")
 

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from peft_refs import VOCAB, make_tokenizer, peft_model
 
 from ftcore.peft import PeftConfig, apply, load_adapter
 from ftcore.weights import load_model
-from peft_refs import VOCAB, make_tokenizer, peft_model
 
 peft = pytest.importorskip("peft")
 

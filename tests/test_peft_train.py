@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from peft_refs import ALL_LINEAR, randomize_
 from torch.utils.checkpoint import checkpoint
 
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, adapter_parameters, apply, count_parameters, summary
-from peft_refs import ALL_LINEAR, randomize_
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   qkv_bias=True)

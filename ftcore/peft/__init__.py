@@ -13,13 +13,13 @@ attach.py (apply, targets, merge), io.py (PEFT format), export.py (merged model)
 
 from ftcore.peft.attach import (
     adapter_layers,
+    adapter_parameters,
     apply,
     count_parameters,
     find_targets,
     linear_modules,
     merge,
     summary,
-    adapter_parameters,
     unload,
     unmerge,
 )
@@ -28,7 +28,22 @@ from ftcore.peft.export import export_merged, merge_and_unload, merged_state_dic
 from ftcore.peft.io import adapter_state, load_adapter, save_adapter
 
 __all__ = [
-    "METHODS", "PeftConfig", "apply", "summary", "count_parameters", "save_adapter", "load_adapter",
-    "adapter_state", "merge", "unmerge", "unload", "merge_and_unload", "merged_state_dict", "export_merged",
-    "adapter_layers", "adapter_parameters", "find_targets", "linear_modules",
-]  # fmt: skip
+    "METHODS",
+    "PeftConfig",
+    "adapter_layers",
+    "adapter_parameters",
+    "adapter_state",
+    "apply",
+    "count_parameters",
+    "export_merged",
+    "find_targets",
+    "linear_modules",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "merged_state_dict",
+    "save_adapter",
+    "summary",
+    "unload",
+    "unmerge",
+]

@@ -74,11 +74,12 @@ def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
 def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) -> nn.Module:
     """Freeze the base model and attach `cfg.method` in place; returns the model.
 
+    Call it after the base weights are loaded (DoRA's magnitude and the prompt inits read them).
     tokenizer: only for prompt_init="text" (else loaded from cfg.tokenizer_path).
     init=False skips the adapter init (load_adapter overwrites the values anyway).
     """
     if not isinstance(cfg, PeftConfig):
-        cfg = PeftConfig.from_dict(dict(cfg))
+        cfg = PeftConfig.from_dict(cfg)
     cfg.validate()
     if getattr(model, "peft_config", None) is not None and model.peft_config.method != "none":
         raise FtcoreError(f"peft: the model already has a {model.peft_config.method!r} adapter attached")
@@ -87,18 +88,16 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         apply_full(model, cfg.freeze)
         model.peft_config = cfg
         return model
-    for p in model.parameters():
-        p.requires_grad_(False)
     if cfg.method in ("lora", "dora"):
         for name in find_targets(model, cfg.target_modules):
-            layer = LoraLinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora,
-                               dora=cfg.method == "dora")
+            layer = LoraLinear(
+                model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, dora=cfg.method == "dora"
+            )
             if init:
                 layer.reset_parameters(cfg.init, gen)
             _swap(model, name, layer)
     elif cfg.method == "ia3":
-        targets = find_targets(model, cfg.ia3_target_modules, "ia3_target_modules")
-        for name in targets:
+        for name in find_targets(model, cfg.ia3_target_modules, "ia3_target_modules"):
             _swap(model, name, IA3Linear(model.get_submodule(name), is_feedforward(cfg.feedforward_modules, name)))
     elif cfg.method == "prefix":
         device = model.embed_tokens.weight.device
@@ -116,6 +115,8 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         elif init:
             enc.init_from_tokens(embed, encode_init_text(cfg.init_text, tokenizer, cfg.tokenizer_path))
         model.prompt_encoder = enc
+    for p in model.parameters():
+        p.requires_grad_(False)
     for p in adapter_parameters(model):
         p.requires_grad_(True)
     model.peft_config = cfg
@@ -170,8 +171,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def summary(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     method = getattr(getattr(model, "peft_config", None), "method", "none")
-    return (f"peft {method}: trainable params: {trainable:,} || all params: {total:,} "
-            f"|| trainable%: {100 * trainable / max(total, 1):.4f}")
+    return (
+        f"peft {method}: trainable params: {trainable:,} || all params: {total:,} "
+        f"|| trainable%: {100 * trainable / max(total, 1):.4f}"
+    )
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -28,7 +28,7 @@ class PrefixEncoder(nn.Module):
         self.token_dim = self.n_kv * self.hd
         self.hidden_size = hidden_size or self.token_dim
         out_dim = self.num_layers * 2 * self.token_dim
-        f32 = dict(device="meta", dtype=torch.float32)  # materialized below, uninitialized (see reset_parameters)
+        f32 = {"device": "meta", "dtype": torch.float32}  # materialized below, uninitialized (see reset_parameters)
         if projection:
             self.embedding = nn.Embedding(P, self.token_dim, **f32)
             self.transform = nn.Sequential(
@@ -45,19 +45,16 @@ class PrefixEncoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
-        """PEFT's (torch's) default init: embedding ~ N(0, 1); the MLP as nn.Linear."""
-
-        def fill(p, init):
-            t = torch.empty(p.shape)
-            init(t)
-            p.copy_(t)
-
-        fill(self.embedding.weight, lambda t: nn.init.normal_(t, generator=generator))
+        """PEFT's (torch's) default init: embedding ~ N(0, 1); the MLP as nn.Linear. Drawn on CPU, then copied."""
+        w = self.embedding.weight
+        w.copy_(torch.randn(w.shape, generator=generator))
         for layer in self.transform or []:
             if isinstance(layer, nn.Linear):
+                weight, bias = torch.empty(layer.weight.shape), torch.empty(layer.bias.shape)
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
                 bound = 1 / math.sqrt(layer.in_features)
-                fill(layer.weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
-                fill(layer.bias, lambda t: nn.init.uniform_(t, -bound, bound, generator=generator))
+                layer.weight.copy_(weight)
+                layer.bias.copy_(nn.init.uniform_(bias, -bound, bound, generator=generator))
 
     def flat(self) -> torch.Tensor:
         """The prefix in PEFT's saved layout: [P, 2 * L * n_kv * hd]."""
