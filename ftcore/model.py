@@ -112,6 +112,7 @@ class KVCache:
     """Preallocated keys/values for every layer: k, v [B, n_kv, max_len, hd]; `length` tokens are filled.
 
     Prefix-tuning prefixes are not stored here: they are passed to every forward as `prefix_kv`.
+    Prompt tuning's soft tokens are (the first model.num_virtual_tokens slots, filled on prefill).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
