@@ -88,3 +88,19 @@ def test_dora_weight_norm_gets_no_gradient():
     w = q.weight + q.lora_B.weight @ q.lora_A.weight * q.scaling
     expected = (x @ w.T).sum(0) / w.norm(dim=1)
     assert (q.lora_magnitude_vector.grad - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_base_keeps_fp32_adapters(name, autocast):
+    """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""
+    model = Transformer(CFG).to(torch.bfloat16)
+    model.init_weights(std=0.08)
+    apply(model, METHODS[name])
+    assert all(p.dtype == torch.float32 for p in adapter_parameters(model))
+    tokens = torch.randint(0, 97, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(tokens)
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_parameters(model))
