@@ -36,7 +36,6 @@ def test_unknown_method_lists_the_supported_ones():
     (dict(r=0), "peft.r"), (dict(alpha=-1), "peft.alpha"), (dict(dropout=1.5), "peft.dropout"),
     (dict(init="xavier"), "peft.init"), (dict(prompt_init="words"), "peft.prompt_init"),
     (dict(method="prompt", prompt_init="text", tokenizer_path="x"), "peft.init_text"),
-    (dict(method="prompt", prompt_init="text", init_text="hi"), "peft.tokenizer_path"),
     (dict(num_virtual_tokens=0), "peft.num_virtual_tokens"), (dict(target_modules=[]), "peft.target_modules"),
     (dict(feedforward_modules=["up_proj"]), "peft.feedforward_modules"),
 ])  # fmt: skip
@@ -56,6 +55,11 @@ def test_unknown_target_module_lists_the_linear_modules():
     msg = error(apply, model(), PeftConfig(method="ia3", ia3_target_modules=r".*attn_c"))
     assert "peft.ia3_target_modules" in msg and "down_proj" in msg
     assert "invalid regex" in error(apply, model(), PeftConfig(target_modules="(q_proj"))
+
+
+def test_text_init_needs_a_tokenizer():
+    cfg = PeftConfig(method="prompt", prompt_init="text", init_text="hi")
+    assert error(apply, model(), cfg).startswith("peft.tokenizer_path:")
 
 
 def test_bad_freeze_pattern():

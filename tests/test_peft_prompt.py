@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from peft_refs import VOCAB, make_tokenizer, peft_model
 
 from ftcore.peft import PeftConfig, apply, load_adapter
+from ftcore.tokenizer import Tokenizer
 from ftcore.weights import load_model
 
 peft = pytest.importorskip("peft")
@@ -29,6 +30,12 @@ def test_text_init_equals_peft(hf_checkpoint, tokenizer_dir, P, text, ids):
     ours = model.prompt_encoder.embedding.weight
     assert torch.equal(ours, theirs)
     assert torch.equal(ours, model.embed_tokens.weight[ids])  # repeated, then cut to P
+    # with a tokenizer object (as train.py passes it), its directory is recorded for PEFT
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    cfg = PeftConfig(method="prompt", num_virtual_tokens=P, prompt_init="text", init_text=text)
+    model = apply(load_model(path), cfg, tokenizer=tok)
+    assert torch.equal(model.prompt_encoder.embedding.weight, theirs)
+    assert model.peft_config.tokenizer_path == str(tokenizer_dir)
 
 
 def test_sample_vocab_and_random_init(hf_checkpoint):

@@ -75,7 +75,7 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
     """Freeze the base model and attach `cfg.method` in place; returns the model.
 
     Call it after the base weights are loaded (DoRA's magnitude and the prompt inits read them).
-    tokenizer: only for prompt_init="text" (else loaded from cfg.tokenizer_path).
+    tokenizer: only for prompt_init="text" (an ftcore Tokenizer; else loaded from cfg.tokenizer_path).
     init=False skips the adapter init (load_adapter overwrites the values anyway).
     """
     if not isinstance(cfg, PeftConfig):
@@ -113,6 +113,10 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         elif init and cfg.prompt_init == "sample_vocab":
             enc.init_sample_vocab(embed, gen)
         elif init:
+            # PEFT records the tokenizer a text init used (tokenizer_name_or_path); so do we
+            cfg.tokenizer_path = cfg.tokenizer_path or str(getattr(tokenizer, "path", None) or "")
+            if not cfg.tokenizer_path:
+                raise FtcoreError("peft.tokenizer_path: required for prompt_init='text' (the tokenizer's directory)")
             enc.init_from_tokens(embed, encode_init_text(cfg.init_text, tokenizer, cfg.tokenizer_path))
         model.prompt_encoder = enc
     for p in model.parameters():

@@ -32,7 +32,7 @@ class PeftConfig:
     prefix_hidden_size: int = 0  # the MLP's hidden size; 0 = n_kv_heads * head_dim (PEFT's default)
     prompt_init: str = "random"
     init_text: str = ""
-    tokenizer_path: str = ""  # for prompt_init="text"; recorded as PEFT's tokenizer_name_or_path
+    tokenizer_path: str = ""  # prompt_init="text" without a tokenizer object; saved as tokenizer_name_or_path
     # full fine-tuning: parameters whose names match one of these globs stay frozen ("embed_tokens.*")
     freeze: list[str] = field(default_factory=list)
     seed: int = 0  # adapter initialization
@@ -88,11 +88,8 @@ class PeftConfig:
             bad("prefix_hidden_size", f"expected a non-negative integer, got {self.prefix_hidden_size!r}")
         if self.prompt_init not in PROMPT_INITS:
             bad("prompt_init", f"{self.prompt_init!r} is not supported; expected one of {', '.join(PROMPT_INITS)}")
-        if self.method == "prompt" and self.prompt_init == "text":
-            if not self.init_text:
-                bad("init_text", "required when prompt_init='text'")
-            if not self.tokenizer_path:
-                bad("tokenizer_path", "required when prompt_init='text' (PEFT records the tokenizer it used)")
+        if self.method == "prompt" and self.prompt_init == "text" and not self.init_text:
+            bad("init_text", "required when prompt_init='text'")
         if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(p, str) for p in self.freeze):
             bad("freeze", f"expected a list of name globs, got {self.freeze!r}")
         self.freeze = list(self.freeze)
