@@ -51,3 +51,15 @@ def test_no_decay_on_norms_and_biases():
     model.requires_grad_(False)
     with pytest.raises(FtcoreError, match="no trainable parameters"):
         build_optimizer(model, OptimConfig())
+
+
+def test_flop_accounting_counts_every_matmul_parameter():
+    from ftcore.flops import matmul_params, train_flops_per_token
+
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                      tie_word_embeddings=False)  # fmt: skip
+    model = Transformer(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_params(cfg) == linear
+    assert train_flops_per_token(cfg, 1, True) == pytest.approx(6 * linear + 3 * 2 * 2 * 32)
+    assert train_flops_per_token(cfg, 1, False) == pytest.approx(4 * linear + 2 * 2 * 2 * 32)

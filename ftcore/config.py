@@ -1,0 +1,103 @@
+"""The run configuration: typed dataclasses for every group of conf/, validated on construction.
+
+`run_config(d)` turns the plain dict that Hydra composes (or a test writes) into a RunConfig;
+a wrong key or value fails naming the dotted key and the allowed values.
+"""
+
+from dataclasses import dataclass, field
+
+from ftcore.cli import DEMO_MODEL
+from ftcore.configure import build
+from ftcore.data.config import DataConfig
+from ftcore.errors import FtcoreError
+from ftcore.log import LogConfig
+from ftcore.optim import OptimConfig
+from ftcore.peft.config import PeftConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("single", "ddp", "fsdp")
+NONFINITE = ("stop", "skip")
+
+
+def one_of(key: str, value, allowed):
+    if value not in allowed:
+        raise FtcoreError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class ModelSpec:
+    path: str = DEMO_MODEL  # local dir, .gguf file, pkg://package/file or hub repo id
+    dtype: str = "float32"  # dtype of the frozen base weights (trainable ones stay float32)
+
+    def __post_init__(self):
+        one_of("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    seed: int = 0  # init, data order and dropout
+    batch_size: int = 8  # per-device micro-batch
+    grad_accum: int = 1
+    eval_every: int = 50  # validation every N steps (and at the end); 0 = only at the end
+    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+    precision: str = "fp32"  # autocast dtype: fp32 | bf16 | fp16 (GradScaler)
+    resume: str = ""  # "" = fresh, "auto" = latest checkpoint in the run dir, or a checkpoint path
+    gradient_checkpointing: bool = False
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = never
+    save_every: int = 0  # checkpoint every N steps; 0 = at every evaluation
+    keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"  # stop | skip a step whose loss is NaN/inf
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        one_of("train.precision", self.precision, PRECISIONS)
+        one_of("train.on_nonfinite", self.on_nonfinite, NONFINITE)
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise FtcoreError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class EvalConfig:
+    baseline: bool = True  # also evaluate the base model (before training) on the same examples
+    split: str = "test"
+    max_examples: int = 0  # 0 = the whole split
+    batch_size: int = 32
+    max_new_tokens: int = 0  # 0 = the task's default
+
+    def __post_init__(self):
+        one_of("eval.split", self.split, ("train", "validation", "test"))
+
+
+@dataclass
+class DistConfig:
+    backend: str = "single"  # single | ddp | fsdp (launch ddp/fsdp with torchrun)
+
+    def __post_init__(self):
+        one_of("dist.backend", self.backend, BACKENDS)
+
+
+@dataclass
+class RunConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run_dir: str = "runs/default"
+
+
+def run_config(d: dict) -> RunConfig:
+    """A validated RunConfig from a plain nested dict (missing groups and keys take their defaults)."""
+    d = dict(d)
+    groups = {"peft": PeftConfig.from_dict, "data": DataConfig.from_dict}
+    built = {name: make(d.pop(name) or {}) for name, make in groups.items() if name in d}
+    cfg = build(RunConfig, d)
+    for name, value in built.items():
+        setattr(cfg, name, value)
+    return cfg

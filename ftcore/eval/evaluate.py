@@ -1,0 +1,99 @@
+"""Evaluation of a model on a split: validation loss / perplexity, and generation-based task metrics.
+
+    loss_sum, tokens = validation_loss(model, batcher, batches, device)
+    result = evaluate_task(model, tokenizer, examples, data_cfg, eval_cfg, device)
+    result == {"metric": "accuracy", "score": 0.41, "scores": {...}, "n": 375, "samples": [...]}
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ftcore.data.format import IGNORE, encode_prompt, split_prompt
+from ftcore.data.tasks import extract_answer, get_task
+from ftcore.eval import metrics
+from ftcore.generate import generate
+
+
+def batch_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over a collated batch and its number of target tokens.
+
+    Only positions that have a target go through lm_head: with the loss on answers only, that is a
+    small fraction of the tokens, and the full [B, T, vocab] logits are never built.
+    """
+    hidden = model(
+        batch["input_ids"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        return_hidden=True,
+    )  # [B, T, D]
+    targets = batch["targets"].to(device)
+    keep = targets != IGNORE  # [B, T]
+    logits = model.lm_head(hidden[keep])  # [N, vocab]
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+@torch.no_grad()
+def validation_loss(model, batcher, batches: list[list[int]], device, autocast=None) -> tuple[float, int]:
+    """(summed token loss, token count) over the given batches; mean loss = sum / count."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for indices in batches:
+        with autocast or torch.autocast(device.type, enabled=False):
+            loss, n = batch_loss_sum(model, batcher(indices), device)
+        total, tokens = total + loss.item(), tokens + n
+    model.train(was_training)
+    return total, tokens
+
+
+def score(task, predictions: list[str], references: list[str]) -> dict:
+    """The task's metric (and its companions) over extracted answers."""
+    if task.metric == "accuracy":
+        return {"accuracy": sum(p == r for p, r in zip(predictions, references)) / max(1, len(references))}
+    if task.metric == "f1":
+        return metrics.classification_report(predictions, references)
+    if task.metric == "rouge":
+        return metrics.rouge(predictions, references, use_stemmer=True)
+    if task.metric == "bleu":
+        return {"bleu": metrics.bleu(predictions, references)}
+    return {"exact_match": metrics.exact_match(predictions, references)}
+
+
+def headline(task, scores: dict) -> float:
+    """The one number a comparison sorts by."""
+    key = {"f1": "f1_macro", "rouge": "rougeL"}.get(task.metric, task.metric)
+    return scores[key]
+
+
+@torch.no_grad()
+def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, device) -> dict:
+    """Generate an answer for every example (greedy, batched, KV cache) and score it."""
+    task = get_task(data_cfg)
+    if eval_cfg.max_examples:
+        examples = examples[: eval_cfg.max_examples]
+    prompts, references = [], []
+    for ex in examples:
+        messages, answer = split_prompt(ex["messages"])
+        prompts.append(encode_prompt(messages, data_cfg.template, tokenizer))
+        references.append(answer)
+    was_training = model.training
+    model.eval()
+    outputs = []
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
+    max_new = eval_cfg.max_new_tokens or task.max_new_tokens
+    for start in range(0, len(order), eval_cfg.batch_size):
+        idx = order[start : start + eval_cfg.batch_size]
+        new = generate(model, [prompts[i] for i in idx], max_new, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+        outputs += list(zip(idx, new))
+    model.train(was_training)
+    texts = [""] * len(prompts)
+    for i, new in outputs:
+        texts[i] = tokenizer.decode(new).strip()
+    preds = [extract_answer(task, t) for t in texts]
+    refs = [extract_answer(task, r) for r in references]
+    scores = score(task, preds, refs)
+    samples = [{"output": t, "prediction": p, "reference": r} for t, p, r in zip(texts, preds, refs)]
+    return {"task": task.name, "metric": task.metric, "score": headline(task, scores), "scores": scores,
+            "n": len(preds), "samples": samples}  # fmt: skip
+

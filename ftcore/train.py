@@ -1,0 +1,282 @@
+"""train(cfg): build -> load -> adapt -> data -> loop -> evaluate -> save. Read it top to bottom.
+
+One optimizer step = grad_accum micro-batches; the loss is the token-weighted mean over the whole
+step (summed token losses / target tokens of the step), so it does not depend on how the step is
+split into micro-batches. Schedules are pure functions of the step; checkpoints hold everything a
+resumed run needs to continue bit for bit (trainable params, optimizer, scaler, RNG, sampler).
+"""
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ftcore import checkpoint, peft
+from ftcore.config import RunConfig
+from ftcore.data.collate import Batcher, pad_token_id
+from ftcore.data.pipeline import build_datasets
+from ftcore.data.sampler import Sampler, eval_batches
+from ftcore.errors import FtcoreError
+from ftcore.eval.evaluate import batch_loss_sum, evaluate_task, validation_loss
+from ftcore.eval.metrics import perplexity
+from ftcore.flops import peak_flops, train_flops_per_token
+from ftcore.log import RunLogger, read_metrics
+from ftcore.optim import build_optimizer, lr_at, set_lr
+from ftcore.parallel import enable_activation_checkpointing
+from ftcore.run_info import write_run_info
+from ftcore.weights import load_pretrained, save_pretrained
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FtcoreError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run one fine-tune; returns the summary also written to the run directory."""
+    if cfg.dist.backend != "single":
+        raise FtcoreError(f"dist={cfg.dist.backend}: multi-process training is not implemented yet; use dist=single")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # init of adapters and dropout; data order has its own seed
+    write_run_info(run_dir, cfg)
+    logger = RunLogger(run_dir, cfg.logger, json.loads((run_dir / "config.json").read_text()))
+    autocast = (
+        torch.autocast(device.type, dtype=AMP_DTYPES[cfg.train.precision])
+        if cfg.train.precision in AMP_DTYPES
+        else nullcontext()
+    )
+
+    # model, data
+    model, tokenizer = load_pretrained(cfg.model.path, dtype=MODEL_DTYPES[cfg.model.dtype], device=device)
+    splits, data_report = build_datasets(cfg.data, tokenizer)
+    (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
+    pad_id = pad_token_id(tokenizer)
+    train_data = Batcher.from_config(splits["train"], cfg.data, pad_id)
+    val_data = Batcher.from_config(splits["validation"], cfg.data, pad_id) if splits["validation"] else None
+    val_batches = eval_batches(val_data.lengths, cfg.train.batch_size) if val_data else []
+    val_batches = val_batches[: cfg.train.eval_batches or None]
+
+    resume_from = find_resume(cfg, run_dir)
+    baseline = None
+    if cfg.eval.baseline and resume_from is None:
+        print("evaluating the base model ...", flush=True)
+        baseline = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
+        (run_dir / "baseline_eval.json").write_text(json.dumps(baseline, indent=2) + "\n")
+    elif resume_from is not None and (run_dir / "baseline_eval.json").exists():
+        baseline = json.loads((run_dir / "baseline_eval.json").read_text())
+
+    # adapt, then train only what the method trains (kept in float32 over a possibly bf16 base)
+    peft.apply(model, cfg.peft, tokenizer=tokenizer)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    print(peft.summary(model), flush=True)
+    if cfg.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    trainable, total = peft.count_parameters(model)
+
+    sampler = Sampler(
+        train_data.lengths, cfg.train.batch_size, grad_accum=cfg.train.grad_accum, seed=cfg.data.seed + cfg.train.seed,
+        bucketing=cfg.data.bucketing and not cfg.data.packing,
+    )  # fmt: skip
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    state = {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0}
+    if resume_from is not None:
+        saved = checkpoint.load(resume_from, model)
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        sampler.load_state_dict(saved["sampler"])
+        state.update(saved["loop"])
+        truncate_metrics(run_dir, state["step"])
+        print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+
+    peak, full_finetune = peak_flops(device), cfg.peft.method == "full"
+    stop = StopSignal()
+    ckpt_root = run_dir / "checkpoints"
+    progress = make_progress(cfg, state["step"])
+    batches = iter_forever(sampler)
+    status = "finished"
+
+    def save_checkpoint():
+        checkpoint.save(ckpt_root, state["step"], model, {
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "sampler": sampler.state_dict(), "loop": dict(state), "best_step": state["best_step"],
+        }, keep=cfg.train.keep_checkpoints)  # fmt: skip
+
+    try:
+        while state["step"] < cfg.train.max_steps:
+            step = state["step"]
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.optim, cfg.train.max_steps)
+            set_lr(optimizer, lr)
+            micro = [train_data(next(batches)) for _ in range(cfg.train.grad_accum)]
+            step_tokens = sum(int((b["targets"] != -100).sum()) for b in micro)
+            loss_total = 0.0
+            for batch in micro:
+                with autocast:
+                    loss_sum, _ = batch_loss_sum(model, batch, device)
+                scaler.scale(loss_sum / step_tokens).backward()
+                loss_total += loss_sum.item()
+            loss = loss_total / step_tokens
+            if not math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.train.on_nonfinite == "stop":
+                    raise FtcoreError(
+                        f"non-finite loss {loss} at step {step}; lower optim.lr, use train.precision=fp32, "
+                        f"or set train.on_nonfinite=skip"
+                    )
+                logger.log({"step": step + 1, "skipped": 1, "loss": loss})
+                state["step"] += 1
+                continue
+            scaler.unscale_(optimizer)
+            grad_norm = grad_clip(model, cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += sum(int((b["input_ids"] != pad_id).sum()) for b in micro)
+            dt = time.perf_counter() - t0
+            tokens_per_s = sum(b["input_ids"].numel() for b in micro) / dt
+            event = {"step": state["step"], "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+            if device.type == "cuda":
+                event["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if peak is not None:
+                seq_len = micro[0]["input_ids"].shape[1]
+                event["mfu"] = tokens_per_s * train_flops_per_token(model.cfg, seq_len, full_finetune) / peak
+            logger.log(event)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+            at_end = state["step"] == cfg.train.max_steps
+            evaluate_now = val_batches and (at_end or (cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0))
+            if evaluate_now:
+                loss_sum, n = validation_loss(model, val_data, val_batches, device, autocast)
+                val_loss = loss_sum / n
+                logger.log({"step": state["step"], "val_loss": val_loss, "val_ppl": perplexity(loss_sum, n)})
+                if val_loss < state["best_val_loss"]:
+                    state.update(best_val_loss=val_loss, best_step=state["step"], bad_evals=0)
+                else:
+                    state["bad_evals"] += 1
+            save_now = cfg.train.save_every and state["step"] % cfg.train.save_every == 0
+            if evaluate_now or save_now or stop.received:
+                save_checkpoint()
+            if stop.received:
+                status = f"stopped by {stop.received} at step {state['step']}; resume with train.resume=auto"
+                break
+            patience = cfg.train.early_stopping_patience
+            if patience and state["bad_evals"] >= patience:
+                status = f"early stopping at step {state['step']}: no improvement in {patience} evaluations"
+                break
+    finally:
+        stop.restore()
+        progress.close()
+
+    print(status, flush=True)
+    summary = {"status": status, "step": state["step"], "trainable_params": trainable, "total_params": total}
+    if status.startswith("stopped"):
+        logger.close()
+        return summary
+
+    # keep the best weights, save them, and evaluate on the test split
+    if state["best_step"] is not None and state["best_step"] != state["step"]:
+        checkpoint.load(ckpt_root / f"step_{state['best_step']:08d}", model)
+        print(f"loaded the best checkpoint (step {state['best_step']}, val_loss {state['best_val_loss']:.4f})")
+    save_final(model, tokenizer, cfg, run_dir / "final")
+    finetuned = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
+    summary.update(best_step=state["best_step"], best_val_loss=state["best_val_loss"])
+    report = write_eval(run_dir, cfg, baseline, finetuned, summary)
+    logger.log({"step": state["step"], **{f"test_{k}": v for k, v in report["finetuned"].items() if isinstance(v, float)}})
+    logger.summary({"trainable_params": trainable, "test_score": finetuned["score"]})
+    logger.close()
+    return {**summary, **report}
+
+
+def find_resume(cfg: RunConfig, run_dir: Path) -> Path | None:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "auto":
+        return checkpoint.latest(run_dir / "checkpoints")
+    path = Path(cfg.train.resume)
+    if not path.is_dir():
+        raise FtcoreError(f"train.resume={cfg.train.resume!r}: no such checkpoint directory")
+    return path
+
+
+def truncate_metrics(run_dir: Path, step: int):
+    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
+    events = [e for e in read_metrics(run_dir) if e["step"] <= step]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def iter_forever(sampler: Sampler):
+    while True:
+        yield from sampler
+
+
+def grad_clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    return torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+
+
+def make_progress(cfg: RunConfig, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.max_steps, initial=start, disable=not cfg.logger.progress, dynamic_ncols=True)
+
+
+def save_final(model, tokenizer, cfg: RunConfig, out_dir: Path):
+    """The adapter in HF PEFT format, or (full fine-tuning) the whole model in HF layout."""
+    if cfg.peft.method == "full":
+        save_pretrained(model, out_dir, tokenizer)
+    elif cfg.peft.method != "none":
+        peft.save_adapter(model, out_dir)
+
+
+def write_eval(run_dir: Path, cfg: RunConfig, baseline: dict | None, finetuned: dict, summary: dict) -> dict:
+    """eval.json (scores without the per-sample outputs) and report.md; samples go to predictions.jsonl."""
+    report = {"task": finetuned["task"], "metric": finetuned["metric"], "split": cfg.eval.split,
+              "n": finetuned["n"], "finetuned": finetuned["scores"], **summary}  # fmt: skip
+    if baseline is not None:
+        report["baseline"] = baseline["scores"]
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(run_dir / "predictions.jsonl", "w") as f:
+        for s in finetuned["samples"]:
+            f.write(json.dumps(s) + "\n")
+    rows = [("fine-tuned", finetuned)] + ([("baseline", baseline)] if baseline else [])
+    lines = [f"| model | {finetuned['metric']} (n={finetuned['n']}) |", "| --- | --- |"]
+    lines += [f"| {name} | {r['score']:.4f} |" for name, r in reversed(rows)]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    base = f"{baseline['score']:.4f} -> " if baseline else ""
+    print(f"test {finetuned['metric']}: {base}{finetuned['score']:.4f} (baseline -> fine-tuned, n={finetuned['n']})")
+    return report

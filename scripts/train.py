@@ -1,0 +1,27 @@
+"""Fine-tune: `python scripts/train.py [peft=dora] [optim.lr=1e-4] [train.max_steps=200] ...` (Hydra)."""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ftcore.config import run_config
+from ftcore.errors import FtcoreError
+from ftcore.train import train
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> float | None:
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+        values["run_dir"] = HydraConfig.get().runtime.output_dir
+        result = train(run_config(values))
+    except FtcoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return result.get("best_val_loss")  # what a Hydra sweeper would minimize
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The training loop on a tiny random model with the real SmolLM2 tokenizer and the arithmetic demo data."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ftcore.train
+from ftcore.config import run_config
+from ftcore.log import read_metrics
+from ftcore.model import ModelConfig, Transformer
+from ftcore.train import train
+from ftcore.weights import save_pretrained
+
+ROOT = Path(__file__).parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer random model with SmolLM2's vocabulary and tokenizer files."""
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, tie_word_embeddings=True)  # fmt: skip
+    model = Transformer(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    save_pretrained(model, out / "model")
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2_dir / name, out / "model" / name)
+    return out / "model"
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def tiny_run(tiny_dir, data_cache, run_dir, **overrides) -> dict:
+    """A run config dict: LoRA on arithmetic, a few steps, small evals, no W&B, no progress bar."""
+    cfg = {
+        "model": {"path": str(tiny_dir)},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "data": {"path": "arithmetic", "cache_dir": data_cache, "system_prompt": "Reply with the number only."},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 8, "batch_size": 4, "eval_every": 4, "eval_batches": 2, "device": "cpu"},
+        "eval": {"max_examples": 8, "max_new_tokens": 4, "batch_size": 8},
+        "logger": {"wandb": {"mode": "disabled"}, "progress": False},
+        "run_dir": str(run_dir),
+    }
+    for dotted, value in overrides.items():
+        group, key = dotted.split("__")
+        cfg[group][key] = value
+    return cfg
+
+
+def losses(run_dir):
+    return [e["loss"] for e in read_metrics(run_dir) if "loss" in e]
+
+
+def test_loss_decreases(tiny_dir, data_cache, tmp_path):
+    cfg = tiny_run(tiny_dir, data_cache, tmp_path, train__max_steps=30, train__eval_every=0, eval__baseline=False,
+                   peft__method="full", optim__lr=1e-2)  # fmt: skip
+    train(run_config(cfg))
+    curve = losses(tmp_path)
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
+
+
+def test_resume_after_sigterm_is_bit_exact(tiny_dir, data_cache, tmp_path, monkeypatch):
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "straight", eval__baseline=False)))
+    expected = read_metrics(tmp_path / "straight")
+
+    real_lr_at = ftcore.train.lr_at
+
+    def lr_at_then_sigterm(step, cfg, max_steps):  # a SIGTERM arrives during step index 4
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, cfg, max_steps)
+
+    monkeypatch.setattr(ftcore.train, "lr_at", lr_at_then_sigterm)
+    stopped = train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", eval__baseline=False)))
+    assert stopped["status"].startswith("stopped by SIGTERM at step 5")
+    assert (tmp_path / "resumed" / "checkpoints" / "step_00000005").is_dir()
+    assert not (tmp_path / "resumed" / "final").exists()
+    monkeypatch.setattr(ftcore.train, "lr_at", real_lr_at)
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", eval__baseline=False, train__resume="auto")))
+    got = read_metrics(tmp_path / "resumed")
+    assert [e.get("loss") for e in got] == [e.get("loss") for e in expected]  # bit for bit, not approx
+    assert [e.get("val_loss") for e in got] == [e.get("val_loss") for e in expected]
+    a = json.loads((tmp_path / "straight" / "eval.json").read_text())["finetuned"]
+    b = json.loads((tmp_path / "resumed" / "eval.json").read_text())["finetuned"]
+    assert a == b
+
+
+def test_early_stopping_keeps_best(tiny_dir, data_cache, tmp_path, monkeypatch):
+    val = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])  # best at the 2nd evaluation, then 2 worse ones
+
+    def fake_validation_loss(model, batcher, batches, device, autocast=None):
+        return next(val) * 100, 100
+
+    monkeypatch.setattr(ftcore.train, "validation_loss", fake_validation_loss)
+    cfg = tiny_run(tiny_dir, data_cache, tmp_path, train__max_steps=20, train__eval_every=2,
+                   train__early_stopping_patience=2, train__keep_checkpoints=1, eval__baseline=False)  # fmt: skip
+    result = train(run_config(cfg))
+    assert result["status"] == "early stopping at step 8: no improvement in 2 evaluations"
+    assert result["best_step"] == 4 and result["best_val_loss"] == 4.0
+    assert (tmp_path / "checkpoints" / "step_00000004").is_dir()  # the best is never pruned
+
+
+def test_cli_end_to_end(tiny_dir, data_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"model.path={tiny_dir}", "train.max_steps=4",
+           "train.eval_every=2", "train.batch_size=4", "train.eval_batches=1", "eval.max_examples=4",
+           "eval.max_new_tokens=3", "logger.wandb.mode=disabled", "logger.progress=false", f"data.cache_dir={data_cache}",
+           f"hydra.run.dir={run_dir}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "report.md", "run_info.json", "data_report.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    events = read_metrics(run_dir)
+    assert [e["step"] for e in events if "loss" in e] == [1, 2, 3, 4]
+    assert all("lr" in e for e in events if "loss" in e)
+    assert [e["step"] for e in events if "val_loss" in e] == [2, 4]
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["metric"] == "accuracy" and report["n"] == 4 and "accuracy" in report["baseline"]
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["versions"]["torch"] and "sha" in info["git"]
+    assert "max_steps: 4" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.schedule=cosin", "error: optim.schedule: 'cosin' is not one of cosine, linear, constant"),
+        ("peft=lorra", "Could not find 'peft/lorra'"),
+        ("train.max_stepz=3", "Key 'max_stepz' is not in struct"),
+    ],
+)
+def test_cli_bad_config_names_the_key(override, message, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), override, f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
