@@ -151,7 +151,7 @@ def train(cfg: RunConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.train.on_nonfinite == "stop":
                     raise FtcoreError(
-                        f"non-finite loss {loss} at step {step}; lower optim.lr, use train.precision=fp32, "
+                        f"non-finite loss {loss} at step {step + 1}; lower optim.lr, use train.precision=fp32, "
                         f"or set train.on_nonfinite=skip"
                     )
                 logger.log({"step": step + 1, "skipped": 1, "loss": loss})

@@ -1,6 +1,7 @@
 """The training loop on a tiny random model with the real SmolLM2 tokenizer and the arithmetic demo data."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import torch
 
 import ftcore.train
 from ftcore.config import run_config
+from ftcore.errors import FtcoreError
 from ftcore.log import read_metrics
 from ftcore.model import ModelConfig, Transformer
 from ftcore.train import train
@@ -151,3 +153,70 @@ def test_cli_bad_config_names_the_key(override, message, tmp_path):
     assert r.returncode != 0
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_gradient_checkpointing_and_accumulation_keep_the_losses(tiny_dir, data_cache, tmp_path):
+    base = dict(eval__baseline=False, train__max_steps=3, train__eval_every=0, peft__dropout=0.0)
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "a", **base)))
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "b", train__gradient_checkpointing=True, **base)))
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-6)
+    # batch 4 = 2 micro-batches of 2: the step loss is the same token-weighted mean
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "c", **{**base, "train__batch_size": 2}, train__grad_accum=2)))
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "c"), abs=1e-5)
+
+
+def test_bf16_autocast_trains_fp32_adapters(tiny_dir, data_cache, tmp_path):
+    cfg = tiny_run(tiny_dir, data_cache, tmp_path, train__precision="bf16", model__dtype="bfloat16", eval__baseline=False,
+                   train__max_steps=4)  # fmt: skip
+    train(run_config(cfg))
+    curve = losses(tmp_path)
+    assert len(curve) == 4 and all(math.isfinite(x) for x in curve)
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss(policy, tiny_dir, data_cache, tmp_path, monkeypatch):
+    real = ftcore.train.batch_loss_sum
+    calls = {"n": 0}
+
+    def nan_on_second_step(model, batch, device):
+        calls["n"] += 1
+        loss, n = real(model, batch, device)
+        return (loss * float("nan") if calls["n"] == 2 else loss), n
+
+    monkeypatch.setattr(ftcore.train, "batch_loss_sum", nan_on_second_step)
+    cfg = run_config(tiny_run(tiny_dir, data_cache, tmp_path, train__on_nonfinite=policy, train__eval_every=0,
+                              train__max_steps=4, eval__baseline=False))  # fmt: skip
+    if policy == "stop":
+        with pytest.raises(FtcoreError, match="non-finite loss nan at step 2; lower optim.lr"):
+            train(cfg)
+    else:
+        train(cfg)
+        events = read_metrics(tmp_path)
+        assert [e["step"] for e in events if e.get("skipped")] == [2]
+        assert all(math.isfinite(e["loss"]) for e in events if "loss" in e and not e.get("skipped"))
+
+
+def test_multirun_sweep(tiny_dir, data_cache, tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "peft=lora,ia3", f"model.path={tiny_dir}",
+           "train.max_steps=2", "train.eval_every=0", "train.batch_size=4", "eval.baseline=false", "eval.max_examples=2",
+           "eval.max_new_tokens=2", "logger.wandb.mode=disabled", "logger.progress=false", f"data.cache_dir={data_cache}",
+           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${peft.method}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for method in ("lora", "ia3"):
+        assert json.loads((tmp_path / method / "final" / "adapter_config.json").read_text())["peft_type"] == method.upper()
+        assert len(losses(tmp_path / method)) == 2
+
+
+@pytest.mark.slow
+def test_wandb_offline_run(tiny_dir, data_cache, tmp_path):
+    pytest.importorskip("wandb")
+    cfg = tiny_run(tiny_dir, data_cache, tmp_path, eval__baseline=False, train__max_steps=2, train__eval_every=0)
+    cfg["logger"]["wandb"] = {"mode": "offline", "project": "ftcore-test", "group": "g", "tags": ["t"], "name": "n"}
+    train(run_config(cfg))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
