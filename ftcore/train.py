@@ -23,6 +23,7 @@ from ftcore.data.sampler import Sampler, eval_batches
 from ftcore.errors import FtcoreError
 from ftcore.eval.evaluate import batch_loss_sum, evaluate_task, validation_loss
 from ftcore.eval.metrics import perplexity
+from ftcore.eval.report import write_eval
 from ftcore.flops import peak_flops, train_flops_per_token
 from ftcore.log import RunLogger, read_metrics
 from ftcore.optim import build_optimizer, lr_at, set_lr
@@ -213,7 +214,7 @@ def train(cfg: RunConfig) -> dict:
     save_final(model, tokenizer, cfg, run_dir / "final")
     finetuned = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
     summary.update(best_step=state["best_step"], best_val_loss=state["best_val_loss"])
-    report = write_eval(run_dir, cfg, baseline, finetuned, summary)
+    report = write_eval(run_dir, cfg.eval.split, finetuned, baseline, summary)
     logger.log({"step": state["step"], **{f"test_{k}": v for k, v in report["finetuned"].items() if isinstance(v, float)}})
     logger.summary({"trainable_params": trainable, "test_score": finetuned["score"]})
     logger.close()
@@ -261,22 +262,3 @@ def save_final(model, tokenizer, cfg: RunConfig, out_dir: Path):
         save_pretrained(model, out_dir, tokenizer)
     elif cfg.peft.method != "none":
         peft.save_adapter(model, out_dir)
-
-
-def write_eval(run_dir: Path, cfg: RunConfig, baseline: dict | None, finetuned: dict, summary: dict) -> dict:
-    """eval.json (scores without the per-sample outputs) and report.md; samples go to predictions.jsonl."""
-    report = {"task": finetuned["task"], "metric": finetuned["metric"], "split": cfg.eval.split,
-              "n": finetuned["n"], "finetuned": finetuned["scores"], **summary}  # fmt: skip
-    if baseline is not None:
-        report["baseline"] = baseline["scores"]
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(run_dir / "predictions.jsonl", "w") as f:
-        for s in finetuned["samples"]:
-            f.write(json.dumps(s) + "\n")
-    rows = [("fine-tuned", finetuned)] + ([("baseline", baseline)] if baseline else [])
-    lines = [f"| model | {finetuned['metric']} (n={finetuned['n']}) |", "| --- | --- |"]
-    lines += [f"| {name} | {r['score']:.4f} |" for name, r in reversed(rows)]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-    base = f"{baseline['score']:.4f} -> " if baseline else ""
-    print(f"test {finetuned['metric']}: {base}{finetuned['score']:.4f} (baseline -> fine-tuned, n={finetuned['n']})")
-    return report

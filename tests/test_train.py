@@ -48,7 +48,7 @@ def tiny_run(tiny_dir, data_cache, run_dir, **overrides) -> dict:
     cfg = {
         "model": {"path": str(tiny_dir)},
         "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "data": {"path": "arithmetic", "cache_dir": data_cache, "system_prompt": "Reply with the number only."},
+        "data": {"path": "arithmetic", "task": "arithmetic", "cache_dir": data_cache, "system_prompt": "Reply with the number only."},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"max_steps": 8, "batch_size": 4, "eval_every": 4, "eval_batches": 2, "device": "cpu"},
         "eval": {"max_examples": 8, "max_new_tokens": 4, "batch_size": 8},
