@@ -74,9 +74,12 @@ class EvalConfig:
 @dataclass
 class DistConfig:
     backend: str = "single"  # single | ddp | fsdp (launch ddp/fsdp with torchrun)
+    timeout_minutes: int = 60  # how long ranks wait at a collective (e.g. while rank 0 evaluates alone)
 
     def __post_init__(self):
         one_of("dist.backend", self.backend, BACKENDS)
+        if self.timeout_minutes < 1:
+            raise FtcoreError(f"dist.timeout_minutes: must be >= 1, got {self.timeout_minutes}")
 
 
 @dataclass
@@ -90,6 +93,11 @@ class RunConfig:
     logger: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     run_dir: str = "runs/default"
+
+    def __post_init__(self):
+        if self.dist.backend == "fsdp" and self.train.precision == "fp16":
+            raise FtcoreError("train.precision=fp16 is not supported with dist=fsdp (the grad scaler would see "
+                              "only this rank's shards); use train.precision=bf16")  # fmt: skip
 
 
 def run_config(d: dict) -> RunConfig:

@@ -1,7 +1,115 @@
-"""How the model runs across devices and memory: activation checkpointing (FSDP2/DDP come later here)."""
+"""How the model runs across processes and memory: torchrun setup, activation checkpointing, FSDP2 / DDP.
 
+    world = init_distributed(cfg.dist, cfg.train.device)  # torchrun's RANK/WORLD_SIZE/LOCAL_RANK; nccl or gloo
+    enable_activation_checkpointing(model)                # before sharding: block forwards wrapped in place
+    train_model = parallelize(model, world, precision)    # FSDP2 shards `model` in place; DDP returns a wrapper
+    whole = gather_model(model, world)                    # rank 0: the unsharded model (all shards), else None
+
+FSDP2 (`fully_shard` per block, then the root) and DDP both average gradients over ranks; the loop
+scales its loss by the world size so that average is the sum over the global batch (see train.py).
+Single-process runs get a World of size 1 whose collectives are identities.
+"""
+
+import atexit
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ftcore.errors import FtcoreError
+
+LAUNCH = "launch it with torchrun, e.g. `torchrun --nproc_per_node=2 scripts/train.py dist={}`"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FtcoreError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class World:
+    """This process's place in the run; the collectives are no-ops for a single process."""
+
+    backend: str = "single"  # single | ddp | fsdp
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend != "single"
+
+    def print(self, *args):
+        if self.rank == 0:
+            print(*args, flush=True)
+
+    def sum(self, value):
+        """The sum of `value` (a number) over all ranks; ints stay ints."""
+        if not self.distributed:
+            return value
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return round(t.item()) if isinstance(value, int) else t.item()
+
+    def any(self, flag: bool) -> bool:
+        return self.sum(int(bool(flag))) > 0
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` (anything picklable) on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_distributed(backend: str, device_name: str = "auto", timeout_minutes: int = 60) -> World:
+    """A World from torchrun's environment (or an already initialized process group, as tests make).
+
+    ddp/fsdp: device cuda:LOCAL_RANK and backend nccl when CUDA is available (and train.device is
+    not cpu), else cpu with gloo. The group is destroyed at exit.
+    """
+    size_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if backend == "single":
+        if size_env > 1 or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise FtcoreError(f"dist=single but {max(size_env, 2)} processes were started; use dist=ddp or dist=fsdp")
+        return World(device=pick_device(device_name))
+    if not dist.is_available():
+        raise FtcoreError(f"dist={backend}: this torch build has no torch.distributed")
+    initialized = dist.is_initialized()
+    if not initialized and "RANK" not in os.environ:
+        raise FtcoreError(f"dist={backend}: RANK/WORLD_SIZE are not set; {LAUNCH.format(backend)}")
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() if initialized else 0))
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise FtcoreError(f"train.device={device_name!r} with dist={backend}: each process uses cuda:LOCAL_RANK; "
+                          "use train.device=auto, cuda or cpu")  # fmt: skip
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not initialized:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        atexit.register(_destroy)
+    return World(backend, dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _destroy():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -9,6 +117,8 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
 
     The block's forward is wrapped in place (no wrapper module), so parameter names, state dicts
     and adapter keys are unchanged. Non-reentrant checkpointing restores the RNG (dropout) state.
+    Call it before fully_shard: FSDP2's hooks then run around the checkpointed forward, and the
+    recomputation in backward sees the parameters FSDP2 has just all-gathered for that block.
     """
     for block in model.layers:
         if getattr(block, "_checkpointed", False):
@@ -21,3 +131,79 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
         block.forward = forward
         block._checkpointed = True
     return model
+
+
+class DDP(DistributedDataParallel):
+    """DistributedDataParallel that passes attribute reads through to the model (`model.lm_head`,
+    `model.cfg`), so the train step calls it as it calls the model."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def parallelize(model: nn.Module, world: World, precision: str = "fp32") -> nn.Module:
+    """What the train step calls: the model (single, or sharded in place by FSDP2) or its DDP wrapper.
+
+    Apply PEFT, the float32 cast of trainable parameters and activation checkpointing first.
+    FSDP2: one group per block, then the root (embeddings, final norm, lm_head, prefix/prompt
+    encoders); with precision=bf16 the gathered parameters are bf16 and gradients reduce in fp32.
+    """
+    if world.backend == "ddp":
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if world.backend == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(world.device.type, (world.size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                  reduce_dtype=torch.float32)  # fmt: skip
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        # NOTE: the root stays unsharded after forward: batch_loss_sum applies lm_head after model(...) returns.
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def grad_sync(train_model: nn.Module, sync: bool):
+    """DDP: skip the gradient all-reduce on all but the last micro-batch of a step (FSDP2 reduces each)."""
+    if not sync and isinstance(train_model, DistributedDataParallel):
+        return train_model.no_sync()
+    return nullcontext()
+
+
+def gather_model(model: nn.Module, world: World) -> nn.Module | None:
+    """The whole model on rank 0 (None elsewhere), for exports and generation.
+
+    FSDP2: every rank sends its shards and rank 0 builds a plain copy (same PEFT method, all
+    tensors whole) on its device; never rank 0's slice alone. Single-process and DDP models
+    (`model` is the unwrapped module) are whole already.
+    """
+    if world.backend != "fsdp":
+        return model if world.rank == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ftcore import peft
+    from ftcore.model import Transformer
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.rank != 0:
+        return None
+    with torch.device("meta"):
+        whole = Transformer(model.cfg)
+    if getattr(model, "peft_config", None) is not None:
+        peft.apply(whole, model.peft_config, init=False)
+    missing, unexpected = whole.load_state_dict(state, strict=False, assign=True)
+    whole.tie_weights()
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"gather_model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    whole.reset_buffers(world.device)
+    if getattr(model, "hf_config", None) is not None:
+        whole.hf_config = model.hf_config
+    return whole.to(world.device).train(model.training)
