@@ -4,6 +4,10 @@ One optimizer step = grad_accum micro-batches; the loss is the token-weighted me
 step (summed token losses / target tokens of the step), so it does not depend on how the step is
 split into micro-batches. Schedules are pure functions of the step; checkpoints hold everything a
 resumed run needs to continue bit for bit (trainable params, optimizer, scaler, RNG, sampler).
+
+Under torchrun (dist=ddp|fsdp) every rank runs this same function on its share of each global batch
+(the sampler is sharded by rank); token counts and loss sums are all-reduced, so the step loss is
+the global batch's, as one process would compute it. Rank 0 alone logs, writes files and evaluates.
 """
 
 import json
@@ -27,20 +31,19 @@ from ftcore.eval.report import write_eval
 from ftcore.flops import peak_flops, train_flops_per_token
 from ftcore.log import RunLogger, read_metrics
 from ftcore.optim import build_optimizer, lr_at, set_lr
-from ftcore.parallel import enable_activation_checkpointing
+from ftcore.parallel import (  # pick_device: kept importable from here (scripts use ftcore.train.pick_device)
+    enable_activation_checkpointing,
+    gather_model,
+    grad_sync,
+    init_distributed,
+    parallelize,
+    pick_device,  # noqa: F401
+)
 from ftcore.run_info import write_run_info
 from ftcore.weights import load_pretrained, save_pretrained
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FtcoreError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 class StopSignal:
@@ -60,14 +63,15 @@ class StopSignal:
 
 def train(cfg: RunConfig) -> dict:
     """Run one fine-tune; returns the summary also written to the run directory."""
-    if cfg.dist.backend != "single":
-        raise FtcoreError(f"dist={cfg.dist.backend}: multi-process training is not implemented yet; use dist=single")
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.train.device)
+    world = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_minutes)
+    device, rank0 = world.device, world.rank == 0
+    run_dir = Path(world.broadcast(cfg.run_dir))  # rank 0's (Hydra's ${now} may differ by a second across ranks)
     torch.manual_seed(cfg.train.seed)  # init of adapters and dropout; data order has its own seed
-    write_run_info(run_dir, cfg)
-    logger = RunLogger(run_dir, cfg.logger, json.loads((run_dir / "config.json").read_text()))
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, cfg)
+    config_json = json.loads((run_dir / "config.json").read_text()) if rank0 else None
+    logger = RunLogger(run_dir, cfg.logger, config_json, rank=world.rank)
     autocast = (
         torch.autocast(device.type, dtype=AMP_DTYPES[cfg.train.precision])
         if cfg.train.precision in AMP_DTYPES
@@ -77,16 +81,17 @@ def train(cfg: RunConfig) -> dict:
     # model, data
     model, tokenizer = load_pretrained(cfg.model.path, dtype=MODEL_DTYPES[cfg.model.dtype], device=device)
     splits, data_report = build_datasets(cfg.data, tokenizer)
-    (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
+    if rank0:
+        (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
     pad_id = pad_token_id(tokenizer)
     train_data = Batcher.from_config(splits["train"], cfg.data, pad_id)
     val_data = Batcher.from_config(splits["validation"], cfg.data, pad_id) if splits["validation"] else None
     val_batches = eval_batches(val_data.lengths, cfg.train.batch_size) if val_data else []
-    val_batches = val_batches[: cfg.train.eval_batches or None]
+    val_batches = val_batches[: cfg.train.eval_batches * world.size or None]  # eval_batches per rank
 
-    resume_from = find_resume(cfg, run_dir)
+    resume_from = world.broadcast(find_resume(cfg, run_dir) if rank0 else None)
     baseline = None
-    if cfg.eval.baseline and resume_from is None:
+    if cfg.eval.baseline and resume_from is None and rank0:  # on the whole base model; the others wait at step 1
         print("evaluating the base model ...", flush=True)
         baseline = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
         (run_dir / "baseline_eval.json").write_text(json.dumps(baseline, indent=2) + "\n")
@@ -98,40 +103,48 @@ def train(cfg: RunConfig) -> dict:
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    print(peft.summary(model), flush=True)
+    world.print(peft.summary(model))
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
     trainable, total = peft.count_parameters(model)
+    train_model = parallelize(model, world, cfg.train.precision)  # FSDP2 shards `model` in place; DDP wraps it
 
     sampler = Sampler(
-        train_data.lengths, cfg.train.batch_size, grad_accum=cfg.train.grad_accum, seed=cfg.data.seed + cfg.train.seed,
-        bucketing=cfg.data.bucketing and not cfg.data.packing,
+        train_data.lengths, cfg.train.batch_size, grad_accum=cfg.train.grad_accum, world_size=world.size,
+        rank=world.rank, seed=cfg.data.seed + cfg.train.seed, bucketing=cfg.data.bucketing and not cfg.data.packing,
     )  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     state = {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens": 0}
     if resume_from is not None:
-        saved = checkpoint.load(resume_from, model)
-        optimizer.load_state_dict(saved["optimizer"])
+        if world.distributed:
+            saved = checkpoint.load_sharded(resume_from, model, optimizer)
+        else:
+            saved = checkpoint.load(resume_from, model)
+            optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         sampler.load_state_dict(saved["sampler"])
         state.update(saved["loop"])
-        truncate_metrics(run_dir, state["step"])
-        print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+        if rank0:
+            truncate_metrics(run_dir, state["step"])
+        world.print(f"resumed from {resume_from} at step {state['step']}")
 
     peak, full_finetune = peak_flops(device), cfg.peft.method == "full"
     stop = StopSignal()
     ckpt_root = run_dir / "checkpoints"
-    progress = make_progress(cfg, state["step"])
+    progress = make_progress(cfg, state["step"], enabled=rank0)
     batches = iter_forever(sampler)
     status = "finished"
 
     def save_checkpoint():
-        checkpoint.save(ckpt_root, state["step"], model, {
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "sampler": sampler.state_dict(), "loop": dict(state), "best_step": state["best_step"],
-        }, keep=cfg.train.keep_checkpoints)  # fmt: skip
+        saved = {"scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "loop": dict(state),
+                 "best_step": state["best_step"]}  # fmt: skip
+        if world.distributed:  # DCP: each rank writes its shards of the trainable parameters and optimizer
+            checkpoint.save_sharded(ckpt_root, state["step"], model, optimizer, saved, keep=cfg.train.keep_checkpoints)
+        else:
+            saved = {"optimizer": optimizer.state_dict(), **saved}
+            checkpoint.save(ckpt_root, state["step"], model, saved, keep=cfg.train.keep_checkpoints)
 
     try:
         while state["step"] < cfg.train.max_steps:
@@ -140,14 +153,16 @@ def train(cfg: RunConfig) -> dict:
             lr = lr_at(step, cfg.optim, cfg.train.max_steps)
             set_lr(optimizer, lr)
             micro = [train_data(next(batches)) for _ in range(cfg.train.grad_accum)]
-            step_tokens = sum(int((b["targets"] != -100).sum()) for b in micro)
+            step_tokens = world.sum(sum(int((b["targets"] != -100).sum()) for b in micro))  # of the global batch
             loss_total = 0.0
-            for batch in micro:
-                with autocast:
-                    loss_sum, _ = batch_loss_sum(model, batch, device)
-                scaler.scale(loss_sum / step_tokens).backward()
+            for i, batch in enumerate(micro):
+                with grad_sync(train_model, i == len(micro) - 1):
+                    with autocast:
+                        loss_sum, _ = batch_loss_sum(train_model, batch, device)
+                    # DDP and FSDP average gradients over ranks; x world size makes that the global batch's sum
+                    scaler.scale(loss_sum / step_tokens * world.size).backward()
                 loss_total += loss_sum.item()
-            loss = loss_total / step_tokens
+            loss = world.sum(loss_total) / step_tokens
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.train.on_nonfinite == "stop":
@@ -164,15 +179,16 @@ def train(cfg: RunConfig) -> dict:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["tokens"] += sum(int((b["input_ids"] != pad_id).sum()) for b in micro)
+            state["tokens"] += world.sum(sum(int((b["input_ids"] != pad_id).sum()) for b in micro))
             dt = time.perf_counter() - t0
-            tokens_per_s = sum(b["input_ids"].numel() for b in micro) / dt
+            tokens_per_s = world.sum(sum(b["input_ids"].numel() for b in micro)) / dt  # all ranks
             event = {"step": state["step"], "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
             if device.type == "cuda":
                 event["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             if peak is not None:
                 seq_len = micro[0]["input_ids"].shape[1]
-                event["mfu"] = tokens_per_s * train_flops_per_token(model.cfg, seq_len, full_finetune) / peak
+                flops = train_flops_per_token(model.cfg, seq_len, full_finetune)
+                event["mfu"] = tokens_per_s * flops / (peak * world.size)  # peak is one device's
             logger.log(event)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
@@ -180,7 +196,7 @@ def train(cfg: RunConfig) -> dict:
             at_end = state["step"] == cfg.train.max_steps
             evaluate_now = val_batches and (at_end or (cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0))
             if evaluate_now:
-                loss_sum, n = validation_loss(model, val_data, val_batches, device, autocast)
+                loss_sum, n = validation_loss_all_ranks(model, val_data, val_batches, device, autocast, world)
                 val_loss = loss_sum / n
                 logger.log({"step": state["step"], "val_loss": val_loss, "val_ppl": perplexity(loss_sum, n)})
                 if val_loss < state["best_val_loss"]:
@@ -188,10 +204,12 @@ def train(cfg: RunConfig) -> dict:
                 else:
                     state["bad_evals"] += 1
             save_now = cfg.train.save_every and state["step"] % cfg.train.save_every == 0
-            if evaluate_now or save_now or stop.received:
+            stopping = world.any(stop.received)  # a signal to any rank stops all of them at this step
+            if evaluate_now or save_now or stopping:
                 save_checkpoint()
-            if stop.received:
-                status = f"stopped by {stop.received} at step {state['step']}; resume with train.resume=auto"
+            if stopping:
+                by = stop.received or "a signal to another rank"
+                status = f"stopped by {by} at step {state['step']}; resume with train.resume=auto"
                 break
             patience = cfg.train.early_stopping_patience
             if patience and state["bad_evals"] >= patience:
@@ -201,23 +219,32 @@ def train(cfg: RunConfig) -> dict:
         stop.restore()
         progress.close()
 
-    print(status, flush=True)
+    world.print(status)
     summary = {"status": status, "step": state["step"], "trainable_params": trainable, "total_params": total}
     if status.startswith("stopped"):
         logger.close()
         return summary
 
-    # keep the best weights, save them, and evaluate on the test split
+    # keep the best weights, save them, and evaluate on the test split (rank 0, on the whole model)
     if state["best_step"] is not None and state["best_step"] != state["step"]:
-        checkpoint.load(ckpt_root / f"step_{state['best_step']:08d}", model)
-        print(f"loaded the best checkpoint (step {state['best_step']}, val_loss {state['best_val_loss']:.4f})")
-    save_final(model, tokenizer, cfg, run_dir / "final")
-    finetuned = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
+        best = ckpt_root / f"step_{state['best_step']:08d}"
+        if world.distributed:
+            checkpoint.load_sharded(best, model)
+        else:
+            checkpoint.load(best, model)
+        world.print(f"loaded the best checkpoint (step {state['best_step']}, val_loss {state['best_val_loss']:.4f})")
     summary.update(best_step=state["best_step"], best_val_loss=state["best_val_loss"])
+    whole = gather_model(model, world)  # FSDP: every shard gathered into a copy on rank 0; None on other ranks
+    if whole is None:
+        world.barrier()  # wait for rank 0's export and evaluation
+        return summary
+    save_final(whole, tokenizer, cfg, run_dir / "final")
+    finetuned = evaluate_task(whole, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
     report = write_eval(run_dir, cfg.eval.split, finetuned, baseline, summary)
     logger.log({"step": state["step"], **{f"test_{k}": v for k, v in report["finetuned"].items() if isinstance(v, float)}})
     logger.summary({"trainable_params": trainable, "test_score": finetuned["score"]})
     logger.close()
+    world.barrier()
     return {**summary, **report}
 
 
@@ -243,17 +270,33 @@ def iter_forever(sampler: Sampler):
         yield from sampler
 
 
+def validation_loss_all_ranks(model, val_data, batches, device, autocast, world) -> tuple[float, int]:
+    """(summed token loss, tokens) over `batches`: rank r scores batches r, r + W, ... and the sums are
+    all-reduced. FSDP needs the same number of forwards on every rank: a rank short of one re-scores
+    batch 0 and drops the result."""
+    mine = batches[world.rank :: world.size]
+    loss_sum, n = validation_loss(model, val_data, mine, device, autocast)
+    if len(mine) < -(-len(batches) // world.size):
+        validation_loss(model, val_data, batches[:1], device, autocast)
+    return world.sum(loss_sum), world.sum(n)
+
+
 def grad_clip(model, max_norm: float) -> float:
+    """Clip to the global grad norm (over every rank's shards under FSDP2); returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): reduce the partial norms of the shards
+        norm = norm.full_tensor()
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    return torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
 
 
-def make_progress(cfg: RunConfig, start: int):
+def make_progress(cfg: RunConfig, start: int, enabled: bool = True):
     from tqdm import tqdm
 
-    return tqdm(total=cfg.train.max_steps, initial=start, disable=not cfg.logger.progress, dynamic_ncols=True)
+    disable = not (cfg.logger.progress and enabled)
+    return tqdm(total=cfg.train.max_steps, initial=start, disable=disable, dynamic_ncols=True)
 
 
 def save_final(model, tokenizer, cfg: RunConfig, out_dir: Path):

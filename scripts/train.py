@@ -1,5 +1,6 @@
 """Fine-tune: `python scripts/train.py [peft=dora] [optim.lr=1e-4] [train.max_steps=200] ...` (Hydra)."""
 
+import os
 import sys
 
 import hydra
@@ -24,4 +25,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 alone writes .hydra/ and the job log
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none"]
     main()
