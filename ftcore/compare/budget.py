@@ -1,0 +1,71 @@
+"""Matched budgets: solve each method's size knob for a trainable-parameter budget.
+
+Counts are exact: the method is applied to the model built on the meta device (no weights, no
+memory) and its trainable parameters are counted with ftcore.peft.count_parameters, the same
+count the training run reports. Each count is affine in the knob: two counts predict the largest
+size whose count does not exceed the budget, two more confirm it (a binary search is the fallback).
+
+    knob                 methods        notes
+    r                    lora, dora     DoRA adds a fixed magnitude vector per adapted layer
+    num_virtual_tokens   prefix, prompt
+    (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
+"""
+
+from dataclasses import dataclass
+
+from ftcore import peft
+from ftcore.model import ModelConfig
+from ftcore.weights import build_model
+
+KNOBS = {"lora": "r", "dora": "r", "prefix": "num_virtual_tokens", "prompt": "num_virtual_tokens"}
+
+
+@dataclass
+class Sized:
+    """A method's PEFT settings with the knob set, and its exact trainable-parameter count."""
+
+    peft: dict
+    knob: str | None  # None: the method has a fixed size
+    size: int | None
+    trainable: int
+    note: str = ""  # why the count is not the largest one within the budget ("" when it is)
+
+
+def count_trainable(model_cfg: ModelConfig, peft_settings: dict) -> int:
+    """Trainable parameters of the method applied to the model (built on the meta device)."""
+    model = build_model(model_cfg)
+    peft.apply(model, peft.PeftConfig.from_dict(peft_settings), init=False)
+    return peft.count_parameters(model)[0]
+
+
+def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_size: int) -> Sized:
+    """The largest knob value (1..max_size) whose trainable count is <= budget; budget 0 keeps the settings."""
+    settings = dict(peft_settings)
+    knob = KNOBS.get(settings["method"])
+    if knob is None or budget <= 0:
+        size = settings.get(knob) if knob else None
+        return Sized(settings, knob, size, count_trainable(model_cfg, settings))
+
+    counts = {}
+
+    def count(size: int) -> int:
+        if size not in counts:
+            counts[size] = count_trainable(model_cfg, {**settings, knob: size})
+        return counts[size]
+
+    if count(1) > budget:
+        return Sized({**settings, knob: 1}, knob, 1, count(1), f"over budget at the smallest {knob}=1")
+    # every count is affine in the knob: guess from two counts, then check the guess exactly
+    slope = count(2) - count(1)
+    guess = min(max_size, 1 + (budget - count(1)) // slope) if slope > 0 else max_size
+    if count(guess) <= budget and (guess == max_size or count(guess + 1) > budget):
+        lo = guess
+    else:  # not affine after all: binary search for the largest size within the budget
+        lo, hi = 1, max_size + 1  # count(lo) <= budget < count(hi), count(max_size + 1) taken as infinite
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid)
+    note = ""
+    if lo == max_size and count(max_size) < budget:
+        note = f"capped at {knob}={max_size} (compare.max_{'r' if knob == 'r' else 'virtual_tokens'})"
+    return Sized({**settings, knob: lo}, knob, lo, count(lo), note)

@@ -1,0 +1,179 @@
+"""Plan a comparison: arms (a method at a solved size, or one ablation value), and one run per arm and seed.
+
+Every run is a plain run-config dict for ftcore.config.run_config, fully resolved (every key
+explicit), so it can be trained here (`train(run_config(d))`) or written to YAML and launched by
+`scripts/train.py` under python or torchrun. Its directory name carries its config hash:
+
+    <out>/runs/lora_s0_3fa1c2d9/        a final run (arm lora, seed 0)
+    <out>/lr_trials/lora_lr0.001_0b7e.../  a short learning-rate trial
+
+A restarted sweep finds each run by that hash: finished runs (eval.json written) are skipped,
+runs with a checkpoint are resumed (train.resume=auto), a changed config gets a new directory.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftcore.checkpoint import latest
+from ftcore.compare.budget import KNOBS, Sized, solve_budget
+from ftcore.compare.config import CompareConfig
+from ftcore.config import run_config
+from ftcore.errors import FtcoreError
+from ftcore.model import ModelConfig
+
+STATUS_FILE = "compare_status.json"  # written by the sweep after each run: status, wall time, peak memory
+RUN_CONFIG_FILE = (
+    "compare_run.yaml"  # the run's config, for `scripts/train.py --config-dir RUN_DIR --config-name compare_run`
+)
+NOT_HASHED = ("run_dir", "logger", "train.resume", "data.cache_dir")  # do not change what a run computes
+
+
+@dataclass
+class Arm:
+    """One row of the results table: a method at a size (and, in an ablation, one value of the varied key)."""
+
+    name: str
+    method: str
+    sized: Sized
+    budget: int
+
+
+@dataclass
+class Run:
+    arm: Arm
+    stage: str  # "final" | "lr_trial"
+    seed: int
+    lr: float
+    config: dict  # for ftcore.config.run_config; run_dir included
+    hash: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["run_dir"])
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def label(value) -> str:
+    """A short label for an ablation value: [q_proj, v_proj] -> q+v."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v).removesuffix("_proj") for v in value)
+    return str(value)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text)
+
+
+def plan_arms(cc: CompareConfig, model_cfg: ModelConfig) -> list[Arm]:
+    """An arm per method (x ablation value), its size knob solved for cc.budget on the meta-device model."""
+    values = cc.vary.values if cc.vary.key else [None]
+    arms = []
+    for method in cc.methods:
+        knob = KNOBS.get(method)
+        if cc.vary.key and cc.vary.key == knob and cc.budget:
+            raise FtcoreError(f"compare.vary.key={knob} is {method}'s size knob; set compare.budget=0 to ablate it")
+        for value in values:
+            settings = {**cc.peft[method], "method": method}
+            if cc.vary.key:
+                settings[cc.vary.key] = list(value) if isinstance(value, (list, tuple)) else value
+            max_size = cc.max_r if knob == "r" else cc.max_virtual_tokens
+            sized = solve_budget(model_cfg, settings, cc.budget, max_size)
+            name = f"{method} {cc.vary.key}={label(value)}" if cc.vary.key else method
+            arms.append(Arm(name, method, sized, cc.budget))
+    return arms
+
+
+def resolved(d: dict) -> dict:
+    """Every key of a run config made explicit (defaults filled in), validated."""
+    return dataclasses.asdict(run_config(d))
+
+
+def config_hash(d: dict) -> str:
+    """Hash of what a run computes: the resolved config minus paths and logging (NOT_HASHED)."""
+    cfg = resolved(d)
+    for dotted in NOT_HASHED:
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_run(base: dict, arm: Arm, seed: int, lr: float, out_dir: Path, group: str, stage: str = "final",
+             trial_steps: int = 0, trial_examples: int = 0) -> Run:  # fmt: skip
+    """A run of `arm` with train.seed = peft.seed = seed at learning rate lr, in its own directory."""
+    cfg = copy.deepcopy(base)
+    cfg["peft"] = {**arm.sized.peft, "seed": seed}
+    cfg["train"].update(seed=seed, resume="auto")
+    cfg["optim"]["lr"] = lr
+    cfg["eval"]["baseline"] = False  # the sweep scores the base model once
+    if stage == "lr_trial":  # a short run; warmup shrinks with it
+        full = cfg["train"]["max_steps"]
+        cfg["train"]["max_steps"] = trial_steps
+        cfg["optim"]["warmup_steps"] = round(cfg["optim"]["warmup_steps"] * trial_steps / full)
+        cfg["eval"]["max_examples"] = trial_examples
+    cfg["run_dir"] = "."
+    cfg = resolved(cfg)
+    digest = config_hash(cfg)
+    lr_part = f"_lr{lr:g}" if stage == "lr_trial" else f"_s{seed}"
+    name = slug(arm.name.replace(" ", "_")) + lr_part + "_" + digest[:8]
+    cfg["run_dir"] = str(Path(out_dir) / ("lr_trials" if stage == "lr_trial" else "runs") / name)
+    cfg["logger"]["wandb"]["group"] = group
+    cfg["logger"]["wandb"]["name"] = name
+    return locate(Run(arm, stage, seed, lr, cfg, digest))
+
+
+def saved_hash(run_dir: Path) -> str | None:
+    """The hash of a run directory's saved config, resolved by the current code (None if unreadable)."""
+    try:
+        if (run_dir / "config.json").is_file():
+            return config_hash(json.loads((run_dir / "config.json").read_text()))
+        if (run_dir / RUN_CONFIG_FILE).is_file():
+            import yaml  # comes with Hydra
+
+            return config_hash(yaml.safe_load((run_dir / RUN_CONFIG_FILE).read_text()))
+    except (FtcoreError, ValueError, TypeError, KeyError):
+        return None
+    return None
+
+
+def locate(run: Run) -> Run:
+    """Use an existing directory of the same run made before a config key was added to ftcore.
+
+    Its saved config, resolved by today's code (new keys take their defaults), has the run's hash,
+    though its name carries the hash of the day it was made.
+    """
+    if run.run_dir.exists():
+        return run
+    stem = run.name.rsplit("_", 1)[0]
+    for d in sorted(run.run_dir.parent.glob(f"{stem}_*")):
+        if d.is_dir() and saved_hash(d) == run.hash:
+            run.config["run_dir"] = str(d)
+            run.config["logger"]["wandb"]["name"] = d.name
+            break
+    return run
+
+
+def read_status(run_dir: Path) -> dict:
+    path = Path(run_dir) / STATUS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_state(run: Run) -> str:
+    """finished (eval.json written) | diverged (stopped on a non-finite loss) | partial (has a checkpoint) | new."""
+    if (run.run_dir / "eval.json").is_file():
+        return "finished"
+    if read_status(run.run_dir).get("status") == "diverged":
+        return "diverged"
+    if latest(run.run_dir / "checkpoints") is not None:
+        return "partial"
+    return "new"
