@@ -5,6 +5,8 @@ trials, print/launch mode (the torchrun path) with Hydra multirun, ablations."""
 import csv
 import dataclasses
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import torch
 from test_train import ROOT, data_cache, tiny_dir, tiny_run  # noqa: F401  (fixtures)
 
 import ftcore.compare.runner
+import ftcore.train
 from ftcore import peft
 from ftcore.compare import compare_config, config_hash, count_trainable, plan_arms, run_comparison, solve_budget
 from ftcore.config import run_config
@@ -258,3 +261,27 @@ def test_ablate_script_and_errors(tiny_dir, tmp_path):  # noqa: F811
         r = subprocess.run([sys.executable, str(ROOT / "scripts" / cmd[0]), *cmd[1:], f"hydra.run.dir={tmp_path}"],
                            check=False, capture_output=True, text=True, cwd=ROOT)  # fmt: skip
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stopped_sweep_resumes_where_it_stopped(tiny_dir, data_cache, tmp_path, monkeypatch):  # noqa: F811
+    real_lr_at = ftcore.train.lr_at
+
+    def lr_at_then_sigterm(step, cfg, max_steps):  # a SIGTERM (or Ctrl-C) arrives during step index 2
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, cfg, max_steps)
+
+    monkeypatch.setattr(ftcore.train, "lr_at", lr_at_then_sigterm)
+    base = tiny_run(tiny_dir, data_cache, tmp_path)
+    cc = compare_config({"methods": ["ia3"], "peft": PEFT, "baseline": False, "plots": False})
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(cc, base, tmp_path / "cmp")
+    (run_dir,) = (tmp_path / "cmp" / "runs").iterdir()
+    assert json.loads((run_dir / "compare_status.json").read_text())["status"].startswith(
+        "stopped by SIGTERM at step 3"
+    )
+    monkeypatch.setattr(ftcore.train, "lr_at", real_lr_at)
+    result = run_comparison(cc, base, tmp_path / "cmp")
+    assert [e["step"] for e in read_metrics(run_dir) if "loss" in e] == list(range(1, 9))
+    status = json.loads((run_dir / "compare_status.json").read_text())
+    assert (status["status"], status["attempts"], result["runs"][0]["status"]) == ("finished", 2, "finished")
