@@ -151,7 +151,7 @@ def test_torchrun_cli_multirun_sweep(tiny_dir, data_cache, tmp_path):  # noqa: F
            str(ROOT / "scripts" / "train.py"), "-m", "peft=dora,ia3,prompt", "dist=fsdp", "train.precision=bf16",
            f"model.path={tiny_dir}", "train.max_steps=2", "train.eval_every=0", "train.batch_size=2",
            "train.eval_batches=1", "eval.max_examples=2", "eval.max_new_tokens=2", "logger.wandb.mode=disabled",
-           "logger.wandb.group=sweep-1", "logger.progress=false", f"data.cache_dir={data_cache}",
+           "logger.wandb.group=sweep-1", "logger.wandb.name=${peft.method}-run", "logger.progress=false", f"data.cache_dir={data_cache}",
            f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${peft.method}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, check=False)
@@ -163,7 +163,8 @@ def test_torchrun_cli_multirun_sweep(tiny_dir, data_cache, tmp_path):  # noqa: F
         adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text())
         assert adapter["peft_type"] == {"dora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING"}[method]
         config = json.loads((run_dir / "config.json").read_text())
-        assert config["dist"]["backend"] == "fsdp" and config["logger"]["wandb"]["group"] == "sweep-1"
+        assert config["dist"]["backend"] == "fsdp"
+        assert config["logger"]["wandb"]["group"] == "sweep-1" and config["logger"]["wandb"]["name"] == f"{method}-run"
         assert (run_dir / "eval.json").is_file()
 
 
