@@ -97,22 +97,18 @@ def test_compare_two_methods_two_seeds_then_restart(tiny_dir, data_cache, tmp_pa
 
     # the tables hold each run's own numbers
     runs = read_csv(out / "runs.csv")
-    task = get_task(
-        run_config(json.loads((out / "runs" / runs[0]["run_dir"].split("/")[-1] / "config.json").read_text())).data
-    )
+    task = get_task(run_config(json.loads((out / runs[0]["run_dir"] / "config.json").read_text())).data)
     assert [(r["arm"], r["seed"]) for r in runs] == [("lora", "0"), ("lora", "1"), ("ia3", "0"), ("ia3", "1")]
     for r in runs:
-        ev = json.loads((out / "runs" / r["run_dir"].split("/")[-1] / "eval.json").read_text())
-        events = read_metrics(r["run_dir"])
+        ev = json.loads((out / r["run_dir"] / "eval.json").read_text())
+        events = read_metrics(out / r["run_dir"])
         assert float(r["score"]) == headline(task, ev["finetuned"])
         assert int(r["trainable_params"]) == ev["trainable_params"]
         assert float(r["best_val_loss"]) == ev["best_val_loss"]
         assert float(r["final_val_loss"]) == [e["val_loss"] for e in events if "val_loss" in e][-1]
         assert float(r["tokens_per_s"]) == statistics.median(e["tokens_per_s"] for e in events if "tokens_per_s" in e)
         assert float(r["wall_s"]) > 0 and float(r["peak_mem_gb"]) > 0 and r["status"] == "finished"
-        assert json.loads((out / "runs" / r["run_dir"].split("/")[-1] / "config.json").read_text())["train"][
-            "seed"
-        ] == int(r["seed"])
+        assert json.loads((out / r["run_dir"] / "config.json").read_text())["train"]["seed"] == int(r["seed"])
     # LoRA's rank was solved for the budget: 2 layers x 1024 per rank -> r=4 (8,192 <= 10,000 < 10,240)
     assert {r["trainable_params"] for r in runs if r["arm"] == "lora"} == {"8192"}
     table = read_csv(out / "results.csv")
@@ -199,7 +195,7 @@ def test_lr_trials_choose_by_validation_loss(tiny_dir, data_cache, tmp_path, mon
     (old / "config.json").write_text(json.dumps(saved))
     old.rename(old.with_name("lora_s0_0ld0ld00"))
     result = run_comparison(cc, base, tmp_path / "cmp")
-    assert calls == [] and result["runs"][0]["run_dir"].endswith("lora_s0_0ld0ld00")
+    assert calls == [] and result["runs"][0]["run_dir"] == "runs/lora_s0_0ld0ld00"
     cc.seeds = [0, 1, 2]
     run_comparison(cc, base, tmp_path / "cmp")
     assert [(c.peft.method, c.train.seed) for c in calls] == [("lora", 2), ("ia3", 2)]
@@ -285,3 +281,19 @@ def test_stopped_sweep_resumes_where_it_stopped(tiny_dir, data_cache, tmp_path, 
     assert [e["step"] for e in read_metrics(run_dir) if "loss" in e] == list(range(1, 9))
     status = json.loads((run_dir / "compare_status.json").read_text())
     assert (status["status"], status["attempts"], result["runs"][0]["status"]) == ("finished", 2, "finished")
+
+
+@pytest.mark.dist
+def test_torchrun_launched_runs(tiny_dir, data_cache, tmp_path):  # noqa: F811
+    """compare.launch=subprocess with a torchrun launcher: each run is a 2-process DDP run (gloo on CPU)."""
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2"
+    stdout = compare_cli("compare.methods=[ia3]", "compare.launch=subprocess", f"compare.launcher='{launcher}'",
+                         "dist=ddp", "train.device=cpu", "compare.baseline=false", f"model.path={tiny_dir}",
+                         f"data.cache_dir={data_cache}", f"hydra.run.dir={tmp_path}", *CLI_BASE)  # fmt: skip
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in stdout and ": finished" in stdout
+    row = read_csv(tmp_path / "runs.csv")[0]
+    assert row["status"] == "finished" and row["trainable_params"] == "384"
+    assert json.loads((tmp_path / row["run_dir"] / "config.json").read_text())["dist"]["backend"] == "ddp"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "dist=ddp", f"model.path={tiny_dir}",
+                        f"hydra.run.dir={tmp_path / 'x'}"], check=False, capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 2 and "error: dist=ddp runs need torchrun: add compare.launch=subprocess" in r.stderr

@@ -30,8 +30,8 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def collect_run(run, task) -> dict:
-    """One run's row, from its eval.json, metrics.jsonl and compare_status.json."""
+def collect_run(run, task, out_dir: Path) -> dict:
+    """One run's row, from its eval.json, metrics.jsonl and compare_status.json (run_dir relative to out_dir)."""
     ev = read_json(run.run_dir / "eval.json") or {}
     events = read_metrics(run.run_dir)
     status = read_status(run.run_dir)
@@ -53,8 +53,15 @@ def collect_run(run, task) -> dict:
         "peak_mem_kind": "cuda_allocated" if gpu_peak else status.get("peak_mem_kind"),
         "wall_s": status.get("wall_s"),
         "status": run_state(run),
-        "config_hash": run.hash, "run_dir": str(run.run_dir),
+        "config_hash": run.hash, "run_dir": str(relative(run.run_dir, out_dir)),
     }  # fmt: skip
+
+
+def relative(path: Path, root: Path) -> Path:
+    try:
+        return Path(path).relative_to(root)
+    except ValueError:
+        return Path(path)
 
 
 def mean_std(values: list) -> tuple[float | None, float | None]:
@@ -100,11 +107,11 @@ def write_results(out_dir: Path, cc, arms, finals, trials, baseline, base: dict,
     from ftcore.compare.plots import write_plots
 
     task = get_task(run_config({**base, "peft": {"method": "none"}}).data)
-    runs = [collect_run(r, task) for r in finals]
+    runs = [collect_run(r, task, out_dir) for r in finals]
     table = [aggregate(a, [row for row, r in zip(runs, finals) if r.arm is a]) for a in arms]
     write_csv(out_dir / "runs.csv", RUN_COLUMNS, runs)
     write_csv(out_dir / "results.csv", ARM_COLUMNS, table)
-    trial_rows = [collect_run(t, task) for t in trials]
+    trial_rows = [collect_run(t, task, out_dir) for t in trials]
     if trials:
         write_csv(out_dir / "lr_trials.csv", RUN_COLUMNS, trial_rows)
     finished = any(r["status"] == "finished" for r in runs)
