@@ -1,0 +1,209 @@
+"""Fused-kernel entry points, each with an eager PyTorch definition that is the reference.
+
+    model code ──> ops.rms_norm / ops.rope / ops.swiglu ──┬─ eager PyTorch (CPU, or switched off)
+                                                          └─ kernels/*.cu via torch.autograd.Function
+                                                             (CUDA tensors, settings.fused_kernels)
+
+model.py calls these and knows nothing about CUDA. The kernels (hand-written CUDA C++, no Triton)
+are compiled once by torch.utils.cpp_extension on first use into FTCORE_CACHE/kernels (or
+~/.cache/ftcore/kernels). `configure()` sets the process-wide switches; train() calls it from
+TrainConfig (fused_kernels, loss_chunk_size). Inputs a kernel does not cover (a dtype mix, a too
+wide row) take the eager path, so a switch never changes what can run, only how fast.
+"""
+
+import functools
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ftcore.errors import FtcoreError
+
+KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels"
+KERNEL_SOURCES = ("ftcore_kernels.cpp", "rms_norm.cu", "rope.cu", "swiglu.cu")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_RMS_NORM_DIM = 8 * 1024  # the kernel keeps a row in registers: 8 values x up to 1024 threads
+
+
+@dataclass
+class Settings:
+    fused_kernels: bool = False  # RMSNorm, RoPE, SwiGLU from kernels/ on CUDA tensors
+    loss_chunk_size: int = 1024  # tokens per lm_head + cross-entropy chunk (ftcore.loss); 0 = plain
+
+
+settings = Settings()
+
+
+def configure(**kwargs) -> Settings:
+    """Set switches (fused_kernels=..., loss_chunk_size=...) for this process; returns the settings."""
+    global settings
+    known = {f.name for f in fields(Settings)}
+    for key in kwargs:
+        if key not in known:
+            raise FtcoreError(f"ops.configure: unknown switch {key!r}; known: {', '.join(sorted(known))}")
+    if kwargs.get("loss_chunk_size", 0) < 0:
+        raise FtcoreError(f"train.loss_chunk_size: must be >= 0, got {kwargs['loss_chunk_size']}")
+    settings = replace(settings, **kwargs)
+    return settings
+
+
+@contextmanager
+def using(**kwargs):
+    """Switches set for a `with` block (tests, benchmarks), restored afterwards."""
+    global settings
+    saved = settings
+    configure(**kwargs)
+    try:
+        yield settings
+    finally:
+        settings = saved
+
+
+# -- eager references (exactly what model.py computed before the kernels existed) ----------------------
+
+
+def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in float32, cast back before the scale (as HF Llama does).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (HF convention): x [B, H, T, hd], cos/sin [B|1, 1, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def swiglu_eager(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# -- dispatch ------------------------------------------------------------------------------------------
+
+
+def _fused(*tensors: torch.Tensor) -> bool:
+    return (
+        settings.fused_kernels
+        and all(t.is_cuda and t.dtype in DTYPES for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _float_or_same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The kernels take a second operand of the first one's dtype or float32 (trained fp32 norms, cos/sin)."""
+    return b.dtype == a.dtype or b.dtype == torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm(x) over the last dim; x [..., D], weight [D]; output dtype promote(x, weight)."""
+    if _fused(x, weight) and _float_or_same(x, weight) and x.shape[-1] <= MAX_RMS_NORM_DIM:
+        return RMSNormFunction.apply(x, weight, eps)
+    return rms_norm_eager(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, H, T, hd] (any strides) with cos/sin [B|1, 1, T, hd] (no gradient)."""
+    ok = cos.dim() == 4 and cos.shape[1] == 1 and cos.shape[0] in (1, x.shape[0]) and cos.shape[2:] == x.shape[2:]
+    if ok and _fused(x, cos, sin) and _float_or_same(x, cos) and sin.dtype == cos.dtype and not cos.requires_grad:
+        return RoPEFunction.apply(x, cos, sin)
+    return rope_eager(x, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise; gate, up [..., I] of one dtype."""
+    if _fused(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
+        return SwiGLUFunction.apply(gate, up)
+    return swiglu_eager(gate, up)
+
+
+# -- autograd Functions over the kernels ---------------------------------------------------------------
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [N, D]
+        y, rstd = kernels().rms_norm_fwd(x2, weight.contiguous(), eps)  # y [N, D], rstd [N] float32
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw_partial = kernels().rms_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, weight.contiguous(), rstd)
+        dw = dw_partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None  # [blocks, D] -> [D]
+        return dx.view(ctx.x_shape), dw, None
+
+
+class RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos3, sin3 = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [B|1, T, hd]
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+        kernels().rope(x, cos3, sin3, False, out)
+        ctx.save_for_backward(cos3, sin3)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos3, sin3 = ctx.saved_tensors
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dx = torch.empty(dy.shape, dtype=ctx.x_dtype, device=dy.device)
+        kernels().rope(dy, cos3, sin3, True, dx)  # the transposed rotation
+        return dx, None, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)  # silu(gate) is recomputed in backward: one activation less kept
+        return kernels().swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dgate, dup = kernels().swiglu_bwd(dy.contiguous(), gate, up)
+        return dgate, dup
+
+
+# -- build ---------------------------------------------------------------------------------------------
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("FTCORE_CACHE", Path.home() / ".cache" / "ftcore"))
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
+    return root / "kernels" / tag
+
+
+@functools.cache
+def kernels():
+    """The compiled extension (built on first use, then loaded from the cache; rebuilt when a source changes)."""
+    if not torch.cuda.is_available():
+        raise FtcoreError("fused kernels need a CUDA device; set train.fused_kernels=false")
+    from torch.utils.cpp_extension import load
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return load(
+            name="ftcore_kernels",
+            sources=[str(KERNEL_DIR / s) for s in KERNEL_SOURCES],
+            build_directory=str(out),
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3"],  # no fast math: fp32 parity within 1e-5
+            verbose=os.environ.get("FTCORE_VERBOSE_BUILD") == "1",
+        )
+    except (RuntimeError, OSError, ImportError) as e:  # compiler output is pages long: one line, and a hint
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FtcoreError(
+            f"building kernels/ failed ({first}); FTCORE_VERBOSE_BUILD=1 shows the compiler output, "
+            f"train.fused_kernels=false runs without them"
+        ) from None

@@ -1,0 +1,134 @@
+"""ops.py: eager fallbacks on CPU, the switches, and (on a GPU) each kernel against its fallback."""
+
+import pytest
+import torch
+
+from ftcore import ops
+from ftcore.errors import FtcoreError
+from ftcore.model import ModelConfig, Transformer, rope_cos_sin, rope_inv_freq
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def test_cpu_runs_eager_even_when_switched_on():
+    x, w = torch.randn(3, 5, 8, requires_grad=True), torch.randn(8)
+    with ops.using(fused_kernels=True):
+        y = ops.rms_norm(x, w, 1e-5)
+        s = ops.swiglu(x, x * 2)
+    assert torch.equal(y, ops.rms_norm_eager(x, w, 1e-5)) and "RMSNormFunction" not in type(y.grad_fn).__name__
+    assert torch.equal(s, ops.swiglu_eager(x, x * 2))
+
+
+def test_switches():
+    with pytest.raises(FtcoreError, match="unknown switch 'fused_kernel'"):
+        ops.configure(fused_kernel=True)
+    before = ops.settings
+    with ops.using(fused_kernels=True, loss_chunk_size=7):
+        assert ops.settings.fused_kernels and ops.settings.loss_chunk_size == 7
+    assert ops.settings == before
+    with pytest.raises(FtcoreError, match="loss_chunk_size: must be >= 0"):
+        ops.configure(loss_chunk_size=-1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_kernels_need_cuda():
+    with pytest.raises(FtcoreError, match="fused kernels need a CUDA device; set train.fused_kernels=false"):
+        ops.kernels()
+
+
+def test_kernel_sources_present():
+    for name in ops.KERNEL_SOURCES:
+        assert (ops.KERNEL_DIR / name).is_file(), name
+
+
+# -- GPU: kernels against the eager fallbacks (forward and gradients) ---------------------------------
+
+
+def assert_close(got, want, dtype, what):
+    tol = TOL[dtype]
+    scale = want.float().abs().max().item() or 1.0
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * scale, msg=what)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+
+
+def fused_and_eager(fn, inputs: list, grad_seed: int = 0):
+    """(output, input grads) with kernels on and off, for the same inputs and upstream gradient."""
+    results = []
+    for fused in (True, False):
+        xs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        with ops.using(fused_kernels=fused):
+            out = fn(*xs)
+        if fused:
+            assert "Function" in type(out.grad_fn).__name__, "the kernel path was not taken"
+        g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(grad_seed), device=out.device)
+        out.backward(g.to(out.dtype))
+        results.append((out.detach(), [t.grad for t in xs if t.requires_grad]))
+    return results
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])  # fmt: skip
+@pytest.mark.parametrize("shape", [(4, 7, 64), (3, 576), (2, 5, 2048), (1, 4100)])
+def test_rms_norm_kernel(x_dtype, w_dtype, shape):
+    x = torch.randn(shape, device="cuda").to(x_dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(w_dtype).requires_grad_()
+    (y, grads), (y_ref, grads_ref) = fused_and_eager(lambda a, b: ops.rms_norm(a, b, 1e-5), [x, w])
+    assert_close(y, y_ref, x_dtype, "y")
+    for name, a, b in zip(("dx", "dw"), grads, grads_ref):
+        assert_close(a, b, x_dtype, name)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_dtype, cos_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])  # fmt: skip
+@pytest.mark.parametrize("cos_batch", [1, 2])
+def test_rope_kernel(x_dtype, cos_dtype, cos_batch):
+    B, H, T, hd = 2, 3, 11, 64
+    cfg = ModelConfig(vocab_size=8, hidden_size=H * hd, intermediate_size=8, num_layers=1, num_heads=H, num_kv_heads=H)
+    pos = torch.arange(T, device="cuda")[None].expand(cos_batch, T) + torch.arange(cos_batch, device="cuda")[:, None]
+    cos, sin = rope_cos_sin(rope_inv_freq(cfg).cuda(), pos, cos_dtype)
+    # q as the model makes it: a transposed view of the projection [B, T, H * hd]
+    x = torch.randn(B, T, H * hd, device="cuda").to(x_dtype).view(B, T, H, hd).transpose(1, 2).requires_grad_()
+    assert not x.is_contiguous()
+    (y, (dx,)), (y_ref, (dx_ref,)) = fused_and_eager(lambda a: ops.rope(a, cos, sin), [x])
+    assert_close(y, y_ref, x_dtype, "y")
+    assert_close(dx, dx_ref, x_dtype, "dx")
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_swiglu_kernel(dtype):
+    g = (3 * torch.randn(5, 13, 96, device="cuda")).to(dtype).requires_grad_()
+    u = torch.randn(5, 13, 96, device="cuda").to(dtype).requires_grad_()
+    (y, grads), (y_ref, grads_ref) = fused_and_eager(ops.swiglu, [g, u])
+    assert_close(y, y_ref, dtype, "y")
+    for name, a, b in zip(("dgate", "dup"), grads, grads_ref):
+        assert_close(a, b, dtype, name)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_with_kernels_matches_eager(dtype):
+    cfg = ModelConfig(vocab_size=101, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
+    model = Transformer(cfg).cuda()
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    model.to(dtype)
+    tokens = torch.randint(0, 101, (2, 33), device="cuda")
+    out = {}
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        with ops.using(fused_kernels=fused):
+            logits = model(tokens)
+        logits.float().square().mean().backward()
+        out[fused] = (logits.detach(), {k: p.grad for k, p in model.named_parameters()})
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # through two layers
+    torch.testing.assert_close(out[True][0].float(), out[False][0].float(), rtol=tol, atol=tol)
+    for k, g in out[False][1].items():
+        scale = g.float().abs().max().item() or 1.0
+        torch.testing.assert_close(out[True][1][k].float(), g.float(), rtol=tol, atol=tol * scale, msg=k)
