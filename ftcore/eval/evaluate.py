@@ -6,31 +6,12 @@
 """
 
 import torch
-import torch.nn.functional as F
 
-from ftcore.data.format import IGNORE, encode_prompt, split_prompt
+from ftcore.data.format import encode_prompt, split_prompt
 from ftcore.data.tasks import extract_answer, get_task
 from ftcore.eval import metrics
 from ftcore.generate import generate
-
-
-def batch_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over a collated batch and its number of target tokens.
-
-    Only positions that have a target go through lm_head: with the loss on answers only, that is a
-    small fraction of the tokens, and the full [B, T, vocab] logits are never built.
-    """
-    hidden = model(
-        batch["input_ids"].to(device),
-        position_ids=batch["position_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        return_hidden=True,
-    )  # [B, T, D]
-    targets = batch["targets"].to(device)
-    keep = targets != IGNORE  # [B, T]
-    logits = model.lm_head(hidden[keep])  # [N, vocab]
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+from ftcore.loss import batch_loss_sum  # the training loss lives in ftcore/loss.py
 
 
 @torch.no_grad()
