@@ -50,6 +50,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip a step whose loss is NaN/inf
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # speed switches (ftcore/ops.py, ftcore/loss.py, ftcore/cuda_graph.py): same results up to rounding
+    fused_kernels: bool = False  # kernels/ (CUDA C++) for RMSNorm, RoPE, SwiGLU on a GPU; CPU runs eager
+    loss_chunk_size: int = 1024  # lm_head + cross-entropy in chunks of N tokens, no full logits; 0 = plain
+    cuda_graph: bool = False  # capture the whole step once, replay it (needs data.packing or data.static_shape)
 
     def __post_init__(self):
         one_of("train.precision", self.precision, PRECISIONS)
@@ -57,6 +61,8 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise FtcoreError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.loss_chunk_size < 0:
+            raise FtcoreError(f"train.loss_chunk_size: must be >= 0 (0 = plain), got {self.loss_chunk_size}")
 
 
 @dataclass

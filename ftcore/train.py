@@ -19,17 +19,18 @@ from pathlib import Path
 
 import torch
 
-from ftcore import checkpoint, peft
+from ftcore import checkpoint, cuda_graph, ops, peft
 from ftcore.config import RunConfig
 from ftcore.data.collate import Batcher, pad_token_id
 from ftcore.data.pipeline import build_datasets
 from ftcore.data.sampler import Sampler, eval_batches
 from ftcore.errors import FtcoreError
-from ftcore.eval.evaluate import batch_loss_sum, evaluate_task, validation_loss
+from ftcore.eval.evaluate import evaluate_task, validation_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
 from ftcore.flops import peak_flops, train_flops_per_token
 from ftcore.log import RunLogger, read_metrics
+from ftcore.loss import batch_loss_sum
 from ftcore.optim import build_optimizer, lr_at, set_lr
 from ftcore.parallel import (  # pick_device: kept importable from here (scripts use ftcore.train.pick_device)
     enable_activation_checkpointing,
@@ -65,6 +66,8 @@ def train(cfg: RunConfig) -> dict:
     """Run one fine-tune; returns the summary also written to the run directory."""
     world = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_minutes)
     device, rank0 = world.device, world.rank == 0
+    cuda_graph.check_config(cfg, device)
+    ops.configure(fused_kernels=cfg.train.fused_kernels, loss_chunk_size=cfg.train.loss_chunk_size)
     run_dir = Path(world.broadcast(cfg.run_dir))  # rank 0's (Hydra's ${now} may differ by a second across ranks)
     torch.manual_seed(cfg.train.seed)  # init of adapters and dropout; data order has its own seed
     if rank0:
@@ -131,6 +134,9 @@ def train(cfg: RunConfig) -> dict:
         world.print(f"resumed from {resume_from} at step {state['step']}")
 
     peak, full_finetune = peak_flops(device), cfg.peft.method == "full"
+    graphed = None  # train.cuda_graph: the whole step captured once and replayed (ftcore/cuda_graph.py)
+    if cfg.train.cuda_graph:
+        graphed = cuda_graph.GraphedStep(model, optimizer, cfg.train.precision, cfg.optim.grad_clip)
     stop = StopSignal()
     ckpt_root = run_dir / "checkpoints"
     progress = make_progress(cfg, state["step"], enabled=rank0)
@@ -154,14 +160,17 @@ def train(cfg: RunConfig) -> dict:
             set_lr(optimizer, lr)
             micro = [train_data(next(batches)) for _ in range(cfg.train.grad_accum)]
             step_tokens = world.sum(sum(int((b["targets"] != -100).sum()) for b in micro))  # of the global batch
+            replayed = graphed(micro, step_tokens) if graphed else None  # the whole step, or None: run it eagerly
             loss_total = 0.0
-            for i, batch in enumerate(micro):
+            for i, batch in enumerate(micro if replayed is None else []):
                 with grad_sync(train_model, i == len(micro) - 1):
                     with autocast:
                         loss_sum, _ = batch_loss_sum(train_model, batch, device)
                     # DDP and FSDP average gradients over ranks; x world size makes that the global batch's sum
                     scaler.scale(loss_sum / step_tokens * world.size).backward()
                 loss_total += loss_sum.item()
+            if replayed is not None:
+                loss_total, grad_norm = replayed
             loss = world.sum(loss_total) / step_tokens
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
@@ -173,11 +182,12 @@ def train(cfg: RunConfig) -> dict:
                 logger.log({"step": step + 1, "skipped": 1, "loss": loss})
                 state["step"] += 1
                 continue
-            scaler.unscale_(optimizer)
-            grad_norm = grad_clip(model, cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if replayed is None:
+                scaler.unscale_(optimizer)
+                grad_norm = grad_clip(model, cfg.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["tokens"] += world.sum(sum(int((b["input_ids"] != pad_id).sum()) for b in micro))
             dt = time.perf_counter() - t0

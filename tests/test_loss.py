@@ -11,6 +11,15 @@ from ftcore.loss import batch_loss_sum, chunkable, linear_cross_entropy, static_
 from ftcore.model import ModelConfig, Transformer
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from more threads, and lose a lot when other processes hold the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def plain(hidden, weight, targets):
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE, reduction="sum")
 

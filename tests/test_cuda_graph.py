@@ -1,0 +1,171 @@
+"""The CUDA-graph step: config checks, the static step's logic (CPU, no capture), and capture/replay (GPU)."""
+
+import pytest
+import torch
+
+from ftcore import peft
+from ftcore.config import run_config
+from ftcore.cuda_graph import GraphedStep, check_config
+from ftcore.data.collate import collate
+from ftcore.data.format import IGNORE
+from ftcore.errors import FtcoreError
+from ftcore.loss import batch_loss_sum
+from ftcore.model import ModelConfig, Transformer
+from ftcore.optim import OptimConfig, build_optimizer, lr_at, set_lr
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+OPTIM = OptimConfig(lr=3e-3, warmup_steps=3, weight_decay=0.01)
+STEPS = 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from more threads, and lose a lot when other processes hold the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    "overrides, device, message",
+    [
+        ({}, "cuda", "needs fixed batch shapes: set data.packing=true or data.static_shape=true"),
+        ({"data": {"packing": True, "max_length": 512, "seq_len": 512}}, "cpu", "needs a CUDA device"),
+        ({"data": {"static_shape": True}, "train": {"precision": "fp16"}}, "cuda", "precision=fp16"),
+        ({"data": {"static_shape": True}, "train": {"on_nonfinite": "skip"}}, "cuda", "on_nonfinite=stop"),
+        ({"data": {"static_shape": True}, "dist": {"backend": "ddp"}}, "cuda", "dist=single only"),
+    ],
+)
+def test_config_errors(overrides, device, message):
+    d = {"train": {"cuda_graph": True, **overrides.get("train", {})}, "data": overrides.get("data", {}),
+         "dist": overrides.get("dist", {})}  # fmt: skip
+    with pytest.raises(FtcoreError, match=f"^train.cuda_graph: .*{message}"):
+        check_config(run_config(d), torch.device(device))
+    check_config(run_config({"data": {"static_shape": True}, "train": {"cuda_graph": True}}), torch.device("cuda"))
+
+
+def lora_model(device) -> Transformer:
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      tie_word_embeddings=True)  # fmt: skip
+    model = Transformer(cfg)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    model.to(device)
+    torch.manual_seed(0)
+    peft.apply(model, peft.PeftConfig(method="lora", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    return model.train()
+
+
+def batches(n: int, B: int = 2, T: int = 32, seed: int = 0) -> list[dict]:
+    """Packed rows of random documents, loss on the second half of each (static shape [B, T])."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        rows = []
+        for _ in range(B):
+            row, used = [], 0
+            while True:
+                k = int(torch.randint(4, 12, (1,), generator=g))
+                if used + k > T:
+                    break
+                ids = torch.randint(3, 97, (k,), generator=g).tolist()
+                row.append({"input_ids": ids, "labels": [IGNORE] * (k // 2) + ids[k // 2 :]})
+                used += k
+            rows.append(row)
+        out.append(collate(rows, pad_id=0, length=T, packed=True))
+    return out
+
+
+def eager_losses(model, data, grad_accum: int, steps: int = STEPS) -> list[tuple[float, float]]:
+    """train.py's eager step: selected-token loss, token-weighted mean over micro-batches, clip, AdamW."""
+    optimizer, losses = build_optimizer(model, OPTIM), []
+    for step in range(steps):
+        set_lr(optimizer, lr_at(step, OPTIM, steps))
+        micro = data[step * grad_accum : (step + 1) * grad_accum]
+        tokens = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+        total = 0.0
+        for b in micro:
+            loss_sum, _ = batch_loss_sum(model, b, next(model.parameters()).device)
+            (loss_sum / tokens).backward()
+            total += loss_sum.item()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], OPTIM.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append((total / tokens, norm.item()))
+    return losses
+
+
+def graphed_losses(model, data, grad_accum: int, capture: bool, steps: int = STEPS) -> list[tuple[float, float]]:
+    optimizer = build_optimizer(model, OPTIM)
+    step_fn, losses = GraphedStep(model, optimizer, grad_clip=OPTIM.grad_clip, capture=capture), []
+    for step in range(steps):
+        set_lr(optimizer, lr_at(step, OPTIM, steps))
+        micro = data[step * grad_accum : (step + 1) * grad_accum]
+        tokens = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+        loss_sum, grad_norm = step_fn(micro, tokens)
+        losses.append((loss_sum / tokens, grad_norm))
+    return losses
+
+
+def test_static_step_equals_eager_on_cpu():
+    """The step the graph records (all positions, masked loss, device-side clip), run eagerly: 8 steps of 2."""
+    data = batches(4) * 4  # the same micro-batches again and again: the loss must fall
+    want = eager_losses(lora_model("cpu"), data, grad_accum=2, steps=8)
+    got = graphed_losses(lora_model("cpu"), data, grad_accum=2, capture=False, steps=8)
+    assert [x for pair in got for x in pair] == pytest.approx([x for pair in want for x in pair], rel=1e-5, abs=1e-6)
+    assert want[6][0] < want[0][0]  # step 7 sees step 1's micro-batches: it learned
+
+
+def test_new_shape_falls_back():
+    model = lora_model("cpu")
+    step = GraphedStep(model, build_optimizer(model, OPTIM), capture=False)
+    assert step(batches(1), 10) is not None
+    assert step(batches(1, T=16), 10) is None  # the loop then runs this step eagerly
+    assert step(batches(1, seed=3), 10) is not None
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_graph_replay_equals_eager(grad_accum):
+    data = batches(STEPS * grad_accum)
+    want = eager_losses(lora_model("cuda"), data, grad_accum)
+    got = graphed_losses(lora_model("cuda"), data, grad_accum, capture=True)
+    assert [loss for loss, _ in got] == pytest.approx([loss for loss, _ in want], rel=1e-5, abs=1e-6)
+    assert [norm for _, norm in got] == pytest.approx([norm for _, norm in want], rel=1e-4, abs=1e-6)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_graph_survives_an_eager_step_in_between():
+    """A batch of another shape runs eagerly (as train.py does); replays after it continue the same run."""
+    data = batches(6)
+    odd = batches(1, T=16, seed=9)[0]
+    results = []
+    for capture in (False, True):
+        model = lora_model("cuda")
+        optimizer = build_optimizer(model, OPTIM)
+        step_fn, losses = GraphedStep(model, optimizer, grad_clip=OPTIM.grad_clip, capture=capture), []
+        for i, b in enumerate(data[:3] + [odd] + data[3:]):
+            set_lr(optimizer, lr_at(i, OPTIM, 7))
+            tokens = int((b["targets"] != IGNORE).sum())
+            out = step_fn([b], tokens)
+            if out is None:  # eager, as the loop
+                loss_sum, _ = batch_loss_sum(model, b, "cuda")
+                (loss_sum / tokens).backward()
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                out = (loss_sum.item(), None)
+            losses.append(out[0] / tokens)
+        results.append(losses)
+    assert results[1] == pytest.approx(results[0], rel=1e-5, abs=1e-6)
+
+
+def test_train_refuses_before_loading(tmp_path):
+    from ftcore.train import train
+
+    cfg = run_config({"train": {"cuda_graph": True, "device": "cpu"}, "run_dir": str(tmp_path)})
+    with pytest.raises(FtcoreError, match="train.cuda_graph: it needs fixed batch shapes"):
+        train(cfg)
+    assert not any(tmp_path.iterdir())
