@@ -25,7 +25,7 @@ from ftcore.errors import FtcoreError
 from ftcore.eval.evaluate import evaluate_task, validation_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
-from ftcore.train import pick_device
+from ftcore.parallel import pick_device
 from ftcore.weights import load_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
