@@ -261,7 +261,8 @@ def evaluate_baseline(base: dict, out_dir: Path, compute: bool = True) -> dict |
         return None
     from ftcore.data.pipeline import build_datasets
     from ftcore.eval.evaluate import evaluate_task
-    from ftcore.train import MODEL_DTYPES, pick_device
+    from ftcore.parallel import pick_device
+    from ftcore.train import MODEL_DTYPES
     from ftcore.weights import load_pretrained
 
     print("compare: evaluating the base model ...", flush=True)
