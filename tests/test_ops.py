@@ -132,3 +132,125 @@ def test_model_with_kernels_matches_eager(dtype):
     for k, g in out[False][1].items():
         scale = g.float().abs().max().item() or 1.0
         torch.testing.assert_close(out[True][1][k].float(), g.float(), rtol=tol, atol=tol * scale, msg=k)
+
+
+# -- CPU: the autograd Functions over a PyTorch stand-in for the extension ------------------------------
+
+
+class FakeKernels:
+    """The extension's API in PyTorch, following each kernel's math line by line (float32 math, casts where
+    the kernels cast). Checks the Functions' plumbing and the derivations (RMSNorm dx, RoPE's transposed
+    rotation, SwiGLU's derivative) against eager autograd without a GPU; the CUDA code itself is
+    checked by the cuda-marked tests above."""
+
+    @staticmethod
+    def rms_norm_fwd(x, w, eps):
+        xf = x.float()
+        r = torch.rsqrt(xf.square().mean(-1) + eps)  # [N]
+        n = (xf * r[:, None]).to(x.dtype).float()
+        out = torch.promote_types(x.dtype, w.dtype)
+        return (w.float() * n).to(out), r
+
+    @staticmethod
+    def rms_norm_bwd(dy, x, w, rstd):
+        d, r = dy.float(), rstd[:, None]
+        xhat = x.float() * r
+        g = d * w.float()
+        dx = r * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        partial = (d * xhat.to(x.dtype).float()).view(2, -1, x.shape[1]).sum(1) if x.shape[0] % 2 == 0 else None
+        if partial is None:
+            partial = (d * xhat.to(x.dtype).float()).sum(0, keepdim=True)
+        return dx.to(x.dtype), partial  # [blocks, D]: two "blocks" when the rows split evenly
+
+    @staticmethod
+    def rope(x, cos, sin, backward, out):
+        h = x.shape[-1] // 2
+        xf, c, s = x.float(), cos.float()[:, None], sin.float()[:, None]  # [B|1, 1, T, hd]
+        x1, x2 = xf[..., :h], xf[..., h:]
+        c1, c2, s1, s2 = c[..., :h], c[..., h:], s[..., :h], s[..., h:]
+        if not backward:
+            o1, o2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+        else:
+            o1, o2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+        out.copy_(torch.cat([o1, o2], dim=-1))
+
+    @staticmethod
+    def swiglu_fwd(g, u):
+        a = g.float()
+        return (a / (1 + torch.exp(-a)) * u.float()).to(g.dtype)
+
+    @staticmethod
+    def swiglu_bwd(dy, g, u):
+        a, d = g.float(), dy.float()
+        sig = 1 / (1 + torch.exp(-a))
+        return (d * u.float() * sig * (1 + a * (1 - sig))).to(g.dtype), (d * a * sig).to(g.dtype)
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    monkeypatch.setattr(ops, "kernels", lambda: FakeKernels)
+    monkeypatch.setattr(ops, "_fused", lambda *tensors: ops.settings.fused_kernels)
+    with ops.using(fused_kernels=True):
+        yield
+
+
+def fused_vs_eager_cpu(fn, inputs):
+    out = {}
+    for fused in (True, False):
+        xs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        with ops.using(fused_kernels=fused):
+            y = fn(*xs)
+        assert ("Function" in type(y.grad_fn).__name__) == fused
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+        out[fused] = (y.detach(), [t.grad for t in xs if t.requires_grad])
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16)])  # fmt: skip
+def test_rms_norm_function_on_cpu(fake_kernels, x_dtype, w_dtype):
+    x = torch.randn(2, 3, 40).to(x_dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(40)).to(w_dtype).requires_grad_()
+    (y, grads), (y_ref, grads_ref) = fused_vs_eager_cpu(lambda a, b: ops.rms_norm(a, b, 1e-5), [x, w])
+    assert_close(y, y_ref, x_dtype, "y")
+    for name, a, b in zip(("dx", "dw"), grads, grads_ref):
+        assert_close(a, b, x_dtype, name)
+
+
+@pytest.mark.parametrize("x_dtype, cos_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("cos_batch", [1, 2])
+def test_rope_function_on_cpu(fake_kernels, x_dtype, cos_dtype, cos_batch):
+    B, H, T, hd = 2, 3, 7, 16
+    cfg = ModelConfig(vocab_size=8, hidden_size=H * hd, intermediate_size=8, num_layers=1, num_heads=H, num_kv_heads=H)
+    pos = torch.arange(T)[None].expand(cos_batch, T) + torch.arange(cos_batch)[:, None]
+    cos, sin = rope_cos_sin(rope_inv_freq(cfg), pos, cos_dtype)
+    x = torch.randn(B, T, H * hd).to(x_dtype).view(B, T, H, hd).transpose(1, 2).requires_grad_()
+    (y, (dx,)), (y_ref, (dx_ref,)) = fused_vs_eager_cpu(lambda a: ops.rope(a, cos, sin), [x])
+    assert_close(y, y_ref, x_dtype, "y")
+    assert_close(dx, dx_ref, x_dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_function_on_cpu(fake_kernels, dtype):
+    g, u = (3 * torch.randn(4, 6, 24)).to(dtype).requires_grad_(), torch.randn(4, 6, 24).to(dtype).requires_grad_()
+    (y, grads), (y_ref, grads_ref) = fused_vs_eager_cpu(ops.swiglu, [g, u])
+    assert_close(y, y_ref, dtype, "y")
+    for name, a, b in zip(("dgate", "dup"), grads, grads_ref):
+        assert_close(a, b, dtype, name)
+
+
+def test_model_through_functions_on_cpu(fake_kernels):
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
+    model = Transformer(cfg)
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 101, (2, 17))
+    out = {}
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        with ops.using(fused_kernels=fused):
+            logits = model(tokens)
+        logits.square().mean().backward()
+        out[fused] = (logits.detach(), {k: p.grad for k, p in model.named_parameters()})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    for k, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], g, rtol=1e-4, atol=1e-6 * g.abs().max().item(), msg=k)
