@@ -1,0 +1,49 @@
+"""scripts/bench.py end to end on a tiny model: both arms run, the JSON and markdown results are written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftcore.model import ModelConfig, Transformer
+from ftcore.weights import save_pretrained
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_bench_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      tie_word_embeddings=True)  # fmt: skip
+    model = Transformer(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    save_pretrained(model, tmp_path / "tiny")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", str(tmp_path / "tiny"), "--data", "random",
+           "--batch", "2", "--seq-len", "64", "--steps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu",
+           "--arms", "ftcore,ftcore-plain,hf", "--out", str(tmp_path / "results"), "--note", "a test"]  # fmt: skip
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (json_path,) = (tmp_path / "results").glob("*.json")
+    (md_path,) = (tmp_path / "results").glob("*.md")
+    result = json.loads(json_path.read_text())
+    assert result["device_type"] == "cpu" and result["device"] and result["versions"]["torch"]
+    assert result["versions"]["transformers"] and result["versions"]["peft"]
+    assert (result["batch"], result["seq_len"], result["dtype"]) == (2, 64, "fp32")
+    assert result["flops"]["per_token"] > 4 * result["flops"]["matmul_params_N"] > 0
+    assert set(result["arms"]) == {"ftcore", "ftcore-plain", "hf"}
+    for arm in result["arms"].values():
+        assert len(arm["step_times_s"]) == 2 and arm["step_time_s"] > 0 and arm["tokens_per_s"] > 0
+        assert arm["peak_mem_mb"] > 0 and arm["mem_kind"] == "RSS" and arm["achieved_tflops"] > 0
+        assert arm["mfu"] is None  # no known CPU peak
+        assert arm["trainable_params"] == result["arms"]["hf"]["trainable_params"]  # same LoRA on both
+    # same weights, same batch, adapters zero at first: the first losses agree
+    first = [arm["losses"][0] for arm in result["arms"].values()]
+    assert max(first) - min(first) < 1e-4
+    assert result["comparisons"]["ftcore_vs_hf"]["tokens_per_s"] > 0
+    assert result["notes"][0] == "a test"
+    table = md_path.read_text()
+    assert "| HF transformers + PEFT |" in table and "FLOPs per token: 4N" in table
