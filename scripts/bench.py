@@ -89,6 +89,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.worker:
         return worker(args.worker, json.loads(Path(args.spec).read_text()))
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -268,7 +269,7 @@ def summarize(args, arms, device, dtype, model_dir, batches, timings, load) -> d
         "flops": {"matmul_params_N": N, "per_token": per_token, "peak_flops": peak,
                   "formula": f"4N + 2 * (2 * 2 * L * T * H * hd / 2) = 4 * {N} + 2 * {(per_token - 4 * N) / 2:.0f}"
                              f" = {per_token:.4g} FLOPs per token (LoRA, frozen base; T = {T})"},
-        "command": shlex.join(["python", "scripts/bench.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "scripts/bench.py", *args.argv]),
         "arms": {},
     }  # fmt: skip
     for arm in arms:
