@@ -6,6 +6,7 @@ curve, tokens/s, GPU peak memory) and compare_status.json (wall time, peak RSS).
 """
 
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
@@ -25,8 +26,6 @@ ARM_COLUMNS = ["arm", "method", "knob", "size", "trainable_params", "budget", "b
 
 
 def read_json(path: Path) -> dict | None:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else None
 
 
