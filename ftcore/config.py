@@ -53,6 +53,7 @@ class TrainConfig:
     # speed switches (ftcore/ops.py, ftcore/loss.py, ftcore/cuda_graph.py): same results up to rounding
     fused_kernels: bool = False  # kernels/ (CUDA C++) for RMSNorm, RoPE, SwiGLU on a GPU; CPU runs eager
     loss_chunk_size: int = 1024  # lm_head + cross-entropy in chunks of N tokens, no full logits; 0 = plain
+    fused_lora: bool = True  # LoRA/rsLoRA layers as one autograd node (ops.lora_linear): less memory, fewer passes
     cuda_graph: bool = False  # capture the whole step once, replay it (needs data.packing or data.static_shape)
 
     def __post_init__(self):

@@ -3,6 +3,7 @@
     model code ──> ops.rms_norm / ops.rope / ops.swiglu ──┬─ eager PyTorch (CPU, or switched off)
                                                           └─ kernels/*.cu via torch.autograd.Function
                                                              (CUDA tensors, settings.fused_kernels)
+    LoraLinear ──> ops.lora_linear ── LoRALinearFunction (any device, settings.fused_lora)
 
 model.py calls these and knows nothing about CUDA. The kernels (hand-written CUDA C++, no Triton)
 are compiled once by torch.utils.cpp_extension on first use into FTCORE_CACHE/kernels (or
@@ -32,13 +33,14 @@ MAX_RMS_NORM_DIM = 8 * 1024  # the kernel keeps a row in registers: 8 values x u
 class Settings:
     fused_kernels: bool = False  # RMSNorm, RoPE, SwiGLU from kernels/ on CUDA tensors
     loss_chunk_size: int = 1024  # tokens per lm_head + cross-entropy chunk (ftcore.loss); 0 = plain
+    fused_lora: bool = True  # LoRA/rsLoRA layers through LoRALinearFunction (CPU and GPU); False = eager
 
 
 settings = Settings()
 
 
 def configure(**kwargs) -> Settings:
-    """Set switches (fused_kernels=..., loss_chunk_size=...) for this process; returns the settings."""
+    """Set switches (fused_kernels=..., loss_chunk_size=..., fused_lora=...) for this process; returns them."""
     global settings
     known = {f.name for f in fields(Settings)}
     for key in kwargs:
@@ -172,6 +174,82 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dgate, dup = kernels().swiglu_bwd(dy.contiguous(), gate, up)
         return dgate, dup
+
+
+# -- LoRA: y = x W^T + b + s * dropout(x) A^T B^T in one autograd node ------------------------------------
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, dropout: float) -> torch.Tensor:
+    """A LoRA layer's output [..., out] from x [..., in], W [out, in], A [r, in], B [out, r].
+
+    Same math as LoraLinear's eager forward; what it saves over it:
+    - the output is one buffer: `y.addmm_(h, B^T, alpha=s)` adds the low-rank term in place, where eager
+      makes the [N, out] product, its scaled copy, a dtype copy and the sum;
+    - for backward it keeps x itself (shared by q/k/v, and by gate/up, which read the same x) and a 1-byte
+      dropout mask, where eager keeps a float32 (or dropped-out) copy of x in every adapted layer;
+    - backward adds the adapter's input gradient into the base's with one addmm.
+    Under autocast both matmuls run in the autocast dtype, as eager's do. `dropout` is the probability
+    (0 = none); the mask is drawn here from the default generator.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        base_dtype = lora_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        base_dtype, lora_dtype = x.dtype, lora_a.dtype
+    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+    mask = None
+    if dropout > 0:
+        mask = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - dropout)  # [N, in]
+    y = LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, scaling, mask, 1 - dropout, base_dtype, lora_dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Forward and backward of a LoRA layer with a frozen W; see lora_linear. x [N, in], mask [N, in] bool or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling, mask, keep, base_dtype, lora_dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            xb = x.to(base_dtype)  # x itself unless autocast casts it
+            y = F.linear(xb, weight.to(base_dtype), None if bias is None else bias.to(base_dtype))
+            xl = _dropped(xb if lora_dtype == base_dtype else x.to(lora_dtype), mask, keep)  # [N, in], not kept
+            h = xl @ a.to(lora_dtype).t()  # [N, r]
+            bt = b.to(lora_dtype).t()  # [r, out]
+            if y.dtype == lora_dtype:
+                y.addmm_(h, bt, alpha=scaling)  # [N, out] += s h B^T
+            else:  # bf16 base, float32 adapter: round the adapter term once, as eager does
+                y += torch.mm(h, bt).mul_(scaling).to(y.dtype)
+        ctx.save_for_backward(x, weight, a, b, h, mask)
+        ctx.scaling, ctx.keep, ctx.base_dtype, ctx.lora_dtype = scaling, keep, base_dtype, lora_dtype
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dy [N, out]
+        x, weight, a, b, h, mask = ctx.saved_tensors
+        s, lora_dtype = ctx.scaling, ctx.lora_dtype
+        dyl = dy.to(lora_dtype)
+        al = a.to(lora_dtype)
+        g = (dyl @ b.to(lora_dtype)).mul_(s)  # [N, r] = s dy B
+        dx = da = db = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = dy.to(ctx.base_dtype) @ weight.to(ctx.base_dtype)  # [N, in]
+            if mask is None and dx.dtype == lora_dtype:
+                dx.addmm_(g, al)  # += s dy B A
+            else:
+                dx += _dropped(g @ al, mask, ctx.keep).to(dx.dtype)
+            dx = dx.to(x.dtype)
+        if ctx.needs_input_grad[3]:
+            da = (g.t() @ _dropped(x.to(lora_dtype), mask, ctx.keep)).to(a.dtype)  # [r, in]
+        if ctx.needs_input_grad[4]:
+            db = (dyl.t() @ h).mul_(s).to(b.dtype)  # [out, r]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum(0)
+        return dx, None, dbias, da, db, None, None, None, None, None
+
+
+def _dropped(x: torch.Tensor, mask: torch.Tensor | None, keep: float) -> torch.Tensor:
+    """Inverted dropout with a given mask: x * mask / keep (x itself when there is no mask)."""
+    return x if mask is None else x.mul(mask).div_(keep)
 
 
 # -- build ---------------------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ def train(cfg: RunConfig) -> dict:
     world = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_minutes)
     device, rank0 = world.device, world.rank == 0
     cuda_graph.check_config(cfg, device)
-    ops.configure(fused_kernels=cfg.train.fused_kernels, loss_chunk_size=cfg.train.loss_chunk_size)
+    ops.configure(fused_kernels=cfg.train.fused_kernels, loss_chunk_size=cfg.train.loss_chunk_size,
+                  fused_lora=cfg.train.fused_lora)
     run_dir = Path(world.broadcast(cfg.run_dir))  # rank 0's (Hydra's ${now} may differ by a second across ranks)
     torch.manual_seed(cfg.train.seed)  # init of adapters and dropout; data order has its own seed
     if rank0:

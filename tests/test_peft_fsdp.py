@@ -6,10 +6,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from ftcore import ops
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, apply
 
-METHODS = ["lora", "dora", "ia3", "prefix", "prompt"]
+METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt"]  # lora-fused: train.fused_lora under FSDP2
 
 
 def build(method):
@@ -17,7 +18,7 @@ def build(method):
     model = Transformer(cfg)
     model.init_weights(std=0.08, generator=torch.Generator().manual_seed(0))
     targets = ["q_proj", "v_proj", "down_proj"]
-    apply(model, PeftConfig(method=method, target_modules=targets, num_virtual_tokens=3, prefix_projection=True))
+    apply(model, PeftConfig(method=method.removesuffix("-fused"), target_modules=targets, num_virtual_tokens=3, prefix_projection=True))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the no-op init, so that every adapter tensor matters
         for p in (p for p in model.parameters() if p.requires_grad):
@@ -43,7 +44,8 @@ def worker(rank, world, init_file):
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
-        loss_of(model, rank).backward()
+        with ops.using(fused_lora=method == "lora-fused"):
+            loss_of(model, rank).backward()
         for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
             assert (p.grad is None) == (p_ref.grad is None), (method, name)
             if p.grad is not None:

@@ -1,5 +1,9 @@
 """LoRA, rsLoRA and DoRA on nn.Linear layers, with HF PEFT's exact math.
 
+The eager forward below is the reference; with `train.fused_lora` (ops.settings.fused_lora, on by
+default) plain LoRA and rsLoRA layers run through ops.lora_linear instead: one autograd node that
+adds the adapter term in place and keeps less for backward (DoRA and merged layers stay eager).
+
     x ─┬─ W (frozen, + b) ──────────────────────────┐
        └─ dropout ─ A [r, in] ─ B [out, r] ─ * s ───┴─ + ─> y        s = alpha / r  (rsLoRA: alpha / sqrt(r))
 
@@ -17,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ftcore import ops
 
 
 class LoraLinear(nn.Module):
@@ -68,6 +74,9 @@ class LoraLinear(nn.Module):
         return torch.linalg.norm(weight + self.delta_weight().to(weight.dtype), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.settings.fused_lora and not (self.merged or self.dora or self.weight.requires_grad):
+            p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            return ops.lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
         y = F.linear(x, self.weight, self.bias)  # [..., out]
         if self.merged:
             return y
