@@ -26,7 +26,7 @@ def test_bench_tiny(tmp_path):
     spec.loader.exec_module(bench)
     argv = ["--model", str(tmp_path / "tiny"), "--data", "random",
            "--batch", "2", "--seq-len", "64", "--steps", "2", "--warmup", "0", "--threads", "1", "--device", "cpu",
-           "--arms", "ftcore,hf", "--out", str(tmp_path / "results"), "--note", "a test"]  # fmt: skip
+           "--arms", "ftcore,hf", "--fused-lora", "--out", str(tmp_path / "results"), "--note", "a test"]  # fmt: skip
     assert bench.main(argv) == 0  # this process is the parent; the two arms run in worker processes
     (json_path,) = (tmp_path / "results").glob("*.json")
     (md_path,) = (tmp_path / "results").glob("*.md")
@@ -35,7 +35,7 @@ def test_bench_tiny(tmp_path):
     assert result["versions"]["transformers"] and result["versions"]["peft"]
     assert (result["batch"], result["seq_len"], result["dtype"]) == (2, 64, "fp32")
     assert result["flops"]["per_token"] > 4 * result["flops"]["matmul_params_N"] > 0
-    assert set(result["arms"]) == {"ftcore", "hf"}
+    assert set(result["arms"]) == {"ftcore", "hf"} and result["switches"]["fused_lora"] is True
     for arm in result["arms"].values():
         assert len(arm["step_times_s"]) == 2 and arm["step_time_s"] > 0 and arm["tokens_per_s"] > 0
         assert len(arm["cpu_times_s"]) == 2 and arm["cpu_time_s"] > 0
