@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ftcore import peft
+from ftcore import ops, peft
 from ftcore.config import run_config
 from ftcore.cuda_graph import GraphedStep, check_config
 from ftcore.data.collate import collate
@@ -127,10 +127,12 @@ def test_new_shape_falls_back():
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_graph_replay_equals_eager(grad_accum):
+@pytest.mark.parametrize("switches", [{}, {"fused_kernels": True, "fused_lora": True}], ids=["eager-ops", "fused"])
+def test_graph_replay_equals_eager(grad_accum, switches):
     data = batches(STEPS * grad_accum)
-    want = eager_losses(lora_model("cuda"), data, grad_accum)
-    got = graphed_losses(lora_model("cuda"), data, grad_accum, capture=True)
+    with ops.using(**switches):  # the kernels and the fused LoRA node are captured as well
+        want = eager_losses(lora_model("cuda"), data, grad_accum)
+        got = graphed_losses(lora_model("cuda"), data, grad_accum, capture=True)
     assert [loss for loss, _ in got] == pytest.approx([loss for loss, _ in want], rel=1e-5, abs=1e-6)
     assert [norm for _, norm in got] == pytest.approx([norm for _, norm in want], rel=1e-4, abs=1e-6)
 
