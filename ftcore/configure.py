@@ -1,12 +1,14 @@
 """Build typed, validated dataclasses from plain dicts (what Hydra/YAML gives us).
 
 Unknown keys fail naming the full dotted key and the allowed ones; wrong value types fail
-naming the key, the value and the expected type. Nested dataclass fields recurse.
+naming the key, the value and the expected type. Nested dataclass fields recurse. Values may
+be plain dicts/lists or OmegaConf containers (any Mapping / Sequence).
 """
 
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping, Sequence
 
 from ftcore.errors import FtcoreError
 
@@ -15,9 +17,9 @@ def build(cls, values: dict | None, prefix: str = ""):
     """cls(**values) with dotted-key errors for unknown keys and wrong types."""
     values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = [k for k in values if k not in fields]
     if unknown:
-        raise FtcoreError(f"unknown config key '{prefix}{unknown[0]}'; allowed: {', '.join(sorted(fields))}")
+        raise FtcoreError(f"{prefix}{unknown[0]}: unknown key; allowed: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: convert(v, hints[name], f"{prefix}{name}") for name, v in values.items()}
     return cls(**kwargs)  # __post_init__ validates values and names its keys
@@ -42,8 +44,8 @@ def convert(value, hint, key: str):
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
-        if not isinstance(value, dict):
-            raise FtcoreError(f"config key '{key}' must be a mapping, got {value!r}")
+        if not isinstance(value, Mapping):
+            raise FtcoreError(f"{key}={value!r}: expected a mapping")
         return build(hint, value, key + ".")
     base = origin or hint
     if base is typing.Any:
@@ -61,14 +63,14 @@ def convert(value, hint, key: str):
         if isinstance(value, str):
             return value
     elif base in (list, tuple):
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
             return base(value)
     elif base is dict:
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             return dict(value)
     else:
         return value
-    raise FtcoreError(f"config key '{key}' expects {getattr(base, '__name__', base)}, got {value!r}")
+    raise FtcoreError(f"{key}={value!r}: expected {getattr(base, '__name__', base)}")
 
 
 def to_dict(obj) -> dict:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftcore.configure import build
 from ftcore.data.tasks import TASKS
 from ftcore.errors import FtcoreError
 
@@ -72,12 +73,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "data") -> "DataConfig":
         """Build from YAML values (dicts or OmegaConf containers); unknown keys fail naming the allowed ones."""
-        d = dict(d)
-        if isinstance(d.get("clean"), Mapping):
-            d["clean"] = _from_dict(CleanConfig, d["clean"], f"{where}.clean")
-        cfg = _from_dict(cls, d, where)
-        cfg.validate(where)
-        return cfg
+        return build(cls, d, f"{where}.").validate(where)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,14 +123,6 @@ def resolve_path(path: str, key: str = "data.path") -> Path:
     if not p.is_file():
         raise FtcoreError(f"{key}={path!r}: no such file (expected a .jsonl/.json/.csv file or one of {', '.join(DEMOS)})")
     return p
-
-
-def _from_dict(cls, d: dict, where: str):
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in d if k not in names]
-    if unknown:
-        raise FtcoreError(f"{where}.{unknown[0]}: unknown key; allowed: {', '.join(names)}")
-    return cls(**d)
 
 
 def _check_types(obj, where: str):

@@ -6,6 +6,7 @@ Field names are ours; io.py translates them to and from HF PEFT's adapter_config
 import dataclasses
 from dataclasses import dataclass, field
 
+from ftcore.configure import build
 from ftcore.errors import FtcoreError
 
 METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt")
@@ -43,12 +44,8 @@ class PeftConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PeftConfig":
-        """Build from a mapping (a dict or Hydra's `cfg.peft`); unknown keys are an error."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise FtcoreError(f"peft.{unknown[0]}: unknown key; known keys: {', '.join(names)}")
-        return cls(**{k: (list(v) if _is_list_like(v) else v) for k, v in d.items()})
+        """Build from a mapping (a dict or Hydra's `cfg.peft`); unknown keys and wrong types fail naming the key."""
+        return build(cls, d, "peft.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,8 +90,3 @@ class PeftConfig:
         if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(p, str) for p in self.freeze):
             bad("freeze", f"expected a list of name globs, got {self.freeze!r}")
         self.freeze = list(self.freeze)
-
-
-def _is_list_like(v) -> bool:
-    """A list, tuple or OmegaConf ListConfig (not a string or a mapping)."""
-    return not isinstance(v, (str, bytes)) and hasattr(v, "__iter__") and not hasattr(v, "keys")
