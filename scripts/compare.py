@@ -8,30 +8,23 @@ plots land in hydra.run.dir. Rerunning the same command skips finished runs and 
 """
 
 import shlex
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ftcore.cli import user_errors
 from ftcore.compare import compare_config, run_comparison
-from ftcore.errors import FtcoreError
 
 
 @hydra.main(config_path="../conf", config_name="compare", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with user_errors("interrupted; rerun the same command to resume"):  # returns a value for Hydra's sweepers
         values = OmegaConf.to_container(cfg, resolve=True)
         cc = compare_config(values.pop("compare"))
         hc = HydraConfig.get()
         command = shlex.join(["python", "scripts/compare.py", *hc.overrides.task])
         result = run_comparison(cc, values, hc.runtime.output_dir, command=command)
-    except FtcoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
     scores = [r["score_mean"] for r in result.get("results", []) if r["score_mean"] is not None]
     return max(scores) if scores else None
 

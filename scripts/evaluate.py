@@ -4,25 +4,20 @@ Writes eval.json, report.md (baseline vs fine-tuned: task metric and perplexity)
 predictions.jsonl into hydra.run.dir.
 """
 
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ftcore.errors import FtcoreError
+from ftcore.cli import user_errors
 from ftcore.eval.run import eval_run_config, evaluate
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig):
-    try:
+    with user_errors():
         values = OmegaConf.to_container(cfg, resolve=True)
         values["out_dir"] = HydraConfig.get().runtime.output_dir
         evaluate(eval_run_config(values))
-    except FtcoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ftcore.cli import user_errors
 from ftcore.config import run_config
-from ftcore.errors import FtcoreError
 from ftcore.train import train
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with user_errors():
         values = OmegaConf.to_container(cfg, resolve=True)
         values["run_dir"] = HydraConfig.get().runtime.output_dir
         result = train(run_config(values))
-    except FtcoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     return result.get("best_val_loss")  # what a Hydra sweeper would minimize
 
 
