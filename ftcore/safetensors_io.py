@@ -6,6 +6,7 @@ file names the file and tensor, and so that tensors are zero-copy views of a pri
 """
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -48,6 +49,12 @@ class SafetensorsFile:
             if e.get("dtype") not in DTYPES:
                 raise FtcoreError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
             begin, end = e["data_offsets"]
+            want = math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize
+            if not 0 <= begin <= end or end - begin != want:
+                raise FtcoreError(
+                    f"{self.path}: tensor {name!r}: data_offsets {[begin, end]} hold {end - begin} bytes, "
+                    f"its shape {e['shape']} and dtype {e['dtype']} need {want}"
+                )
             if self.data_start + end > size:
                 raise FtcoreError(
                     f"{self.path}: truncated: tensor {name!r} needs bytes up to {self.data_start + end}, file has {size}"

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -110,6 +111,21 @@ def test_error_truncated_safetensors(ckpt):
         load_model(ckpt)
     os.truncate(f, 5)
     with pytest.raises(FtcoreError, match="truncated safetensors file"):
+        load_model(ckpt)
+
+
+def test_error_header_offsets_disagree_with_shape(ckpt):
+    """A header whose data_offsets do not span shape x dtype bytes: named, not a reshape traceback."""
+    f = ckpt / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header["model.norm.weight"]["shape"] = [32]  # 64 float32 values stored, 32 claimed
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # same length: the offsets stay valid
+    assert len(text) == n
+    f.write_bytes(raw[:8] + text + raw[8 + n :])
+    with pytest.raises(FtcoreError, match=r"tensor 'model\.norm\.weight': data_offsets \[\d+, \d+\] hold 256 bytes, "
+                                          r"its shape \[32\] and dtype F32 need 128"):  # fmt: skip
         load_model(ckpt)
 
 
