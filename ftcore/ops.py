@@ -211,8 +211,10 @@ class LoRALinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xb = x.to(base_dtype)  # x itself unless autocast casts it
             y = F.linear(xb, weight.to(base_dtype), None if bias is None else bias.to(base_dtype))
-            xl = _dropped(xb if lora_dtype == base_dtype else x.to(lora_dtype), mask, keep)  # [N, in], not kept
+            xl = _masked(xb if lora_dtype == base_dtype else x.to(lora_dtype), mask)  # [N, in], not kept
             h = xl @ a.to(lora_dtype).t()  # [N, r]
+            if mask is not None:
+                h.div_(keep)  # inverted dropout's 1/keep, applied on [N, r] rather than [N, in]
             bt = b.to(lora_dtype).t()  # [r, out]
             if y.dtype == lora_dtype:
                 y.addmm_(h, bt, alpha=scaling)  # [N, out] += s h B^T
@@ -229,17 +231,19 @@ class LoRALinearFunction(torch.autograd.Function):
         s, lora_dtype = ctx.scaling, ctx.lora_dtype
         dyl = dy.to(lora_dtype)
         al = a.to(lora_dtype)
-        g = (dyl @ b.to(lora_dtype)).mul_(s)  # [N, r] = s dy B
+        g = (dyl @ b.to(lora_dtype)).mul_(s if mask is None else s / ctx.keep)  # [N, r] = s dy B (/ keep)
         dx = da = db = dbias = None
         if ctx.needs_input_grad[0]:
             dx = dy.to(ctx.base_dtype) @ weight.to(ctx.base_dtype)  # [N, in]
             if mask is None and dx.dtype == lora_dtype:
                 dx.addmm_(g, al)  # += s dy B A
+            elif mask is None:
+                dx += (g @ al).to(dx.dtype)
             else:
-                dx += _dropped(g @ al, mask, ctx.keep).to(dx.dtype)
+                dx += _masked(g @ al, mask).to(dx.dtype)  # += s dy B A * mask / keep
             dx = dx.to(x.dtype)
         if ctx.needs_input_grad[3]:
-            da = (g.t() @ _dropped(x.to(lora_dtype), mask, ctx.keep)).to(a.dtype)  # [r, in]
+            da = (g.t() @ _masked(x.to(lora_dtype), mask)).to(a.dtype)  # [r, in] = s B^T dy^T (x * mask / keep)
         if ctx.needs_input_grad[4]:
             db = (dyl.t() @ h).mul_(s).to(b.dtype)  # [out, r]
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -247,9 +251,9 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, None, dbias, da, db, None, None, None, None, None
 
 
-def _dropped(x: torch.Tensor, mask: torch.Tensor | None, keep: float) -> torch.Tensor:
-    """Inverted dropout with a given mask: x * mask / keep (x itself when there is no mask)."""
-    return x if mask is None else x.mul(mask).div_(keep)
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x * mask, or x itself when there is no mask (the callers fold dropout's 1/keep into [N, r] factors)."""
+    return x if mask is None else torch.where(mask, x, 0.0)  # where: no float copy of the bool mask on CPU
 
 
 # -- build ---------------------------------------------------------------------------------------------
