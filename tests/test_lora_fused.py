@@ -87,18 +87,17 @@ def test_dropout_applies_the_drawn_mask(device):
 
 @needs_cuda
 @pytest.mark.cuda
-def test_cuda_bf16_matches_eager():
-    x = torch.randn(8, 128, 256, device="cuda")
+def test_cuda_bf16_matches_eager(monkeypatch, device="cuda"):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 compared at 1e-5
+    x = torch.randn(8, 128, 256, device=device)
     for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True), (torch.float32, False)):
         torch.manual_seed(0)
-        base = nn.Linear(256, 512, bias=True, device="cuda").to(dtype).requires_grad_(False)
+        base = nn.Linear(256, 512, bias=True, device=device).to(dtype).requires_grad_(False)
         layer = LoraLinear(base, r=16, alpha=32)
         layer.reset_parameters()
         nn.init.normal_(layer.lora_B.weight, std=0.1)
         xin = x.to(dtype)
         tol = 1e-5 if dtype == torch.float32 and not autocast else 1e-2
-        if tol == 1e-5:
-            torch.backends.cuda.matmul.allow_tf32 = False
         assert_all_close(run(layer, xin, True, autocast), run(layer, xin, False, autocast), tol)
 
 
