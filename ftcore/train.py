@@ -15,6 +15,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,7 +104,9 @@ def train(cfg: RunConfig) -> dict:
         baseline = json.loads((run_dir / "baseline_eval.json").read_text())
 
     # adapt, then train only what the method trains (kept in float32 over a possibly bf16 base)
-    peft.apply(model, cfg.peft, tokenizer=tokenizer)
+    # the saved adapter records its base (adapter_config.json's base_model_name_or_path), as HF PEFT does
+    peft.apply(model, replace(cfg.peft, base_model_name_or_path=cfg.peft.base_model_name_or_path or cfg.model.path),
+               tokenizer=tokenizer)  # fmt: skip
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

@@ -1,4 +1,4 @@
-"""Generate text with a model: `python scripts/generate.py "What is 2+2?"` (chat template by default)."""
+"""Generate text: `python scripts/generate.py "What is 2+2?" [--adapter outputs/<run>/final]` (chat template by default)."""
 
 import argparse
 import time
@@ -8,6 +8,7 @@ import torch
 from ftcore.cli import DEMO_MODEL, run_cli
 from ftcore.errors import FtcoreError
 from ftcore.generate import generate
+from ftcore.peft import load_with_adapter
 from ftcore.weights import load_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -16,7 +17,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("prompts", nargs="+", help="one or more prompts, generated as one batch")
-    p.add_argument("--model", default=DEMO_MODEL, help="model dir, .gguf file, pkg://pkg/file or hub repo id")
+    p.add_argument("--model", default="", help=f"model dir, .gguf file, pkg://pkg/file or hub repo id (default: "
+                   f"the base --adapter records, else {DEMO_MODEL})")
+    p.add_argument("--adapter", default="", help="a PEFT-format adapter to apply (e.g. outputs/<run>/final)")
     p.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -32,7 +35,10 @@ def main():
     args = parse_args()
     if args.max_new_tokens < 1:
         raise FtcoreError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tok = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if args.adapter:
+        model, tok = load_with_adapter(args.adapter, args.model, dtype=DTYPES[args.dtype], device=args.device)
+    else:
+        model, tok = load_pretrained(args.model or DEMO_MODEL, dtype=DTYPES[args.dtype], device=args.device)
     model.eval()
     if args.raw:
         ids = [tok.encode(p) for p in args.prompts]

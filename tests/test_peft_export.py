@@ -2,15 +2,21 @@
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from peft_refs import ALL_LINEAR, make_tokenizer, randomize_
 
 import ftcore
-from ftcore.peft import PeftConfig, apply, export_merged, save_adapter
+from ftcore.model import ModelConfig, Transformer
+from ftcore.peft import PeftConfig, apply, export_merged, load_with_adapter, save_adapter
 from ftcore.tokenizer import Tokenizer
-from ftcore.weights import load_model
+from ftcore.weights import load_model, save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,3 +74,39 @@ def test_full_fine_tuning_exports_as_is(hf_checkpoint, tmp_path):
     tokens = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
         assert (hf(tokens).logits - model(tokens)).abs().max() < 1e-5
+
+
+def test_export_script_uses_the_recorded_base(tmp_path):
+    """scripts/export.py: adapter dir -> merged model with the adapted logits; load_with_adapter finds the base."""
+    tok = Tokenizer.from_dir(make_tokenizer(tmp_path))
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+    base = Transformer(cfg)
+    base.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    save_pretrained(base, tmp_path / "base", tok)
+    model = apply(load_model(tmp_path / "base").eval(),
+                  PeftConfig(method="lora", r=4, alpha=8, base_model_name_or_path=str(tmp_path / "base")))  # fmt: skip
+    randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=7, std=0.1)
+    save_adapter(model, tmp_path / "adapter")
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model(tokens)
+    again, _ = load_with_adapter(tmp_path / "adapter")  # base from adapter_config.json
+    with torch.no_grad():
+        assert (again.eval()(tokens) - expected).abs().max() < 1e-6
+    export = run_script("export.py", tmp_path / "adapter", tmp_path / "merged")
+    assert export.returncode == 0, export.stderr
+    merged, _ = ftcore.load_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (merged(tokens) - expected).abs().max() < 1e-5
+    again = run_script("export.py", tmp_path / "adapter", tmp_path / "merged")  # never over an earlier export
+    assert again.returncode == 2 and again.stderr.strip().endswith("exists and is not empty; name a new directory")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    bare = run_script("export.py", tmp_path / "bare", tmp_path / "m2")
+    assert bare.returncode == 2 and "records no base_model_name_or_path" in bare.stderr
+    assert "Traceback" not in again.stderr + bare.stderr
+
+
+def run_script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True, check=False,
+                          text=True, timeout=120)  # fmt: skip

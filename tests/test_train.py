@@ -125,8 +125,12 @@ def test_cli_end_to_end(tiny_dir, data_cache, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "report.md", "run_info.json", "data_report.json"):
         assert (run_dir / name).is_file(), name
-    assert (run_dir / "final" / "adapter_config.json").is_file()
+    adapter_config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_dir)  # so export/generate find the base
     assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    gen = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--adapter", str(run_dir / "final"),
+                          "--raw", "--max-new-tokens", "3", "1 + 2 ="], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert gen.returncode == 0 and gen.stdout.startswith(">>> 1 + 2 =\n"), gen.stderr[-2000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     events = read_metrics(run_dir)
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3, 4]

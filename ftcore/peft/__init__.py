@@ -5,6 +5,7 @@
     print(summary(model))              # trainable vs total parameters
     save_adapter(model, "out/")        # adapter_config.json + adapter_model.safetensors (PEFT format)
     load_adapter(fresh_model, "out/")  # also reads adapters written by HF PEFT
+    model, tok = load_with_adapter("out/")  # the base it records (or base=...), then the adapter
     export_merged(model, "merged/")    # LoRA/DoRA/IA3 folded into a plain HF-layout model
 
 One file per method: lora.py (LoRA, rsLoRA, DoRA), ia3.py, prefix.py, prompt.py, full.py;
@@ -25,7 +26,7 @@ from ftcore.peft.attach import (
 )
 from ftcore.peft.config import METHODS, PeftConfig
 from ftcore.peft.export import export_merged, merge_and_unload, merged_state_dict
-from ftcore.peft.io import adapter_state, load_adapter, save_adapter
+from ftcore.peft.io import adapter_state, load_adapter, load_with_adapter, save_adapter
 
 __all__ = [
     "METHODS",
@@ -39,6 +40,7 @@ __all__ = [
     "find_targets",
     "linear_modules",
     "load_adapter",
+    "load_with_adapter",
     "merge",
     "merge_and_unload",
     "merged_state_dict",

@@ -93,6 +93,25 @@ def save_adapter(model: nn.Module, out_dir) -> Path:
     return out_dir
 
 
+def load_with_adapter(adapter_dir, base: str = "", dtype=torch.float32, device="cpu") -> tuple[nn.Module, object]:
+    """(base model with the adapter attached, tokenizer). `base` defaults to the model the adapter
+    records (adapter_config.json's base_model_name_or_path; ftcore's runs record model.path)."""
+    cfg_path = Path(adapter_dir) / CONFIG
+    if not cfg_path.is_file():
+        raise FtcoreError(f"{adapter_dir}: no {CONFIG} (expected a PEFT adapter directory, e.g. <run>/final)")
+    if not base:
+        try:
+            base = json.loads(cfg_path.read_text()).get("base_model_name_or_path") or ""
+        except json.JSONDecodeError as e:
+            raise FtcoreError(f"{cfg_path}: invalid JSON ({e})") from None
+        if not base:
+            raise FtcoreError(f"{cfg_path}: records no base_model_name_or_path; give the base model (--model)")
+    from ftcore.weights import load_pretrained
+
+    model, tokenizer = load_pretrained(base, dtype=dtype, device=device)
+    return load_adapter(model, adapter_dir), tokenizer
+
+
 def config_from_peft(d: dict, where) -> PeftConfig:
     """Translate a PEFT adapter_config dict into our PeftConfig (unsupported features are errors)."""
     peft_type = d.get("peft_type")
