@@ -104,7 +104,9 @@ def test_export_script_uses_the_recorded_base(tmp_path):
     (tmp_path / "bare" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     bare = run_script("export.py", tmp_path / "bare", tmp_path / "m2")
     assert bare.returncode == 2 and "records no base_model_name_or_path" in bare.stderr
-    assert "Traceback" not in again.stderr + bare.stderr
+    whole = run_script("export.py", tmp_path / "base", tmp_path / "m3")
+    assert whole.returncode == 2 and "a whole model, not an adapter" in whole.stderr
+    assert "Traceback" not in again.stderr + bare.stderr + whole.stderr
 
 
 def run_script(name, *args):

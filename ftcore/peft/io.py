@@ -97,6 +97,8 @@ def load_with_adapter(adapter_dir, base: str = "", dtype=torch.float32, device="
     """(base model with the adapter attached, tokenizer). `base` defaults to the model the adapter
     records (adapter_config.json's base_model_name_or_path; ftcore's runs record model.path)."""
     cfg_path = Path(adapter_dir) / CONFIG
+    if not cfg_path.is_file() and (Path(adapter_dir) / "config.json").is_file():
+        raise FtcoreError(f"{adapter_dir}: a whole model, not an adapter (full fine-tuning saves one): load it as the model")
     if not cfg_path.is_file():
         raise FtcoreError(f"{adapter_dir}: no {CONFIG} (expected a PEFT adapter directory, e.g. <run>/final)")
     if not base:
