@@ -31,10 +31,13 @@ from ftcore.safetensors_io import SafetensorsFile, save_safetensors
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def rng_state() -> dict:
+def rng_state(every_gpu: bool = True) -> dict:
+    """This process's RNG states; CUDA: every visible GPU's (one process) or only the current one's (a rank)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if every_gpu and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -44,6 +47,8 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
 
 
 def trainable_state(model: torch.nn.Module) -> dict:
@@ -115,22 +120,6 @@ def is_sharded(ckpt_dir) -> bool:
     return (Path(ckpt_dir) / "dcp").is_dir()
 
 
-def rank_rng_state() -> dict:
-    """This process's RNG states (on CUDA only the current device's, not every visible GPU's)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda_device"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rank_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda_device" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_device"])
-
-
 def _dcp_state(model: torch.nn.Module, optimizer=None):
     """{"model": trainable parameters (DTensor shards under FSDP2), "optimizer": its state}, keyed by name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -154,7 +143,7 @@ def save_sharded(ckpt_root, step: int, model: torch.nn.Module, optimizer, state:
         tmp.mkdir()
     dist.barrier()
     dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp")
-    torch.save(rank_rng_state(), tmp / f"rng_rank{rank}.pt")
+    torch.save(rng_state(every_gpu=False), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         torch.save({**state, "step": step, "world_size": dist.get_world_size()}, tmp / "state.pt")
     dist.barrier()  # every rank's files are complete
@@ -197,5 +186,5 @@ def load_sharded(ckpt_dir, model: torch.nn.Module, optimizer=None) -> dict:
     else:
         set_state_dict(model, [optimizer], model_state_dict=to_load["model"], optim_state_dict=to_load["optimizer"],
                        options=options)  # fmt: skip
-    set_rank_rng_state(torch.load(ckpt_dir / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
+    set_rng_state(torch.load(ckpt_dir / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
     return state
