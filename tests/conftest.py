@@ -17,6 +17,15 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from more threads, and lose a lot when other processes hold the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """hf_checkpoint(variant) -> (dir, transformers model): a random checkpoint saved by transformers."""

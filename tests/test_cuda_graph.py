@@ -18,13 +18,7 @@ OPTIM = OptimConfig(lr=3e-3, warmup_steps=3, weight_decay=0.01)
 STEPS = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from more threads, and lose a lot when other processes hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

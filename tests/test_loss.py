@@ -10,14 +10,7 @@ from ftcore.data.format import IGNORE
 from ftcore.loss import batch_loss_sum, chunkable, linear_cross_entropy, static_batch_loss_sum
 from ftcore.model import ModelConfig, Transformer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from more threads, and lose a lot when other processes hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plain(hidden, weight, targets):
