@@ -7,17 +7,17 @@ a wrong key or value fails naming the dotted key and the allowed values.
 from dataclasses import dataclass, field
 
 from ftcore.cli import DEMO_MODEL
-from ftcore.configure import build
 from ftcore.data.config import DataConfig
 from ftcore.errors import FtcoreError
-from ftcore.log import LogConfig
-from ftcore.optim import OptimConfig
 from ftcore.peft.config import PeftConfig
+from ftcore.schema import build
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("single", "ddp", "fsdp")
 NONFINITE = ("stop", "skip")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 def one_of(key: str, value, allowed):
@@ -50,7 +50,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip a step whose loss is NaN/inf
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # speed switches (ftcore/ops.py, ftcore/loss.py, ftcore/cuda_graph.py): same results up to rounding
+    # speed switches (ftcore/model/ops.py, ftcore/model/loss.py, ftcore/train/step.py): same results up to rounding
     fused_kernels: bool = False  # kernels/ (CUDA C++) for RMSNorm, RoPE, SwiGLU on a GPU; CPU runs eager
     loss_chunk_size: int = 1024  # lm_head + cross-entropy in chunks of N tokens, no full logits; 0 = plain
     fused_lora: bool = True  # LoRA/rsLoRA layers as one autograd node (ops.lora_linear): less memory, fewer passes
@@ -64,6 +64,52 @@ class TrainConfig:
                 raise FtcoreError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if self.loss_chunk_size < 0:
             raise FtcoreError(f"train.loss_chunk_size: must be >= 0 (0 = plain), got {self.loss_chunk_size}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the floor the decay ends at, as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.schedule not in SCHEDULES:
+            raise FtcoreError(f"optim.schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise FtcoreError(
+                f"optim: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; "
+                f"got lr={self.lr}, warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}"
+            )
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "ftcore"
+    name: str | None = None
+    group: str | None = None
+    tags: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.mode not in WANDB_MODES:
+            raise FtcoreError(f"logger.wandb.mode: {self.mode!r} is not one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass
+class LogConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # tqdm progress bar
+    log_every: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.wandb, dict):
+            self.wandb = WandbConfig(**self.wandb)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-// Python bindings of ftcore's CUDA kernels; ftcore/ops.py wraps them in torch.autograd.Functions.
+// Python bindings of ftcore's CUDA kernels; ftcore/model/ops.py wraps them in torch.autograd.Functions.
 #include <torch/extension.h>
 
 #include <vector>

@@ -12,7 +12,7 @@ gradient clipping. Results: bench/results/<time>-<device>-<model>.json and .md. 
 (median step time); each step's CPU time (time.process_time) is reported too: with --threads 1 it is
 the work the step did, which a busy machine barely changes (its wall time it changes a lot).
 
-FLOP accounting (ftcore/flops.py), per token, N = matmul parameters (attention + MLP + lm_head,
+FLOP accounting (ftcore/train/flops.py), per token, N = matmul parameters (attention + MLP + lm_head,
 embeddings excluded): forward 2N, backward 2N for activation gradients, no weight gradients for the
 frozen base, so 4N for LoRA (6N for full fine-tuning); attention adds 2 * 2 * L * T * d_attn / 2
 per token forward (causal), times 2 for LoRA. Both arms are charged these nominal FLOPs, whatever
@@ -142,7 +142,7 @@ def resolve_model(ref: str, tmp: Path) -> Path:
         d.mkdir()
         (d / "config.json").write_text(json.dumps(RANDOM_SHAPES[ref]))
         return d
-    from ftcore.weights import resolve
+    from ftcore.formats.hf import resolve
 
     return resolve(ref)
 
@@ -168,8 +168,8 @@ def make_batches(data: str, model_dir: Path, B: int, T: int, n: int) -> list[dic
         return out
     from ftcore.data.config import DataConfig
     from ftcore.data.pipeline import build_datasets
-    from ftcore.tokenizer import Tokenizer
-    from ftcore.weights import resolve
+    from ftcore.formats.hf import resolve
+    from ftcore.formats.tokenizer import Tokenizer
 
     tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else resolve(DEMO_MODEL)  # llama-1b: SmolLM2's
     cfg = DataConfig.from_dict({"path": data, "packing": True, "seq_len": T, "max_length": T, "cache_dir": ""})
@@ -241,7 +241,7 @@ def device_name(device: str) -> str:
 def versions() -> dict:
     from importlib import metadata
 
-    from ftcore.run_info import git_state
+    from ftcore.train.run_info import git_state
 
     found = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "peft"):
@@ -255,8 +255,8 @@ def versions() -> dict:
 
 
 def summarize(args, arms, device, dtype, model_dir, batches, timings, load) -> dict:
-    from ftcore.flops import PEAK_BF16, matmul_params, train_flops_per_token
-    from ftcore.weights import read_config
+    from ftcore.formats.hf import read_config
+    from ftcore.train.flops import PEAK_BF16, matmul_params, train_flops_per_token
 
     cfg, _ = read_config(model_dir)
     B, T = batches[0]["input_ids"].shape
@@ -302,7 +302,7 @@ def summarize(args, arms, device, dtype, model_dir, batches, timings, load) -> d
 
 
 def _param_count(cfg):
-    from ftcore.weights import build_model
+    from ftcore.formats.hf import build_model
 
     model = build_model(cfg)
     return [p.numel() for p in model.parameters()]
@@ -463,12 +463,13 @@ def amp(spec, device):
 
 
 def ftcore_arm(arm: str, spec: dict, device):
-    """ftcore's train step (as ftcore/train.py runs it) with the arm's switches."""
-    from ftcore import ops, peft
-    from ftcore.cuda_graph import GraphedStep
-    from ftcore.loss import batch_loss_sum
-    from ftcore.optim import OptimConfig, build_optimizer
-    from ftcore.weights import build_model, load_model, read_config
+    """ftcore's train step (as ftcore/train/loop.py runs it) with the arm's switches."""
+    from ftcore import peft
+    from ftcore.model import ops
+    from ftcore.formats.hf import build_model, load_model, read_config
+    from ftcore.model.loss import batch_loss_sum
+    from ftcore.train.optim import OptimConfig, build_optimizer
+    from ftcore.train.step import GraphedStep
 
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
     if spec["random_weights"]:

@@ -9,13 +9,10 @@ records (ftcore's runs record model.path), or --model.
 import argparse
 from pathlib import Path
 
-import torch
-
 from ftcore.cli import run_cli
+from ftcore.dtypes import DTYPES
 from ftcore.errors import FtcoreError
 from ftcore.peft import export_merged, load_with_adapter
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None):

@@ -6,12 +6,11 @@ import time
 import torch
 
 from ftcore.cli import DEMO_MODEL, run_cli
+from ftcore.dtypes import DTYPES
 from ftcore.errors import FtcoreError
-from ftcore.generate import generate
+from ftcore.formats.hf import load_pretrained
+from ftcore.model.generate import generate
 from ftcore.peft import load_with_adapter
-from ftcore.weights import load_pretrained
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args():

@@ -54,6 +54,6 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf) -> Path:
     """The demo model imported once into ftcore's cache (FTCORE_CACHE or ~/.cache/ftcore)."""
-    from ftcore.gguf import cached_import
+    from ftcore.formats.gguf import cached_import
 
     return cached_import(smollm2_gguf)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftcore.formats.hf import save_pretrained
 from ftcore.model import ModelConfig, Transformer
-from ftcore.weights import save_pretrained
 
 ROOT = Path(__file__).parents[1]
 

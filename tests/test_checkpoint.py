@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ftcore import checkpoint
 from ftcore.errors import FtcoreError
+from ftcore.train import checkpoint
 
 
 def small_model():

@@ -17,15 +17,15 @@ import torch
 from test_train import ROOT, data_cache, tiny_dir, tiny_run  # noqa: F401  (fixtures)
 
 import ftcore.compare.runner
-import ftcore.train
+import ftcore.train.loop
 from ftcore import peft
 from ftcore.compare import compare_config, config_hash, count_trainable, plan_arms, run_comparison, solve_budget
 from ftcore.config import run_config
 from ftcore.data.tasks import get_task
 from ftcore.errors import FtcoreError
 from ftcore.eval.evaluate import headline
-from ftcore.log import read_metrics
 from ftcore.model import ModelConfig, Transformer
+from ftcore.train.log import read_metrics
 
 SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                       num_kv_heads=3, tie_word_embeddings=True)  # fmt: skip
@@ -260,14 +260,14 @@ def test_ablate_script_and_errors(tiny_dir, tmp_path):  # noqa: F811
 
 
 def test_stopped_sweep_resumes_where_it_stopped(tiny_dir, data_cache, tmp_path, monkeypatch):  # noqa: F811
-    real_lr_at = ftcore.train.lr_at
+    real_lr_at = ftcore.train.loop.lr_at
 
     def lr_at_then_sigterm(step, cfg, max_steps):  # a SIGTERM (or Ctrl-C) arrives during step index 2
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_lr_at(step, cfg, max_steps)
 
-    monkeypatch.setattr(ftcore.train, "lr_at", lr_at_then_sigterm)
+    monkeypatch.setattr(ftcore.train.loop, "lr_at", lr_at_then_sigterm)
     base = tiny_run(tiny_dir, data_cache, tmp_path)
     cc = compare_config({"methods": ["ia3"], "peft": PEFT, "baseline": False, "plots": False})
     with pytest.raises(KeyboardInterrupt):
@@ -276,7 +276,7 @@ def test_stopped_sweep_resumes_where_it_stopped(tiny_dir, data_cache, tmp_path, 
     assert json.loads((run_dir / "compare_status.json").read_text())["status"].startswith(
         "stopped by SIGTERM at step 3"
     )
-    monkeypatch.setattr(ftcore.train, "lr_at", real_lr_at)
+    monkeypatch.setattr(ftcore.train.loop, "lr_at", real_lr_at)
     result = run_comparison(cc, base, tmp_path / "cmp")
     assert [e["step"] for e in read_metrics(run_dir) if "loss" in e] == list(range(1, 9))
     status = json.loads((run_dir / "compare_status.json").read_text())

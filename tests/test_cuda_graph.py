@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from ftcore import ops, peft
+from ftcore import peft
 from ftcore.config import run_config
-from ftcore.cuda_graph import GraphedStep, check_config
 from ftcore.data.collate import collate
 from ftcore.data.format import IGNORE
 from ftcore.errors import FtcoreError
-from ftcore.loss import batch_loss_sum
-from ftcore.model import ModelConfig, Transformer
-from ftcore.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from ftcore.model import ModelConfig, Transformer, ops
+from ftcore.model.loss import batch_loss_sum
+from ftcore.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from ftcore.train.step import GraphedStep, check_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=3, weight_decay=0.01)

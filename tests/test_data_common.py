@@ -1,7 +1,7 @@
 """Shared helpers for the data tests: a byte-level fake tokenizer with a ChatML-like template.
 
 Imported by the other tests/test_data_*.py files (`from test_data_common import FakeTokenizer`), so the
-data tests do not depend on ftcore.tokenizer; the checks below pin the fake's own behaviour.
+data tests do not depend on ftcore.formats.tokenizer; the checks below pin the fake's own behaviour.
 """
 
 import json

@@ -5,7 +5,7 @@ import pytest
 from ftcore.data import DataConfig, build_datasets, encode_example, encode_prompt, split_prompt
 from ftcore.data.format import IGNORE
 
-tokenizer_module = pytest.importorskip("ftcore.tokenizer")
+tokenizer_module = pytest.importorskip("ftcore.formats.tokenizer")
 
 
 @pytest.fixture(scope="module")

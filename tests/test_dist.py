@@ -19,11 +19,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_train import ROOT, data_cache, losses, tiny_dir, tiny_run  # noqa: F401 - pytest fixtures
 
-import ftcore.train
+import ftcore.train.loop
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
-from ftcore.log import read_metrics
 from ftcore.train import train
+from ftcore.train.log import read_metrics
 
 TOL = 1e-5
 COMMON = {"eval__baseline": False, "train__max_steps": 6, "train__eval_every": 3, "train__eval_batches": 2,
@@ -52,7 +52,7 @@ def worker(rank, world, init_file, jobs):
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    real_lr_at = ftcore.train.lr_at
+    real_lr_at = ftcore.train.loop.lr_at
     for cfg, sigterm_step in jobs:
 
         def lr_at(step, optim_cfg, max_steps, _at=sigterm_step):
@@ -60,7 +60,7 @@ def worker(rank, world, init_file, jobs):
                 os.kill(os.getpid(), signal.SIGTERM)
             return real_lr_at(step, optim_cfg, max_steps)
 
-        ftcore.train.lr_at = lr_at
+        ftcore.train.loop.lr_at = lr_at
         train(run_config(cfg))
     dist.destroy_process_group()
 

@@ -6,14 +6,14 @@ import subprocess
 import sys
 
 import pytest
+from test_train import ROOT, data_cache, tiny_dir, tiny_run  # noqa: F401 (fixtures)
 
 from ftcore import peft
 from ftcore.config import EvalConfig, ModelSpec, run_config
 from ftcore.eval.run import EvalRunConfig, evaluate
-from ftcore.log import read_metrics
+from ftcore.formats.hf import load_pretrained
 from ftcore.train import train
-from ftcore.weights import load_pretrained
-from test_train import ROOT, data_cache, tiny_dir, tiny_run  # noqa: F401 (fixtures)
+from ftcore.train.log import read_metrics
 
 EVAL = dict(max_examples=8, max_new_tokens=4, batch_size=8)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from greedy_ref import assert_greedy_equal, reference_greedy
 
-from ftcore.generate import generate, left_pad, sample_next
-from ftcore.weights import load_model
+from ftcore.formats.hf import load_model
+from ftcore.model.generate import generate, left_pad, sample_next
 
 VOCAB = 97
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from ftcore import quants
 from ftcore.errors import FtcoreError
-from ftcore.gguf import GGUFReader, cached_import, import_gguf, llama3_rope_factors, unpermute_qk
+from ftcore.formats import quants
+from ftcore.formats.gguf import GGUFReader, cached_import, import_gguf, llama3_rope_factors, unpermute_qk
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 
@@ -338,7 +338,7 @@ def test_import_tiny_gguf(tiny_gguf, tmp_path):
     assert json.loads((out / "generation_config.json").read_text()) == {
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
-    from ftcore.tokenizer import Tokenizer
+    from ftcore.formats.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(out)
     assert tok.encode("the cat") == [TOKENS.index("t"), TOKENS.index("he"), TOKENS.index("Ġcat")]
@@ -499,7 +499,7 @@ def test_smollm2_config(smol_dir):
 
 def test_smollm2_answers_in_transformers(smol_dir):
     transformers = pytest.importorskip("transformers")
-    from ftcore.tokenizer import Tokenizer
+    from ftcore.formats.tokenizer import Tokenizer
 
     model = transformers.AutoModelForCausalLM.from_pretrained(smol_dir).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(smol_dir)

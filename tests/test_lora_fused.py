@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ftcore import ops, peft
-from ftcore.model import ModelConfig, Transformer
+from ftcore import peft
+from ftcore.model import ModelConfig, Transformer, ops
 from ftcore.peft.lora import LoraLinear
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftcore import ops, peft
+from ftcore import peft
 from ftcore.data.collate import collate
 from ftcore.data.format import IGNORE
-from ftcore.loss import batch_loss_sum, chunkable, linear_cross_entropy, static_batch_loss_sum
-from ftcore.model import ModelConfig, Transformer
+from ftcore.model import ModelConfig, Transformer, ops
+from ftcore.model.loss import batch_loss_sum, chunkable, linear_cross_entropy, static_batch_loss_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from ftcore.model import KVCache
-from ftcore.weights import load_model
 from hf_models import VARIANTS
+
+from ftcore.formats.hf import load_model
+from ftcore.model import KVCache
 
 VOCAB = 97
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ftcore import ops
 from ftcore.errors import FtcoreError
-from ftcore.model import ModelConfig, Transformer, rope_cos_sin, rope_inv_freq
+from ftcore.model import ModelConfig, Transformer, ops
+from ftcore.model.decoder import rope_cos_sin, rope_inv_freq
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -38,8 +38,8 @@ def test_kernels_need_cuda():
 
 
 def test_kernel_sources_present():
-    for name in ops.KERNEL_SOURCES:
-        assert (ops.KERNEL_DIR / name).is_file(), name
+    for name in ops.KERNEL_FILES:
+        assert (ops.kernel_dir() / name).is_file(), name
 
 
 # -- GPU: kernels against the eager fallbacks (forward and gradients) ---------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
-from ftcore.optim import OptimConfig, build_optimizer, lr_at, param_groups
+from ftcore.train.optim import OptimConfig, build_optimizer, lr_at, param_groups
 
 
 def test_warmup_is_linear_to_peak():
@@ -54,7 +54,7 @@ def test_no_decay_on_norms_and_biases():
 
 
 def test_flop_accounting_counts_every_matmul_parameter():
-    from ftcore.flops import matmul_params, train_flops_per_token
+    from ftcore.train.flops import matmul_params, train_flops_per_token
 
     cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                       tie_word_embeddings=False)  # fmt: skip

@@ -11,10 +11,10 @@ import torch
 from peft_refs import ALL_LINEAR, make_tokenizer, randomize_
 
 import ftcore
+from ftcore.formats.hf import load_model, save_pretrained
+from ftcore.formats.tokenizer import Tokenizer
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, apply, export_merged, load_with_adapter, save_adapter
-from ftcore.tokenizer import Tokenizer
-from ftcore.weights import load_model, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 

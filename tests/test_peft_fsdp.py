@@ -6,8 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ftcore import ops
-from ftcore.model import ModelConfig, Transformer
+from ftcore.model import ModelConfig, Transformer, ops
 from ftcore.peft import PeftConfig, apply
 
 METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt"]  # lora-fused: train.fused_lora under FSDP2

@@ -6,9 +6,9 @@ import torch
 from greedy_ref import assert_greedy_equal, decisive_length, reference_greedy
 from peft_refs import peft_model
 
-from ftcore.generate import generate, left_pad
+from ftcore.formats.hf import load_model
+from ftcore.model.generate import generate, left_pad
 from ftcore.peft import load_adapter
-from ftcore.weights import load_model
 
 pytest.importorskip("peft")
 

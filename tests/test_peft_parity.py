@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft_refs import SPECS, VOCAB, make_tokenizer, our_config, peft_config, peft_logits, peft_model, randomize_
 
+from ftcore.formats.hf import load_model
 from ftcore.peft import apply, count_parameters, load_adapter, save_adapter
-from ftcore.weights import load_model
 
 peft = pytest.importorskip("peft")
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from peft_refs import VOCAB, make_tokenizer, peft_model
 
+from ftcore.formats.hf import load_model
+from ftcore.formats.tokenizer import Tokenizer
 from ftcore.peft import PeftConfig, apply, load_adapter
-from ftcore.tokenizer import Tokenizer
-from ftcore.weights import load_model
 
 peft = pytest.importorskip("peft")
 

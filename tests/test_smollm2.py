@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ftcore
-from ftcore.generate import generate
+from ftcore.model.generate import generate
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ftcore.errors import FtcoreError
-from ftcore.tokenizer import Tokenizer
+from ftcore.formats.tokenizer import Tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "

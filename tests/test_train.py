@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import ftcore.train
+import ftcore.train.loop
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
-from ftcore.log import read_metrics
+from ftcore.formats.hf import save_pretrained
 from ftcore.model import ModelConfig, Transformer
 from ftcore.train import train
-from ftcore.weights import save_pretrained
+from ftcore.train.log import read_metrics
 
 ROOT = Path(__file__).parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -78,19 +78,19 @@ def test_resume_after_sigterm_is_bit_exact(tiny_dir, data_cache, tmp_path, monke
     train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "straight", eval__baseline=False)))
     expected = read_metrics(tmp_path / "straight")
 
-    real_lr_at = ftcore.train.lr_at
+    real_lr_at = ftcore.train.loop.lr_at
 
     def lr_at_then_sigterm(step, cfg, max_steps):  # a SIGTERM arrives during step index 4
         if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_lr_at(step, cfg, max_steps)
 
-    monkeypatch.setattr(ftcore.train, "lr_at", lr_at_then_sigterm)
+    monkeypatch.setattr(ftcore.train.loop, "lr_at", lr_at_then_sigterm)
     stopped = train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", eval__baseline=False)))
     assert stopped["status"].startswith("stopped by SIGTERM at step 5")
     assert (tmp_path / "resumed" / "checkpoints" / "step_00000005").is_dir()
     assert not (tmp_path / "resumed" / "final").exists()
-    monkeypatch.setattr(ftcore.train, "lr_at", real_lr_at)
+    monkeypatch.setattr(ftcore.train.loop, "lr_at", real_lr_at)
     train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", eval__baseline=False, train__resume="auto")))
     got = read_metrics(tmp_path / "resumed")
     assert [e.get("loss") for e in got] == [e.get("loss") for e in expected]  # bit for bit, not approx
@@ -106,7 +106,7 @@ def test_early_stopping_keeps_best(tiny_dir, data_cache, tmp_path, monkeypatch):
     def fake_validation_loss(model, batcher, batches, device, autocast=None):
         return next(val) * 100, 100
 
-    monkeypatch.setattr(ftcore.train, "validation_loss", fake_validation_loss)
+    monkeypatch.setattr(ftcore.train.loop, "validation_loss", fake_validation_loss)
     cfg = tiny_run(tiny_dir, data_cache, tmp_path, train__max_steps=20, train__eval_every=2,
                    train__early_stopping_patience=2, train__keep_checkpoints=1, eval__baseline=False)  # fmt: skip
     result = train(run_config(cfg))
@@ -183,7 +183,7 @@ def test_bf16_autocast_trains_fp32_adapters(tiny_dir, data_cache, tmp_path):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss(policy, tiny_dir, data_cache, tmp_path, monkeypatch):
-    real = ftcore.train.batch_loss_sum
+    real = ftcore.train.loop.batch_loss_sum
     calls = {"n": 0}
 
     def nan_on_second_step(model, batch, device):
@@ -191,7 +191,7 @@ def test_non_finite_loss(policy, tiny_dir, data_cache, tmp_path, monkeypatch):
         loss, n = real(model, batch, device)
         return (loss * float("nan") if calls["n"] == 2 else loss), n
 
-    monkeypatch.setattr(ftcore.train, "batch_loss_sum", nan_on_second_step)
+    monkeypatch.setattr(ftcore.train.loop, "batch_loss_sum", nan_on_second_step)
     cfg = run_config(tiny_run(tiny_dir, data_cache, tmp_path, train__on_nonfinite=policy, train__eval_every=0,
                               train__max_steps=4, eval__baseline=False))  # fmt: skip
     if policy == "stop":

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ftcore.errors import FtcoreError
+from ftcore.formats.hf import load_model, resolve, save_pretrained
+from ftcore.formats.safetensors import save_safetensors
 from ftcore.model import ModelConfig, Transformer
-from ftcore.safetensors_io import save_safetensors
-from ftcore.weights import load_model, resolve, save_pretrained
 
 
 def tiny_model(**kw):
@@ -151,7 +151,7 @@ def test_pkg_reference_errors():
 PEAK_SCRIPT = """
 import sys, torch
 from ftcore.model import ModelConfig
-from ftcore.weights import build_model, load_model
+from ftcore.formats.hf import build_model, load_model
 def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
 # Page in the code first (a fixed ~70 MB of torch, independent of the checkpoint's size).
 torch.ones(1024).sum()

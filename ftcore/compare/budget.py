@@ -14,8 +14,8 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
 from dataclasses import dataclass
 
 from ftcore import peft
+from ftcore.formats.hf import build_model
 from ftcore.model import ModelConfig
-from ftcore.weights import build_model
 
 KNOBS = {"lora": "r", "dora": "r", "prefix": "num_virtual_tokens", "prompt": "num_virtual_tokens"}
 

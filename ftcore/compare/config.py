@@ -6,9 +6,9 @@ The training groups (model, data, optim, train, eval, logger, dist) are the runs
 
 from dataclasses import dataclass, field
 
-from ftcore.configure import build
 from ftcore.errors import FtcoreError
 from ftcore.peft.config import METHODS
+from ftcore.schema import build
 
 LAUNCHES = ("inprocess", "subprocess", "print")
 

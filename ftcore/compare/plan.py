@@ -19,12 +19,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftcore.checkpoint import latest
 from ftcore.compare.budget import KNOBS, Sized, solve_budget
 from ftcore.compare.config import CompareConfig
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig
+from ftcore.train.checkpoint import latest
 
 STATUS_FILE = "compare_status.json"  # written by the sweep after each run: status, wall time, peak memory
 RUN_CONFIG_FILE = (

@@ -8,7 +8,7 @@ with the base model's score as a dashed line.
 
 from pathlib import Path
 
-from ftcore.log import read_metrics
+from ftcore.train.log import read_metrics
 
 
 def write_plots(out_dir: Path, arms, finals, table, baseline) -> list[Path]:

@@ -15,7 +15,7 @@ from ftcore.compare.plan import read_status, run_state
 from ftcore.config import run_config
 from ftcore.data.tasks import get_task
 from ftcore.eval.evaluate import headline
-from ftcore.log import read_metrics
+from ftcore.train.log import read_metrics
 
 RUN_COLUMNS = ["arm", "method", "seed", "lr", "knob", "size", "trainable_params", "metric", "score", "best_val_loss",
                "final_val_loss", "steps", "tokens_per_s", "peak_mem_gb", "peak_mem_kind", "wall_s", "status",

@@ -33,8 +33,8 @@ from ftcore.compare.plan import (
 from ftcore.compare.results import write_results
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
+from ftcore.formats.hf import read_config, resolve
 from ftcore.train import train
-from ftcore.weights import read_config, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 DIVERGED = "non-finite loss"  # train() raises on it (train.on_nonfinite=stop): a learning rate too high
@@ -260,14 +260,14 @@ def evaluate_baseline(base: dict, out_dir: Path, compute: bool = True) -> dict |
     if not compute:
         return None
     from ftcore.data.pipeline import build_datasets
+    from ftcore.dtypes import DTYPES
     from ftcore.eval.evaluate import evaluate_task
-    from ftcore.parallel import pick_device
-    from ftcore.train import MODEL_DTYPES
-    from ftcore.weights import load_pretrained
+    from ftcore.formats.hf import load_pretrained
+    from ftcore.train.parallel import pick_device
 
     print("compare: evaluating the base model ...", flush=True)
     device = pick_device(cfg.train.device)
-    model, tokenizer = load_pretrained(cfg.model.path, dtype=MODEL_DTYPES[cfg.model.dtype], device=device)
+    model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device)
     splits, _ = build_datasets(cfg.data, tokenizer)
     result = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
     record = {"config_hash": key, **{k: result[k] for k in ("task", "metric", "score", "scores", "n")}, "config": what}

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftcore.configure import build
 from ftcore.data.tasks import TASKS
 from ftcore.errors import FtcoreError
+from ftcore.schema import build
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMOS = {"arithmetic": "arithmetic.jsonl", "tickets": "tickets.jsonl", "rewrite": "rewrite.jsonl"}

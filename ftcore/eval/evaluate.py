@@ -10,8 +10,8 @@ import torch
 from ftcore.data.format import encode_prompt, split_prompt
 from ftcore.data.tasks import extract_answer, get_task
 from ftcore.eval import metrics
-from ftcore.generate import generate
-from ftcore.loss import batch_loss_sum  # the training loss lives in ftcore/loss.py
+from ftcore.model.generate import generate
+from ftcore.model.loss import batch_loss_sum  # the training loss lives in ftcore/model/loss.py
 
 
 @torch.no_grad()

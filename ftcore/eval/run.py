@@ -12,23 +12,20 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ftcore import peft
 from ftcore.config import EvalConfig, ModelSpec
-from ftcore.configure import build
 from ftcore.data.collate import Batcher, pad_token_id
 from ftcore.data.config import DataConfig
 from ftcore.data.pipeline import build_datasets
 from ftcore.data.sampler import eval_batches
+from ftcore.dtypes import DTYPES
 from ftcore.errors import FtcoreError
 from ftcore.eval.evaluate import evaluate_task, validation_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
-from ftcore.parallel import pick_device
-from ftcore.weights import load_pretrained
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ftcore.formats.hf import load_pretrained
+from ftcore.schema import build
+from ftcore.train.parallel import pick_device
 
 
 @dataclass

@@ -6,8 +6,8 @@ Field names are ours; io.py translates them to and from HF PEFT's adapter_config
 import dataclasses
 from dataclasses import dataclass, field
 
-from ftcore.configure import build
 from ftcore.errors import FtcoreError
+from ftcore.schema import build
 
 METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt")
 LORA_INITS = ("kaiming-uniform", "gaussian")  # PEFT's init_lora_weights=True / "gaussian"; B starts at zero

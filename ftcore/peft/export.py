@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ftcore.errors import FtcoreError
+from ftcore.formats.hf import save_pretrained
 from ftcore.model import Transformer
 from ftcore.peft.attach import HOOKS, adapter_layers
-from ftcore.weights import save_pretrained
 
 
 def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ftcore.errors import FtcoreError
+from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.peft.attach import adapter_layers, apply, peft_key, unload
 from ftcore.peft.config import PeftConfig
-from ftcore.safetensors_io import SafetensorsFile, save_safetensors
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
@@ -108,7 +108,7 @@ def load_with_adapter(adapter_dir, base: str = "", dtype=torch.float32, device="
             raise FtcoreError(f"{cfg_path}: invalid JSON ({e})") from None
         if not base:
             raise FtcoreError(f"{cfg_path}: records no base_model_name_or_path; give the base model (--model)")
-    from ftcore.weights import load_pretrained
+    from ftcore.formats.hf import load_pretrained
 
     model, tokenizer = load_pretrained(base, dtype=dtype, device=device)
     return load_adapter(model, adapter_dir), tokenizer

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftcore import ops
+from ftcore.model import ops
 
 
 class LoraLinear(nn.Module):

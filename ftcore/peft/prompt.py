@@ -61,7 +61,7 @@ def encode_init_text(text: str, tokenizer=None, tokenizer_path: str = "") -> lis
     ftcore's Tokenizer.encode follows the same add_bos_token setting.
     """
     if tokenizer is None:
-        from ftcore.tokenizer import Tokenizer
+        from ftcore.formats.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(tokenizer_path)
     ids = tokenizer.encode(text)

@@ -20,20 +20,25 @@ from pathlib import Path
 
 import torch
 
-from ftcore import checkpoint, cuda_graph, ops, peft
+from ftcore import peft
 from ftcore.config import RunConfig
 from ftcore.data.collate import Batcher, pad_token_id
 from ftcore.data.pipeline import build_datasets
 from ftcore.data.sampler import Sampler, eval_batches
+from ftcore.dtypes import AUTOCAST, DTYPES
 from ftcore.errors import FtcoreError
 from ftcore.eval.evaluate import evaluate_task, validation_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
-from ftcore.flops import peak_flops, train_flops_per_token
-from ftcore.log import RunLogger, read_metrics
-from ftcore.loss import batch_loss_sum
-from ftcore.optim import build_optimizer, lr_at, set_lr
-from ftcore.parallel import (  # pick_device: kept importable from here (scripts use ftcore.train.pick_device)
+from ftcore.formats.hf import load_pretrained, save_pretrained
+from ftcore.model import ops
+from ftcore.model.loss import batch_loss_sum
+from ftcore.train import checkpoint
+from ftcore.train import step as cuda_graph
+from ftcore.train.flops import peak_flops, train_flops_per_token
+from ftcore.train.log import RunLogger, read_metrics
+from ftcore.train.optim import build_optimizer, lr_at, set_lr
+from ftcore.train.parallel import (  # pick_device: kept importable from here (scripts use ftcore.train.pick_device)
     enable_activation_checkpointing,
     gather_model,
     grad_sync,
@@ -41,11 +46,7 @@ from ftcore.parallel import (  # pick_device: kept importable from here (scripts
     parallelize,
     pick_device,  # noqa: F401
 )
-from ftcore.run_info import write_run_info
-from ftcore.weights import load_pretrained, save_pretrained
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ftcore.train.run_info import write_run_info
 
 
 class StopSignal:
@@ -78,13 +79,13 @@ def train(cfg: RunConfig) -> dict:
     config_json = json.loads((run_dir / "config.json").read_text()) if rank0 else None
     logger = RunLogger(run_dir, cfg.logger, config_json, rank=world.rank)
     autocast = (
-        torch.autocast(device.type, dtype=AMP_DTYPES[cfg.train.precision])
-        if cfg.train.precision in AMP_DTYPES
+        torch.autocast(device.type, dtype=AUTOCAST[cfg.train.precision])
+        if cfg.train.precision in AUTOCAST
         else nullcontext()
     )
 
     # model, data
-    model, tokenizer = load_pretrained(cfg.model.path, dtype=MODEL_DTYPES[cfg.model.dtype], device=device)
+    model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device)
     splits, data_report = build_datasets(cfg.data, tokenizer)
     if rank0:
         (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
@@ -138,7 +139,7 @@ def train(cfg: RunConfig) -> dict:
         world.print(f"resumed from {resume_from} at step {state['step']}")
 
     peak, full_finetune = peak_flops(device), cfg.peft.method == "full"
-    graphed = None  # train.cuda_graph: the whole step captured once and replayed (ftcore/cuda_graph.py)
+    graphed = None  # train.cuda_graph: the whole step captured once and replayed (ftcore/train/step.py)
     if cfg.train.cuda_graph:
         graphed = cuda_graph.GraphedStep(model, optimizer, cfg.train.precision, cfg.optim.grad_clip)
     stop = StopSignal()

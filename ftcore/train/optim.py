@@ -11,35 +11,11 @@ Schedules are pure functions of the step, so a resumed run needs only the step t
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from ftcore.config import OptimConfig
 from ftcore.errors import FtcoreError
-
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the floor the decay ends at, as a fraction of lr
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)
-        if self.schedule not in SCHEDULES:
-            raise FtcoreError(f"optim.schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise FtcoreError(
-                f"optim: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; "
-                f"got lr={self.lr}, warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}"
-            )
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -23,8 +23,11 @@ import torch.nn.functional as F
 
 from ftcore.errors import FtcoreError
 
-KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels"
-KERNEL_SOURCES = ("ftcore_kernels.cpp", "rms_norm.cu", "rope.cu", "swiglu.cu")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # ftcore/
+# kernels/ at the repository root in a checkout; an install (wheel or `pip install .`) ships it as ftcore/kernels/
+KERNEL_DIRS = (PACKAGE_DIR / "kernels", PACKAGE_DIR.parent / "kernels")
+KERNEL_SOURCES = ("ftcore_kernels.cpp", "rms_norm.cu", "rope.cu", "swiglu.cu")  # compiled
+KERNEL_FILES = (*KERNEL_SOURCES, "common.cuh")  # and included
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RMS_NORM_DIM = 8 * 1024  # the kernel keeps a row in registers: 8 values x up to 1024 threads
 
@@ -32,7 +35,7 @@ MAX_RMS_NORM_DIM = 8 * 1024  # the kernel keeps a row in registers: 8 values x u
 @dataclass
 class Settings:
     fused_kernels: bool = False  # RMSNorm, RoPE, SwiGLU from kernels/ on CUDA tensors
-    loss_chunk_size: int = 1024  # tokens per lm_head + cross-entropy chunk (ftcore.loss); 0 = plain
+    loss_chunk_size: int = 1024  # tokens per lm_head + cross-entropy chunk (ftcore.model.loss); 0 = plain
     fused_lora: bool = True  # LoRA/rsLoRA layers through LoRALinearFunction (CPU and GPU); False = eager
 
 
@@ -259,6 +262,14 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 # -- build ---------------------------------------------------------------------------------------------
 
 
+def kernel_dir() -> Path:
+    """Where the CUDA C++ sources are: the installed package's copy, else the checkout's kernels/."""
+    for d in KERNEL_DIRS:
+        if all((d / f).is_file() for f in KERNEL_FILES):
+            return d
+    raise FtcoreError(f"the kernel sources ({', '.join(KERNEL_FILES)}) are in none of {', '.join(map(str, KERNEL_DIRS))}")
+
+
 def build_dir() -> Path:
     root = Path(os.environ.get("FTCORE_CACHE", Path.home() / ".cache" / "ftcore"))
     tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
@@ -277,7 +288,7 @@ def kernels():
     try:
         return load(
             name="ftcore_kernels",
-            sources=[str(KERNEL_DIR / s) for s in KERNEL_SOURCES],
+            sources=[str(kernel_dir() / s) for s in KERNEL_SOURCES],
             build_directory=str(out),
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3"],  # no fast math: fp32 parity within 1e-5

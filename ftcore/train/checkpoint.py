@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ftcore.errors import FtcoreError
-from ftcore.safetensors_io import SafetensorsFile, save_safetensors
+from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 

@@ -2,36 +2,10 @@
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftcore.config import LogConfig, WandbConfig
 from ftcore.errors import FtcoreError
-
-WANDB_MODES = ("offline", "online", "disabled")
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "offline"
-    project: str = "ftcore"
-    name: str | None = None
-    group: str | None = None
-    tags: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.mode not in WANDB_MODES:
-            raise FtcoreError(f"logger.wandb.mode: {self.mode!r} is not one of {', '.join(WANDB_MODES)}")
-
-
-@dataclass
-class LogConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress: bool = True  # tqdm progress bar
-    log_every: int = 1
-
-    def __post_init__(self):
-        if isinstance(self.wandb, dict):
-            self.wandb = WandbConfig(**self.wandb)
 
 
 class RunLogger:

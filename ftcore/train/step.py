@@ -8,7 +8,7 @@
     new shapes:  returns None; the loop runs that step eagerly (the graph stays for the next one)
 
 Fixed shapes come from data.packing (rows of seq_len) or data.static_shape. Inside the graph the loss
-runs over every position with the ignored ones masked (ftcore.loss.static_batch_loss_sum): selecting
+runs over every position with the ignored ones masked (ftcore.model.loss.static_batch_loss_sum): selecting
 target positions would need a host sync. Replaying saves the CPU launch overhead of hundreds of small
 kernels per step, which is what limits small models on fast GPUs.
 """
@@ -17,10 +17,10 @@ from contextlib import nullcontext
 
 import torch
 
+from ftcore.dtypes import AUTOCAST
 from ftcore.errors import FtcoreError
-from ftcore.loss import static_batch_loss_sum
+from ftcore.model.loss import static_batch_loss_sum
 
-AMP_DTYPES = {"bf16": torch.bfloat16}
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (lazy state, cuBLAS workspaces)
 
 
@@ -56,7 +56,7 @@ class GraphedStep:
 
     def __init__(self, model, optimizer, precision: str = "fp32", grad_clip: float = 1.0, capture: bool = True):
         self.model, self.optimizer, self.grad_clip, self.capture = model, optimizer, grad_clip, capture
-        dtype = AMP_DTYPES.get(precision)
+        dtype = AUTOCAST.get(precision)
         device = next(p.device for p in model.parameters() if p.requires_grad)
         self.autocast = torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype else nullcontext()
         self.params = [p for p in model.parameters() if p.requires_grad]

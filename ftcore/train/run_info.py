@@ -43,6 +43,6 @@ def write_run_info(run_dir: Path, cfg) -> None:
     except ImportError:  # JSON is valid YAML: the library runs without PyYAML (it comes with Hydra)
         text = json.dumps(config, indent=2) + "\n"
     (run_dir / "config.yaml").write_text(text)
-    info = {"git": git_state(Path(__file__).resolve().parents[1]), "versions": versions(), "argv": sys.argv,
+    info = {"git": git_state(Path(__file__).resolve().parents[2]), "versions": versions(), "argv": sys.argv,
             "host": platform.node(), "platform": platform.platform()}  # fmt: skip
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

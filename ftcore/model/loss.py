@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftcore import ops
 from ftcore.data.format import IGNORE
+from ftcore.model import ops
 
 
 def batch_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:

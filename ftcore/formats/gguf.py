@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ftcore import quants
 from ftcore.errors import FtcoreError
+from ftcore.formats import quants
 
 _MAGIC = b"GGUF"
 _STRING, _ARRAY = 8, 9

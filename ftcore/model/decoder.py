@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftcore import ops
 from ftcore.errors import FtcoreError
+from ftcore.model import ops
 
 ROPE_TYPES = ("default", "linear", "llama3")
 

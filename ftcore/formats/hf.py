@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ftcore.errors import FtcoreError
+from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.model import ModelConfig, Transformer
-from ftcore.safetensors_io import SafetensorsFile, save_safetensors
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -151,7 +151,7 @@ def resolve(path_or_repo_id) -> Path:
     if ref.endswith(".gguf"):
         if not path.is_file():
             raise FtcoreError(f"{path}: GGUF file not found")
-        from ftcore.gguf import cached_import
+        from ftcore.formats.gguf import cached_import
 
         return cached_import(path)
     if path.is_dir():
@@ -189,7 +189,7 @@ def load_model(path_or_repo_id, dtype=torch.float32, device="cpu") -> Transforme
 
 def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu"):
     """Load (model, tokenizer) from a local directory, a .gguf file, `pkg://...` or a hub repo id."""
-    from ftcore.tokenizer import Tokenizer
+    from ftcore.formats.tokenizer import Tokenizer
 
     model_dir = resolve(path_or_repo_id)
     return load_model(model_dir, dtype, device), Tokenizer.from_dir(model_dir)

@@ -1,0 +1,15 @@
+"""The one map from config strings to torch dtypes: model.dtype names and train.precision's autocast."""
+
+import torch
+
+from ftcore.errors import FtcoreError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision; fp32 = no autocast
+
+
+def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    """'bfloat16' -> torch.bfloat16; anything else fails naming `key` and the allowed names."""
+    if name not in DTYPES:
+        raise FtcoreError(f"{key}={name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
