@@ -1,6 +1,7 @@
 """ftcore imports and trains with torch and its data deps alone: no hydra, omegaconf, wandb, yaml,
 transformers or peft (the last two are test-only references; hydra and wandb are lazy)."""
 
+import os
 import subprocess
 import sys
 
@@ -38,3 +39,37 @@ def test_library_runs_without_optional_packages(tiny_dir, data_cache, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "ok []"
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "final" / "adapter_config.json").is_file()
+
+
+def test_pyproject_lists_every_package():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "ftcore").rglob("__init__.py")}
+    assert set(listed) == found | {"ftcore.kernels"}
+
+
+def test_installed_package_finds_the_kernel_sources(tmp_path):
+    """A non-editable install (what a wheel holds) ships kernels/ as ftcore/kernels, and ops finds it there."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    for name in ("ftcore", "kernels"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(site), str(src)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    probe = "import ftcore.model.ops as ops; print(ops.kernel_dir()); print(*sorted(p.name for p in ops.kernel_dir().iterdir()))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    where, names = r.stdout.splitlines()
+    assert Path(where) == site / "ftcore" / "kernels"
+    assert set(names.split()) >= {"ftcore_kernels.cpp", "rms_norm.cu", "rope.cu", "swiglu.cu", "common.cuh"}
