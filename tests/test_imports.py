@@ -42,8 +42,9 @@ def test_library_runs_without_optional_packages(tiny_dir, data_cache, tmp_path):
 
 
 def test_pyproject_lists_every_package():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]

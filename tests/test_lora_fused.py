@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from ftcore import peft
-from ftcore.model import ModelConfig, Transformer, ops
+from ftcore.model import ModelConfig, Transformer
 from ftcore.peft.lora import LoraLinear
+from ftcore.train.step import set_fast_paths
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,7 +28,8 @@ def run(layer, x, fused: bool, autocast: bool = False, seed: int = 0):
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)  # the dropout mask
-    with ops.using(fused_lora=fused), torch.autocast(x.device.type, enabled=autocast):
+    layer.fused = fused
+    with torch.autocast(x.device.type, enabled=autocast):
         y = layer(x)
     dy = torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape)
     (y.float() * dy).sum().backward()
@@ -117,9 +119,9 @@ def test_dora_merged_and_trained_weight_stay_eager():
     trained = lora_layer()
     trained.weight.requires_grad_(True)
     x = torch.randn(2, 8)
-    with ops.using(fused_lora=True):
-        for layer, inp in ((dora, x), (merged, torch.randn(2, 24)), (trained, torch.randn(2, 24))):
-            assert type(layer(inp).grad_fn).__name__ != "ViewBackward0"
+    for layer, inp in ((dora, x), (merged, torch.randn(2, 24)), (trained, torch.randn(2, 24))):
+        layer.fused = True
+        assert type(layer(inp).grad_fn).__name__ != "ViewBackward0"
 
 
 def tiny_lora_model(dtype, dropout) -> Transformer:
@@ -142,8 +144,8 @@ def test_model_loss_and_gradients_equal_eager():
     results = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        with ops.using(fused_lora=fused):
-            logits = model(ids)
+        set_fast_paths(model, fused_kernels=False, loss_chunk_size=0, fused_lora=fused)
+        logits = model(ids)
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
         loss.backward()
         results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
@@ -162,7 +164,8 @@ def saved_bytes(model, ids, fused: bool) -> int:
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with ops.using(fused_lora=fused), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    set_fast_paths(model, fused_kernels=False, loss_chunk_size=0, fused_lora=fused)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids)
     return sum(storages.values())
 

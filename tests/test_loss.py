@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from ftcore import peft
 from ftcore.data.collate import collate
 from ftcore.data.format import IGNORE
-from ftcore.model import ModelConfig, Transformer, ops
-from ftcore.model.loss import batch_loss_sum, chunkable, linear_cross_entropy, static_batch_loss_sum
+from ftcore.model import ModelConfig, Transformer
+from ftcore.model.loss import batch_loss_sum, chunkable, linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,9 +86,9 @@ def packed_batch() -> dict:
     return collate([docs[:3], docs[3:]], pad_id=0, length=24, packed=True)
 
 
-def model_grads(model, batch, fn=batch_loss_sum):
+def model_grads(model, batch, select_targets=True):
     model.zero_grad(set_to_none=True)
-    loss, n = fn(model, batch, "cpu") if fn is batch_loss_sum else fn(model, batch)
+    loss, n = batch_loss_sum(model, batch, "cpu", select_targets)  # the loss inside the model's forward
     (loss / n).backward()
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -104,11 +104,11 @@ def test_batch_loss_sum_chunked_equals_plain(method):
                 torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter, so its gradients are not trivial
     assert chunkable(model.lm_head) == (method != "lora_head")
     batch = packed_batch()
-    with ops.using(loss_chunk_size=0):
-        ref_loss, ref = model_grads(model, batch)
-    with ops.using(loss_chunk_size=5):
-        loss, got = model_grads(model, batch)
-        static_loss, static = model_grads(model, batch, static_batch_loss_sum)
+    model.loss_chunk_size = 0
+    ref_loss, ref = model_grads(model, batch)
+    model.loss_chunk_size = 5
+    loss, got = model_grads(model, batch)
+    static_loss, static = model_grads(model, batch, select_targets=False)  # every position, ignored ones masked
     assert ref.keys() == got.keys() == static.keys() and ref
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(static_loss, ref_loss, rtol=1e-5, atol=1e-5)

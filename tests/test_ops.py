@@ -1,4 +1,4 @@
-"""ops.py: eager fallbacks on CPU, the switches, and (on a GPU) each kernel against its fallback."""
+"""ops.py: eager fallbacks on CPU, the switches on the modules, and (on a GPU) each kernel against its fallback."""
 
 import pytest
 import torch
@@ -13,22 +13,21 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 def test_cpu_runs_eager_even_when_switched_on():
     x, w = torch.randn(3, 5, 8, requires_grad=True), torch.randn(8)
-    with ops.using(fused_kernels=True):
-        y = ops.rms_norm(x, w, 1e-5)
-        s = ops.swiglu(x, x * 2)
+    y = ops.rms_norm(x, w, 1e-5, fused=True)
+    s = ops.swiglu(x, x * 2, fused=True)
     assert torch.equal(y, ops.rms_norm_eager(x, w, 1e-5)) and "RMSNormFunction" not in type(y.grad_fn).__name__
     assert torch.equal(s, ops.swiglu_eager(x, x * 2))
 
 
-def test_switches():
-    with pytest.raises(FtcoreError, match="unknown switch 'fused_kernel'"):
-        ops.configure(fused_kernel=True)
-    before = ops.settings
-    with ops.using(fused_kernels=True, loss_chunk_size=7):
-        assert ops.settings.fused_kernels and ops.settings.loss_chunk_size == 7
-    assert ops.settings == before
-    with pytest.raises(FtcoreError, match="loss_chunk_size: must be >= 0"):
-        ops.configure(loss_chunk_size=-1)
+def test_switches_live_on_the_modules():
+    """A new model runs the eager references; set_fast_paths reaches every module that calls a fused op."""
+    cfg = ModelConfig(vocab_size=11, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2, num_kv_heads=1)
+    model = Transformer(cfg)
+    switched = [m for m in model.modules() if hasattr(m, "fused_kernels")]
+    assert len(switched) == 4 * cfg.num_layers + 1  # 2 norms, attention (RoPE) and MLP per block; the final norm
+    assert model.loss_chunk_size == 0 and not any(m.fused_kernels for m in switched)
+    model.set_fast_paths(fused_kernels=True, loss_chunk_size=7)
+    assert model.loss_chunk_size == 7 and all(m.fused_kernels for m in switched)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
@@ -57,8 +56,7 @@ def fused_and_eager(fn, inputs: list, grad_seed: int = 0):
     results = []
     for fused in (True, False):
         xs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-        with ops.using(fused_kernels=fused):
-            out = fn(*xs)
+        out = fn(*xs, fused=fused)
         if fused:
             assert "Function" in type(out.grad_fn).__name__, "the kernel path was not taken"
         g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(grad_seed), device=out.device)
@@ -75,7 +73,7 @@ def fused_and_eager(fn, inputs: list, grad_seed: int = 0):
 def test_rms_norm_kernel(x_dtype, w_dtype, shape):
     x = torch.randn(shape, device="cuda").to(x_dtype).requires_grad_()
     w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(w_dtype).requires_grad_()
-    (y, grads), (y_ref, grads_ref) = fused_and_eager(lambda a, b: ops.rms_norm(a, b, 1e-5), [x, w])
+    (y, grads), (y_ref, grads_ref) = fused_and_eager(lambda a, b, fused: ops.rms_norm(a, b, 1e-5, fused), [x, w])
     assert_close(y, y_ref, x_dtype, "y")
     for name, a, b in zip(("dx", "dw"), grads, grads_ref):
         assert_close(a, b, x_dtype, name)
@@ -94,7 +92,7 @@ def test_rope_kernel(x_dtype, cos_dtype, cos_batch):
     # q as the model makes it: a transposed view of the projection [B, T, H * hd]
     x = torch.randn(B, T, H * hd, device="cuda").to(x_dtype).view(B, T, H, hd).transpose(1, 2).requires_grad_()
     assert not x.is_contiguous()
-    (y, (dx,)), (y_ref, (dx_ref,)) = fused_and_eager(lambda a: ops.rope(a, cos, sin), [x])
+    (y, (dx,)), (y_ref, (dx_ref,)) = fused_and_eager(lambda a, fused: ops.rope(a, cos, sin, fused), [x])
     assert_close(y, y_ref, x_dtype, "y")
     assert_close(dx, dx_ref, x_dtype, "dx")
 
@@ -123,8 +121,8 @@ def test_model_with_kernels_matches_eager(dtype):
     out = {}
     for fused in (True, False):
         model.zero_grad(set_to_none=True)
-        with ops.using(fused_kernels=fused):
-            logits = model(tokens)
+        model.set_fast_paths(fused_kernels=fused, loss_chunk_size=0)
+        logits = model(tokens)
         logits.float().square().mean().backward()
         out[fused] = (logits.detach(), {k: p.grad for k, p in model.named_parameters()})
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # through two layers
@@ -189,17 +187,14 @@ class FakeKernels:
 @pytest.fixture
 def fake_kernels(monkeypatch):
     monkeypatch.setattr(ops, "kernels", lambda: FakeKernels)
-    monkeypatch.setattr(ops, "_fused", lambda *tensors: ops.settings.fused_kernels)
-    with ops.using(fused_kernels=True):
-        yield
+    monkeypatch.setattr(ops, "_fused", lambda fused, *tensors: fused)  # CPU tensors take the kernel path
 
 
 def fused_vs_eager_cpu(fn, inputs):
     out = {}
     for fused in (True, False):
         xs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-        with ops.using(fused_kernels=fused):
-            y = fn(*xs)
+        y = fn(*xs, fused=fused)
         assert ("Function" in type(y.grad_fn).__name__) == fused
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
         out[fused] = (y.detach(), [t.grad for t in xs if t.requires_grad])
@@ -211,7 +206,7 @@ def fused_vs_eager_cpu(fn, inputs):
 def test_rms_norm_function_on_cpu(fake_kernels, x_dtype, w_dtype):
     x = torch.randn(2, 3, 40).to(x_dtype).requires_grad_()
     w = (1 + 0.1 * torch.randn(40)).to(w_dtype).requires_grad_()
-    (y, grads), (y_ref, grads_ref) = fused_vs_eager_cpu(lambda a, b: ops.rms_norm(a, b, 1e-5), [x, w])
+    (y, grads), (y_ref, grads_ref) = fused_vs_eager_cpu(lambda a, b, fused: ops.rms_norm(a, b, 1e-5, fused), [x, w])
     assert_close(y, y_ref, x_dtype, "y")
     for name, a, b in zip(("dx", "dw"), grads, grads_ref):
         assert_close(a, b, x_dtype, name)
@@ -225,7 +220,7 @@ def test_rope_function_on_cpu(fake_kernels, x_dtype, cos_dtype, cos_batch):
     pos = torch.arange(T)[None].expand(cos_batch, T) + torch.arange(cos_batch)[:, None]
     cos, sin = rope_cos_sin(rope_inv_freq(cfg), pos, cos_dtype)
     x = torch.randn(B, T, H * hd).to(x_dtype).view(B, T, H, hd).transpose(1, 2).requires_grad_()
-    (y, (dx,)), (y_ref, (dx_ref,)) = fused_vs_eager_cpu(lambda a: ops.rope(a, cos, sin), [x])
+    (y, (dx,)), (y_ref, (dx_ref,)) = fused_vs_eager_cpu(lambda a, fused: ops.rope(a, cos, sin, fused), [x])
     assert_close(y, y_ref, x_dtype, "y")
     assert_close(dx, dx_ref, x_dtype, "dx")
 
@@ -247,8 +242,8 @@ def test_model_through_functions_on_cpu(fake_kernels):
     out = {}
     for fused in (True, False):
         model.zero_grad(set_to_none=True)
-        with ops.using(fused_kernels=fused):
-            logits = model(tokens)
+        model.set_fast_paths(fused_kernels=fused, loss_chunk_size=0)
+        logits = model(tokens)
         logits.square().mean().backward()
         out[fused] = (logits.detach(), {k: p.grad for k, p in model.named_parameters()})
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)

@@ -6,8 +6,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ftcore.model import ModelConfig, Transformer, ops
+from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, apply
+from ftcore.train.step import set_fast_paths
 
 METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt"]  # lora-fused: train.fused_lora under FSDP2
 
@@ -43,8 +44,8 @@ def worker(rank, world, init_file):
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
-        with ops.using(fused_lora=method == "lora-fused"):
-            loss_of(model, rank).backward()
+        set_fast_paths(model, fused_kernels=False, loss_chunk_size=0, fused_lora=method == "lora-fused")
+        loss_of(model, rank).backward()
         for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
             assert (p.grad is None) == (p_ref.grad is None), (method, name)
             if p.grad is not None:

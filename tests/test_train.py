@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import ftcore.train.loop
+import ftcore.train.step
 from ftcore.config import run_config
-from ftcore.errors import FtcoreError
+from ftcore.errors import NonFiniteLoss
 from ftcore.formats.hf import save_pretrained
 from ftcore.model import ModelConfig, Transformer
 from ftcore.train import train
@@ -183,19 +184,19 @@ def test_bf16_autocast_trains_fp32_adapters(tiny_dir, data_cache, tmp_path):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss(policy, tiny_dir, data_cache, tmp_path, monkeypatch):
-    real = ftcore.train.loop.batch_loss_sum
+    real = ftcore.train.step.batch_loss_sum
     calls = {"n": 0}
 
-    def nan_on_second_step(model, batch, device):
+    def nan_on_second_step(model, batch, device, *args):
         calls["n"] += 1
-        loss, n = real(model, batch, device)
+        loss, n = real(model, batch, device, *args)
         return (loss * float("nan") if calls["n"] == 2 else loss), n
 
-    monkeypatch.setattr(ftcore.train.loop, "batch_loss_sum", nan_on_second_step)
+    monkeypatch.setattr(ftcore.train.step, "batch_loss_sum", nan_on_second_step)
     cfg = run_config(tiny_run(tiny_dir, data_cache, tmp_path, train__on_nonfinite=policy, train__eval_every=0,
                               train__max_steps=4, eval__baseline=False))  # fmt: skip
     if policy == "stop":
-        with pytest.raises(FtcoreError, match="non-finite loss nan at step 2; lower optim.lr"):
+        with pytest.raises(NonFiniteLoss, match="non-finite loss nan at step 2; lower optim.lr"):
             train(cfg)
     else:
         train(cfg)

@@ -32,12 +32,12 @@ from ftcore.compare.plan import (
 )
 from ftcore.compare.results import write_results
 from ftcore.config import run_config
-from ftcore.errors import FtcoreError
+from ftcore.errors import FtcoreError, NonFiniteLoss
 from ftcore.formats.hf import read_config, resolve
 from ftcore.train import train
+from ftcore.train.loop import StopReason
 
 REPO = Path(__file__).resolve().parents[2]
-DIVERGED = "non-finite loss"  # train() raises on it (train.on_nonfinite=stop): a learning rate too high
 
 
 def run_comparison(cc: CompareConfig, base: dict, out_dir, command: str = "") -> dict:
@@ -127,8 +127,8 @@ def execute(run: Run, cc: CompareConfig, fresh: bool) -> str:
     if written.is_file() and config_hash(json.loads(written.read_text())) != run.hash:
         raise FtcoreError(f"{run.run_dir}: the run's resolved config differs from the planned one (hash mismatch)")
     (run.run_dir / STATUS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    if status.startswith("stopped"):
-        print(f"compare: {run.name} {status}; rerun the same command to resume the sweep", flush=True)
+    if status == StopReason.SIGNAL:
+        print(f"compare: {run.name} stopped; rerun the same command to resume the sweep", flush=True)
         raise KeyboardInterrupt
     return status
 
@@ -148,10 +148,8 @@ def train_here(run: Run) -> tuple[str, float | None, str]:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
     try:
-        status = train(run_config(run.config))["status"]
-    except FtcoreError as e:
-        if DIVERGED not in str(e):
-            raise
+        status = train(run_config(run.config))["stop_reason"]
+    except NonFiniteLoss as e:  # train.on_nonfinite=stop: a learning rate too high
         print(f"compare: {run.name}: {e}", flush=True)
         status = "diverged"
     if cuda:
@@ -183,14 +181,13 @@ def train_subprocess(run: Run, launcher: str) -> tuple[str, float | None, str]:
         finally:
             signal.signal(signal.SIGINT, previous)
     peak = usage.ru_maxrss / 2**20  # KiB -> GiB, the largest process of the launch
+    if p.returncode == NonFiniteLoss.exit_code:
+        return "diverged", peak, "rss"
     if p.returncode != 0:
-        tail = (run.run_dir / "train.log").read_text(errors="replace")[-4000:]
-        if DIVERGED in tail:
-            return "diverged", peak, "rss"
         raise FtcoreError(f"{run.run_dir}: training exited with code {p.returncode}; see {run.run_dir / 'train.log'}")
     if not (run.run_dir / "eval.json").is_file():
-        return "stopped before the end; resume with train.resume=auto", peak, "rss"
-    return "finished", peak, "rss"
+        return StopReason.SIGNAL.value, peak, "rss"
+    return StopReason.FINISHED.value, peak, "rss"
 
 
 def reset_peak_rss():

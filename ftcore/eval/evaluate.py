@@ -11,7 +11,7 @@ from ftcore.data.format import encode_prompt, split_prompt
 from ftcore.data.tasks import extract_answer, get_task
 from ftcore.eval import metrics
 from ftcore.model.generate import generate
-from ftcore.model.loss import batch_loss_sum  # the training loss lives in ftcore/model/loss.py
+from ftcore.model.loss import batch_loss_sum  # the training loss, computed inside the model's forward
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def validation_loss(model, batcher, batches: list[list[int]], device, autocast=N
     for indices in batches:
         with autocast or torch.autocast(device.type, enabled=False):
             loss, n = batch_loss_sum(model, batcher(indices), device)
-        total, tokens = total + loss.item(), tokens + n
+        total, tokens = total + loss.item(), tokens + int(n)
     model.train(was_training)
     return total, tokens
 

@@ -12,6 +12,10 @@ target-module names (`q_proj`, `down_proj`, ...) mean the same thing here as in 
       └──────────────────────────────────────────────────────────────────┘
                             v
                    norm ─> lm_head ─> logits [B, T, vocab]   (real tokens only)
+                         └─ with targets: (summed next-token loss, target count)   loss.py: no full logits
+
+The loss is computed here, inside forward, so that DDP and FSDP2 wrap the whole computation
+(FSDP2 keeps lm_head's weight gathered exactly as long as the chunked loss needs it).
 
 Virtual tokens (a prefix_kv prefix or prompt_encoder's soft prompt, P of them) take positions 0..P-1
 and shift the real tokens' positions by P, as HF PEFT does; callers' position_ids and attention_mask
@@ -27,6 +31,7 @@ from torch import nn
 
 from ftcore.errors import FtcoreError
 from ftcore.model import ops
+from ftcore.model.loss import token_loss_sum
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -90,20 +95,16 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves (HF convention): x [B, H, T, hd]. (ops: a fused kernel on CUDA when switched on.)"""
-    return ops.rope(x, cos, sin)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused_kernels = False  # kernels/ on CUDA tensors (Transformer.set_fast_paths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32, cast back before the scale (as HF Llama does); see ops.rms_norm_eager.
-        return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, self.fused_kernels)
 
 
 class KVCache:
@@ -138,6 +139,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.fused_kernels = False  # RoPE through kernels/ on CUDA tensors
 
     def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None):
         """x [B, T, D]; mask: bool [B, 1, T, S] (True = attend) or None for plain causal.
@@ -149,7 +151,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ops.rope(q, cos, sin, self.fused_kernels), ops.rope(k, cos, sin, self.fused_kernels)  # rotate halves
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, Hkv, S_cache, hd]
         if prefix_kv is not None:
@@ -169,9 +171,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fused_kernels = False  # SwiGLU through kernels/ on CUDA tensors
 
     def forward(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.fused_kernels))  # silu(gate) * up
 
 
 class Block(nn.Module):
@@ -252,6 +255,14 @@ class Transformer(nn.Module):
         # prefill call (empty or no KV cache) and kept in the cache.
         self.register_module("prefix_encoder", None)
         self.register_module("prompt_encoder", None)
+        self.loss_chunk_size = 0  # lm_head + cross-entropy in chunks of N target tokens; 0 = plain (set_fast_paths)
+
+    def set_fast_paths(self, fused_kernels: bool, loss_chunk_size: int):
+        """The speed switches (same values up to rounding; a new model runs the eager references)."""
+        self.loss_chunk_size = loss_chunk_size
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP)):
+                m.fused_kernels = fused_kernels
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -286,8 +297,13 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, past + T] padding or bool [B, 1, T, past + T] (real tokens)
         kv_cache: KVCache | None = None,
         prefix_kv: list | None = None,  # per layer (k, v) [B, n_kv, P, hd]; default prefix_encoder's
-        return_hidden: bool = False,  # final normed hidden states [B, T, D] instead of logits
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,  # [B, T] next-token ids, IGNORE (-100) = no loss
+        select_targets: bool = True,  # lm_head on target positions only (a host sync); False: all, masked
+    ):
+        """logits [B, T, vocab]; with targets, (summed token loss, target count) as 0-d tensors instead.
+
+        select_targets=False keeps every shape fixed and the device free of host syncs (CUDA graphs).
+        """
         x = self.embed_tokens(tokens) if input_embeds is None else input_embeds
         B, T, _ = x.shape
         if prefix_kv is None and self.prefix_encoder is not None:
@@ -313,4 +329,6 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.length += x.shape[1]
         x = self.norm(x[:, -T:])  # the real tokens
-        return x if return_hidden else self.lm_head(x)
+        if targets is not None:
+            return token_loss_sum(self.lm_head, x, targets, self.loss_chunk_size, select_targets)
+        return self.lm_head(x)

@@ -5,10 +5,11 @@
                                                                logits [C, V] ─> loss, dlogits ─> dh, dW
                                                              (gradients made in forward, scaled in backward)
 
-The chunked path (ops.settings.loss_chunk_size > 0, the default) keeps at most [C, V] logits alive
-and computes the gradients while the chunk's logits are at hand, so backward does no second
-projection. It applies when lm_head is a plain nn.Linear without bias; a LoRA/IA3 lm_head (or an
-FSDP-sharded DTensor weight) takes the plain path, which is the reference in the tests.
+Transformer.forward calls token_loss_sum when it is given targets. The chunked path (chunk_size > 0;
+train.loss_chunk_size, 1024 by default) keeps at most [C, V] logits alive and computes the gradients
+while the chunk's logits are at hand, so backward does no second projection. It applies when lm_head is
+a plain nn.Linear without bias (inside forward that includes FSDP2's gathered weight); a LoRA/IA3
+lm_head takes the plain path, which is the reference in the tests.
 """
 
 import torch
@@ -16,43 +17,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.data.format import IGNORE
-from ftcore.model import ops
 
 
-def batch_loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over a collated batch and its number of target tokens.
+def batch_loss_sum(model, batch: dict, device, select_targets: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy, target count) of a collated batch, both 0-d tensors on `device`.
 
-    Only positions that have a target go through lm_head: with the loss on answers only, that is a
-    small fraction of the tokens, and the full [B, T, vocab] logits are never built.
+    `model` may be the Transformer or its DDP/FSDP2 wrapper: the loss is computed inside its forward.
     """
-    hidden = model(
+    return model(
         batch["input_ids"].to(device),
         position_ids=batch["position_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
-        return_hidden=True,
-    )  # [B, T, D]
-    targets = batch["targets"].to(device)
-    keep = targets != IGNORE  # [B, T]
-    return lm_head_loss(model.lm_head, hidden[keep], targets[keep]), int(keep.sum())
+        targets=batch["targets"].to(device),
+        select_targets=select_targets,
+    )
 
 
-def static_batch_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_loss_sum over every position (ignored ones masked): no host sync, fixed shapes (CUDA graphs).
+def token_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                   select_targets: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(summed CE of head(hidden) against targets, target count); hidden [B, T, D], targets [B, T].
 
-    Returns the summed loss and the target count, both as device tensors.
+    select_targets: only positions with a target go through lm_head (with the loss on answers only, a small
+    fraction of the tokens); False projects every position with the ignored ones masked, for fixed shapes.
     """
-    hidden = model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
-                   return_hidden=True)  # fmt: skip
-    targets = batch["targets"]
-    loss = lm_head_loss(model.lm_head, hidden.flatten(0, 1), targets.flatten())
-    return loss, (targets != IGNORE).sum()
+    keep = targets != IGNORE  # [B, T]
+    if select_targets:
+        h, t = hidden[keep], targets[keep]  # [N, D], [N]
+    else:
+        h, t = hidden.flatten(0, 1), targets.flatten()
+    return lm_head_loss(head, h, t, chunk_size), keep.sum()
 
 
-def lm_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Summed cross-entropy of head(hidden) [N, V] against targets [N] (IGNORE = no loss), in float32."""
-    chunk = ops.settings.loss_chunk_size
-    if chunk and chunkable(head):
-        return linear_cross_entropy(hidden, head.weight, targets, chunk)
+    if chunk_size and chunkable(head):
+        return linear_cross_entropy(hidden, head.weight, targets, chunk_size)
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 

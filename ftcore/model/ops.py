@@ -1,21 +1,19 @@
 """Fused-kernel entry points, each with an eager PyTorch definition that is the reference.
 
-    model code ──> ops.rms_norm / ops.rope / ops.swiglu ──┬─ eager PyTorch (CPU, or switched off)
-                                                          └─ kernels/*.cu via torch.autograd.Function
-                                                             (CUDA tensors, settings.fused_kernels)
-    LoraLinear ──> ops.lora_linear ── LoRALinearFunction (any device, settings.fused_lora)
+    RMSNorm / Attention / MLP ──> ops.rms_norm / ops.rope / ops.swiglu (fused=module.fused_kernels)
+                                   ├─ eager PyTorch (CPU tensors, or fused=False)
+                                   └─ kernels/*.cu via torch.autograd.Function (CUDA tensors, fused=True)
+    LoraLinear (fused=True) ──> ops.lora_linear ── LoRALinearFunction (any device)
 
-model.py calls these and knows nothing about CUDA. The kernels (hand-written CUDA C++, no Triton)
-are compiled once by torch.utils.cpp_extension on first use into FTCORE_CACHE/kernels (or
-~/.cache/ftcore/kernels). `configure()` sets the process-wide switches; train() calls it from
-TrainConfig (fused_kernels, loss_chunk_size). Inputs a kernel does not cover (a dtype mix, a too
+The switch is an argument: the modules that call these hold it as an attribute, which train() sets from
+TrainConfig (ftcore.train.step.set_fast_paths); a bare model runs the eager references. The kernels
+(hand-written CUDA C++, no Triton) are compiled once by torch.utils.cpp_extension on first use into
+FTCORE_CACHE/kernels (or ~/.cache/ftcore/kernels). Inputs a kernel does not cover (a dtype mix, a too
 wide row) take the eager path, so a switch never changes what can run, only how fast.
 """
 
 import functools
 import os
-from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -28,46 +26,11 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # ftcore/
 KERNEL_DIRS = (PACKAGE_DIR / "kernels", PACKAGE_DIR.parent / "kernels")
 KERNEL_SOURCES = ("ftcore_kernels.cpp", "rms_norm.cu", "rope.cu", "swiglu.cu")  # compiled
 KERNEL_FILES = (*KERNEL_SOURCES, "common.cuh")  # and included
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RMS_NORM_DIM = 8 * 1024  # the kernel keeps a row in registers: 8 values x up to 1024 threads
 
 
-@dataclass
-class Settings:
-    fused_kernels: bool = False  # RMSNorm, RoPE, SwiGLU from kernels/ on CUDA tensors
-    loss_chunk_size: int = 1024  # tokens per lm_head + cross-entropy chunk (ftcore.model.loss); 0 = plain
-    fused_lora: bool = True  # LoRA/rsLoRA layers through LoRALinearFunction (CPU and GPU); False = eager
-
-
-settings = Settings()
-
-
-def configure(**kwargs) -> Settings:
-    """Set switches (fused_kernels=..., loss_chunk_size=..., fused_lora=...) for this process; returns them."""
-    global settings
-    known = {f.name for f in fields(Settings)}
-    for key in kwargs:
-        if key not in known:
-            raise FtcoreError(f"ops.configure: unknown switch {key!r}; known: {', '.join(sorted(known))}")
-    if kwargs.get("loss_chunk_size", 0) < 0:
-        raise FtcoreError(f"train.loss_chunk_size: must be >= 0, got {kwargs['loss_chunk_size']}")
-    settings = replace(settings, **kwargs)
-    return settings
-
-
-@contextmanager
-def using(**kwargs):
-    """Switches set for a `with` block (tests, benchmarks), restored afterwards."""
-    global settings
-    saved = settings
-    configure(**kwargs)
-    try:
-        yield settings
-    finally:
-        settings = saved
-
-
-# -- eager references (exactly what model.py computed before the kernels existed) ----------------------
+# -- eager references (the definitions the kernels are tested against) --------------------------------
 
 
 def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,10 +53,10 @@ def swiglu_eager(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # -- dispatch ------------------------------------------------------------------------------------------
 
 
-def _fused(*tensors: torch.Tensor) -> bool:
+def _fused(fused: bool, *tensors: torch.Tensor) -> bool:
     return (
-        settings.fused_kernels
-        and all(t.is_cuda and t.dtype in DTYPES for t in tensors)
+        fused
+        and all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in tensors)
         and not torch.compiler.is_compiling()
     )
 
@@ -103,24 +66,24 @@ def _float_or_same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return b.dtype == a.dtype or b.dtype == torch.float32
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
     """weight * RMSNorm(x) over the last dim; x [..., D], weight [D]; output dtype promote(x, weight)."""
-    if _fused(x, weight) and _float_or_same(x, weight) and x.shape[-1] <= MAX_RMS_NORM_DIM:
+    if _fused(fused, x, weight) and _float_or_same(x, weight) and x.shape[-1] <= MAX_RMS_NORM_DIM:
         return RMSNormFunction.apply(x, weight, eps)
     return rms_norm_eager(x, weight, eps)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Rotary embedding of x [B, H, T, hd] (any strides) with cos/sin [B|1, 1, T, hd] (no gradient)."""
     ok = cos.dim() == 4 and cos.shape[1] == 1 and cos.shape[0] in (1, x.shape[0]) and cos.shape[2:] == x.shape[2:]
-    if ok and _fused(x, cos, sin) and _float_or_same(x, cos) and sin.dtype == cos.dtype and not cos.requires_grad:
+    if ok and _fused(fused, x, cos, sin) and _float_or_same(x, cos) and sin.dtype == cos.dtype and not cos.requires_grad:
         return RoPEFunction.apply(x, cos, sin)
     return rope_eager(x, cos, sin)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """silu(gate) * up, elementwise; gate, up [..., I] of one dtype."""
-    if _fused(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
+    if _fused(fused, gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
         return SwiGLUFunction.apply(gate, up)
     return swiglu_eager(gate, up)
 

@@ -1,7 +1,7 @@
 """LoRA, rsLoRA and DoRA on nn.Linear layers, with HF PEFT's exact math.
 
-The eager forward below is the reference; with `train.fused_lora` (ops.settings.fused_lora, on by
-default) plain LoRA and rsLoRA layers run through ops.lora_linear instead: one autograd node that
+The eager forward below is the reference; with `fused = True` (what train() sets from `train.fused_lora`,
+on by default) plain LoRA and rsLoRA layers run through ops.lora_linear instead: one autograd node that
 adds the adapter term in place and keeps less for backward (DoRA and merged layers stay eager).
 
     x ─┬─ W (frozen, + b) ──────────────────────────┐
@@ -45,6 +45,7 @@ class LoraLinear(nn.Module):
         else:
             self.register_parameter("lora_magnitude_vector", None)
         self.merged = False
+        self.fused = False  # ops.lora_linear instead of the eager forward (set by train() from train.fused_lora)
         self._merged_norm = None  # DoRA: the row norm used by merge(), needed to undo it
 
     @property
@@ -74,7 +75,7 @@ class LoraLinear(nn.Module):
         return torch.linalg.norm(weight + self.delta_weight().to(weight.dtype), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ops.settings.fused_lora and not (self.merged or self.dora or self.weight.requires_grad):
+        if self.fused and not (self.merged or self.dora or self.weight.requires_grad):
             p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
             return ops.lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
         y = F.linear(x, self.weight, self.bias)  # [..., out]

@@ -5,8 +5,9 @@
     train_model = parallelize(model, world, precision)    # FSDP2 shards `model` in place; DDP returns a wrapper
     whole = gather_model(model, world)                    # rank 0: the unsharded model (all shards), else None
 
-FSDP2 (`fully_shard` per block, then the root) and DDP both average gradients over ranks; the loop
-scales its loss by the world size so that average is the sum over the global batch (see train.py).
+FSDP2 (`fully_shard` per block, then the root) and DDP both average gradients over ranks; the step
+scales its loss by the world size so that average is the sum over the global batch (see step.py). The
+loss is computed inside the model's forward, so neither wrapper needs a special case.
 Single-process runs get a World of size 1 whose collectives are identities.
 """
 
@@ -133,19 +134,6 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-class DDP(DistributedDataParallel):
-    """DistributedDataParallel that passes attribute reads through to the model (`model.lm_head`,
-    `model.cfg`), so the train step calls it as it calls the model."""
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
 def parallelize(model: nn.Module, world: World, precision: str = "fp32") -> nn.Module:
     """What the train step calls: the model (single, or sharded in place by FSDP2) or its DDP wrapper.
 
@@ -155,7 +143,7 @@ def parallelize(model: nn.Module, world: World, precision: str = "fp32") -> nn.M
     """
     if world.backend == "ddp":
         ids = [world.device.index] if world.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids)
     if world.backend == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -165,8 +153,7 @@ def parallelize(model: nn.Module, world: World, precision: str = "fp32") -> nn.M
                                   reduce_dtype=torch.float32)  # fmt: skip
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp)
-        # NOTE: the root stays unsharded after forward: batch_loss_sum applies lm_head after model(...) returns.
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

@@ -1,64 +1,117 @@
-"""The whole training step as one CUDA graph: captured once on static shapes, then replayed.
+"""One training step, in two forms with one call: step(micro, step_tokens) -> (loss sum, grad norm).
+
+Both run the global batch's micro-batches (forward with the loss inside the model, backward), clip the
+gradient norm, step the optimizer and zero the gradients. The loss of a micro-batch is scaled by
+1/step_tokens (x world size, since DDP and FSDP2 average gradients over ranks), so the gradients are
+those of the token-weighted mean over the whole step, however it is split into micro-batches and ranks.
+
+EagerStep: the reference, on any device, with an optional fp16 GradScaler; a non-finite loss leaves the
+parameters untouched and raises NonFiniteLoss.
+
+GraphedStep: the same step captured once as a CUDA graph and replayed (train.cuda_graph):
 
     first call:  batch ─copy─> static inputs ─> warm-up steps on a side stream (lr 0; the optimizer
                  state is put back afterwards, so training starts from where it was) ─> capture:
                    for each micro-batch: forward, loss x 1/tokens, backward (grads accumulate)
                    clip the gradient norm · AdamW (capturable, lr read from a device tensor)
     every call:  batch ─copy─> static inputs · lr ─> device tensor · replay · read loss, grad norm
-    new shapes:  returns None; the loop runs that step eagerly (the graph stays for the next one)
+    new shapes:  that step runs eagerly (the graph stays for the next one)
 
 Fixed shapes come from data.packing (rows of seq_len) or data.static_shape. Inside the graph the loss
-runs over every position with the ignored ones masked (ftcore.model.loss.static_batch_loss_sum): selecting
-target positions would need a host sync. Replaying saves the CPU launch overhead of hundreds of small
-kernels per step, which is what limits small models on fast GPUs.
+runs over every position with the ignored ones masked (select_targets=False): selecting target positions
+would need a host sync. Replaying saves the CPU launch overhead of hundreds of small kernels per step,
+which is what limits small models on fast GPUs.
 """
 
+import math
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 from ftcore.dtypes import AUTOCAST
-from ftcore.errors import FtcoreError
-from ftcore.model.loss import static_batch_loss_sum
+from ftcore.errors import FtcoreError, NonFiniteLoss
+from ftcore.model.loss import batch_loss_sum
+from ftcore.peft.lora import LoraLinear
+from ftcore.train.parallel import World, grad_sync
 
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (lazy state, cuBLAS workspaces)
 
 
-def check_config(cfg, device: torch.device):
-    """Raise one clear line when train.cuda_graph cannot work with this run's other settings."""
-    if not cfg.train.cuda_graph:
-        return
-    why = None
-    if not (cfg.data.packing or cfg.data.static_shape):
-        why = "it needs fixed batch shapes: set data.packing=true or data.static_shape=true"
-    elif device.type != "cuda":
-        why = f"it needs a CUDA device (the run is on {device.type})"
-    elif cfg.train.precision == "fp16":
-        why = "train.precision=fp16's GradScaler reads the inf check on the host; use bf16 or fp32"
-    elif cfg.train.on_nonfinite != "stop":
-        why = "train.on_nonfinite=skip cannot undo a replayed step; use train.on_nonfinite=stop"
-    elif cfg.dist.backend != "single":
-        why = "it runs with dist=single only"
-    elif cfg.train.gradient_checkpointing:
-        why = "capturing activation checkpointing is not supported; set train.gradient_checkpointing=false"
-    if why:
-        raise FtcoreError(f"train.cuda_graph: {why}")
+def set_fast_paths(model: nn.Module, fused_kernels: bool, loss_chunk_size: int, fused_lora: bool):
+    """TrainConfig's speed switches, set on the modules that use them (same results up to rounding)."""
+    model.set_fast_paths(fused_kernels=fused_kernels, loss_chunk_size=loss_chunk_size)
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            m.fused = fused_lora
+
+
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+    """The autocast context of train.precision (fp32: none)."""
+    if precision not in AUTOCAST:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST[precision], cache_enabled=cache_enabled)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to the global grad norm (over every rank's shards under FSDP2); the norm before clipping, on device."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): reduce the partial norms of the shards
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+class EagerStep:
+    """The step as plain PyTorch: forward and backward per micro-batch, then clip, (unscale,) step, zero."""
+
+    def __init__(self, model: nn.Module, optimizer, world: World, precision: str = "fp32", grad_clip: float = 1.0,
+                 train_model: nn.Module | None = None):  # fmt: skip
+        """model: the (possibly FSDP2-sharded) Transformer; train_model: what forward runs on (DDP's wrapper)."""
+        self.model, self.train_model = model, train_model or model
+        self.optimizer, self.world, self.grad_clip = optimizer, world, grad_clip
+        self.device = world.device
+        self.autocast = autocast(self.device, precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+
+    def __call__(self, micro: list[dict], step_tokens: int) -> tuple[float, float]:
+        total = 0.0
+        for i, batch in enumerate(micro):
+            with grad_sync(self.train_model, i == len(micro) - 1):
+                with self.autocast:
+                    loss_sum, _ = batch_loss_sum(self.train_model, batch, self.device)
+                self.scaler.scale(loss_sum / step_tokens * self.world.size).backward()
+            total += loss_sum.item()
+        total = self.world.sum(total)
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(total / step_tokens)
+        self.scaler.unscale_(self.optimizer)
+        norm = clip_gradients([p for p in self.model.parameters() if p.grad is not None], self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm.item()
 
 
 class GraphedStep:
-    """step(micro, step_tokens) -> (loss sum, grad norm), or None for shapes other than the captured ones.
+    """The step captured as a CUDA graph on the first call's shapes; other shapes run `fallback` (an EagerStep).
 
-    Owns the step: forward, backward, clipping and optimizer.step() (the caller neither zeroes
-    gradients nor steps). The optimizer is switched to capturable with device-tensor learning rates;
-    set_lr's floats are copied into those tensors before each replay. capture=False runs the same
-    static step eagerly instead of replaying (for tests of the step logic on CPU).
+    The optimizer is switched to capturable with device-tensor learning rates; set_lr's floats are copied
+    into those tensors before each replay. A non-finite loss raises NonFiniteLoss after the replayed update
+    (train.on_nonfinite=stop is required). capture=False runs the same static step eagerly instead of
+    replaying (for tests of the step logic on CPU).
     """
 
-    def __init__(self, model, optimizer, precision: str = "fp32", grad_clip: float = 1.0, capture: bool = True):
+    def __init__(self, model, optimizer, fallback: EagerStep, precision: str = "fp32", grad_clip: float = 1.0,
+                 capture: bool = True):  # fmt: skip
         self.model, self.optimizer, self.grad_clip, self.capture = model, optimizer, grad_clip, capture
-        dtype = AUTOCAST.get(precision)
+        self.fallback = fallback
         device = next(p.device for p in model.parameters() if p.requires_grad)
-        self.autocast = torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype else nullcontext()
+        if capture and device.type != "cuda":
+            raise FtcoreError(f"train.cuda_graph: it needs a CUDA device (the run is on {device.type})")
+        self.autocast = autocast(device, precision, cache_enabled=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.lrs = None
         if capture:
@@ -69,10 +122,10 @@ class GraphedStep:
         self.static, self.shapes, self.graph = None, None, None
         self.loss_sum = self.grad_norm = None
 
-    def __call__(self, micro: list[dict], step_tokens: int):
+    def __call__(self, micro: list[dict], step_tokens: int) -> tuple[float, float]:
         shapes = signature(micro)
         if self.shapes is not None and shapes != self.shapes:
-            return None
+            return self.fallback(micro, step_tokens)
         self.set_lr()
         if self.static is None:
             self.shapes = shapes
@@ -88,7 +141,10 @@ class GraphedStep:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.step()
-        return self.loss_sum.item(), self.grad_norm.item()
+        total = self.loss_sum.item()
+        if not math.isfinite(total):
+            raise NonFiniteLoss(total / step_tokens)
+        return total, self.grad_norm.item()
 
     def set_lr(self):
         """The loop's set_lr() writes floats into the groups; the graph reads these device tensors."""
@@ -104,14 +160,10 @@ class GraphedStep:
         total = torch.zeros((), device=self.inv_tokens.device)
         for batch in self.static:
             with self.autocast:
-                loss_sum, _ = static_batch_loss_sum(self.model, batch)
+                loss_sum, _ = batch_loss_sum(self.model, batch, self.inv_tokens.device, select_targets=False)
             (loss_sum * self.inv_tokens).backward()
             total = total + loss_sum.detach().float()
-        params = [p for p in self.params if p.grad is not None]
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norm = clip_gradients([p for p in self.params if p.grad is not None], self.grad_clip)
         self.optimizer.step()
         self.loss_sum, self.grad_norm = total, norm
 
