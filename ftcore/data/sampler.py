@@ -77,8 +77,7 @@ class Sampler:
         self.epoch, self.seed, self.position = int(state["epoch"]), int(state["seed"]), int(state["position"])
 
 
-def eval_batches(lengths: list[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """Every index exactly once, in batches of similar length (longest first); rank r gets batches r::W."""
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Every index exactly once, in batches of similar length (longest first); ranks take batches r::W."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return batches[rank::world_size]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
