@@ -1,4 +1,5 @@
-"""scripts/bench.py end to end on a tiny model: both arms run, the JSON and markdown results are written."""
+"""scripts/bench.py end to end on a tiny model (both arms run, the JSON and markdown results are written);
+ftcore.bench's random batches and the memory readings."""
 
 import importlib.util
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftcore.data.format import IGNORE
 from ftcore.formats.hf import save_pretrained
 from ftcore.model import ModelConfig, Transformer
 
@@ -50,3 +52,19 @@ def test_bench_tiny(tmp_path):
     table = md_path.read_text()
     assert "| HF transformers + PEFT |" in table and "FLOPs per token: 4N" in table
     assert result["command"].startswith("python scripts/bench.py --model ")
+
+
+def test_random_batches_and_memory():
+    from ftcore.bench.batches import random_batches
+    from ftcore.train.memory import memory_mb, peak_rss_gb, reset_peak_rss
+
+    batches = random_batches(vocab=97, B=2, T=64, n=3)
+    assert len(batches) == 3 and batches[0]["input_ids"].shape == (2, 64)
+    again = random_batches(vocab=97, B=2, T=64, n=3)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))  # seeded
+    assert int(batches[0]["input_ids"].max()) < 97 and (batches[0]["targets"] != IGNORE).any()
+    reset_peak_rss()
+    now, kind = memory_mb(torch.device("cpu"))
+    peak, _ = memory_mb(torch.device("cpu"), peak=True)
+    if Path("/proc/self/status").is_file():
+        assert kind == "RSS" and 0 < now <= peak + 1 and abs(peak_rss_gb() * 1024 - peak) < 64

@@ -36,6 +36,7 @@ from ftcore.errors import FtcoreError, NonFiniteLoss
 from ftcore.formats.hf import read_config, resolve
 from ftcore.train import train
 from ftcore.train.loop import StopReason
+from ftcore.train.memory import peak_rss_gb, reset_peak_rss
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -188,25 +189,6 @@ def train_subprocess(run: Run, launcher: str) -> tuple[str, float | None, str]:
     if not (run.run_dir / "eval.json").is_file():
         return StopReason.SIGNAL.value, peak, "rss"
     return StopReason.FINISHED.value, peak, "rss"
-
-
-def reset_peak_rss():
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux; elsewhere a no-op)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_gb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
 
 
 def choose_lr(trials: list[Run]) -> float:

@@ -22,9 +22,10 @@ def git_state(repo: Path) -> dict:
         return {"sha": None, "dirty": None}
 
 
-def versions() -> dict:
+def versions(packages=PACKAGES) -> dict:
+    """Python's version and each package's installed version (None if not installed)."""
     found = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
