@@ -26,13 +26,6 @@ def random_model(model_dir, dtype: torch.dtype, device: torch.device):
     return model
 
 
-def trainables_to_float32(model):
-    """Trainable parameters in float32 over a lower-precision base (as the loop's adapt phase does)."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-
-
 def ftcore_arm(arm: str, spec: dict, device: torch.device):
     """(step(batch) -> mean loss over target tokens, trainable parameter count)."""
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
@@ -44,7 +37,7 @@ def ftcore_arm(arm: str, spec: dict, device: torch.device):
     torch.manual_seed(0)
     peft.apply(model, peft.PeftConfig(method="lora", r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
                                       target_modules=lora["targets"]))  # fmt: skip
-    trainables_to_float32(model)
+    peft.trainables_to_float32(model)
     model.train()
     plain = arm == "ftcore-plain"
     set_fast_paths(model, fused_kernels=spec["fused_kernels"] and not plain,

@@ -21,6 +21,7 @@ from ftcore.peft.attach import (
     linear_modules,
     merge,
     summary,
+    trainables_to_float32,
     unload,
     unmerge,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "merged_state_dict",
     "save_adapter",
     "summary",
+    "trainables_to_float32",
     "unload",
     "unmerge",
 ]

@@ -166,6 +166,14 @@ def _check_mergeable(model):
         raise FtcoreError(f"peft: {method} tuning adds virtual tokens and cannot be merged into the base weights")
 
 
+def trainables_to_float32(model: nn.Module) -> nn.Module:
+    """Trainable parameters (and so their gradients and optimizer state) in float32 over any base dtype."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT."""
     params = list(model.parameters())  # deduplicated by nn.Module

@@ -161,9 +161,7 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
     # the saved adapter records its base (adapter_config.json's base_model_name_or_path), as HF PEFT does
     base = cfg.peft.base_model_name_or_path or cfg.model.path
     peft.apply(model, replace(cfg.peft, base_model_name_or_path=base), tokenizer=tokenizer)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    peft.trainables_to_float32(model)
     world.print(peft.summary(model))
     trainable, total = peft.count_parameters(model)
     set_fast_paths(model, cfg.train.fused_kernels, cfg.train.loss_chunk_size, cfg.train.fused_lora)
