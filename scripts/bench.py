@@ -172,7 +172,7 @@ def make_batches(data: str, model_dir: Path, B: int, T: int, n: int) -> list[dic
     from ftcore.formats.tokenizer import Tokenizer
 
     tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else resolve(DEMO_MODEL)  # llama-1b: SmolLM2's
-    cfg = DataConfig.from_dict({"path": data, "packing": True, "seq_len": T, "max_length": T, "cache_dir": ""})
+    cfg = DataConfig(path=data, packing=True, seq_len=T, max_length=T, cache_dir="", system_prompt="")  # raw examples
     splits, _ = build_datasets(cfg, Tokenizer.from_dir(tok_dir))
     batcher = Batcher.from_config(splits["train"], cfg, pad_id=0)
     if len(batcher) < B:
@@ -465,8 +465,8 @@ def amp(spec, device):
 def ftcore_arm(arm: str, spec: dict, device):
     """ftcore's train step (as ftcore/train/loop.py runs it) with the arm's switches."""
     from ftcore import peft
-    from ftcore.model import ops
     from ftcore.formats.hf import build_model, load_model, read_config
+    from ftcore.model import ops
     from ftcore.model.loss import batch_loss_sum
     from ftcore.train.optim import OptimConfig, build_optimizer
     from ftcore.train.step import GraphedStep

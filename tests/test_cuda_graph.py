@@ -161,7 +161,8 @@ def test_graph_survives_an_eager_step_in_between():
 def test_train_refuses_before_loading(tmp_path):
     from ftcore.train import train
 
-    cfg = run_config({"train": {"cuda_graph": True, "device": "cpu"}, "run_dir": str(tmp_path)})
-    with pytest.raises(FtcoreError, match="train.cuda_graph: it needs fixed batch shapes"):
+    cfg = run_config({"data": {"static_shape": True}, "train": {"cuda_graph": True}, "run_dir": str(tmp_path)})
+    cfg.train.device = "cpu"  # what train() finds at run time (run_config refuses an explicit cpu itself)
+    with pytest.raises(FtcoreError, match="train.cuda_graph: it needs a CUDA device"):
         train(cfg)
     assert not any(tmp_path.iterdir())
