@@ -2,7 +2,7 @@
 
 import torch
 
-from ftcore.errors import FtcoreError
+from ftcore.schema import one_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision; fp32 = no autocast
@@ -10,6 +10,5 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision; f
 
 def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
     """'bfloat16' -> torch.bfloat16; anything else fails naming `key` and the allowed names."""
-    if name not in DTYPES:
-        raise FtcoreError(f"{key}={name!r}: expected one of {', '.join(DTYPES)}")
+    one_of(key, name, tuple(DTYPES))
     return DTYPES[name]

@@ -15,7 +15,7 @@ from pathlib import Path
 CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "compare"
 
 if __name__ == "__main__":
-    names = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem != "default")
+    names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         got = f" (got {sys.argv[1]!r})" if len(sys.argv) > 1 else ""
         print(

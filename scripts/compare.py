@@ -10,11 +10,14 @@ plots land in hydra.run.dir. Rerunning the same command skips finished runs and 
 import shlex
 
 import hydra
+import hydra_schema  # scripts/hydra_schema.py: the dataclass defaults as Hydra's base
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ftcore.cli import user_errors
 from ftcore.compare import compare_config, run_comparison
+
+hydra_schema.register()
 
 
 @hydra.main(config_path="../conf", config_name="compare", version_base=None)

@@ -5,11 +5,14 @@ predictions.jsonl into hydra.run.dir.
 """
 
 import hydra
+import hydra_schema  # scripts/hydra_schema.py: the dataclass defaults as Hydra's base
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ftcore.cli import user_errors
 from ftcore.eval.run import eval_run_config, evaluate
+
+hydra_schema.register()
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base=None)

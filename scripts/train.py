@@ -4,12 +4,15 @@ import os
 import sys
 
 import hydra
+import hydra_schema  # scripts/hydra_schema.py: the dataclass defaults as Hydra's base
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ftcore.cli import user_errors
 from ftcore.config import run_config
 from ftcore.train import train
+
+hydra_schema.register()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

@@ -10,13 +10,13 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 # id -> (our PeftConfig kwargs, PEFT config kwargs). The regex spec also targets lm_head.
 SPECS = {
-    "lora": (dict(method="lora", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lora": (dict(method="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
              dict(kind="LoraConfig", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "lora_regex": (dict(method="lora", r=2, alpha=3, target_modules=r".*\.(k_proj|up_proj)|lm_head"),
+    "lora_regex": (dict(method="lora", r=2, alpha=3, dropout=0.0, target_modules=r".*\.(k_proj|up_proj)|lm_head"),
                    dict(kind="LoraConfig", r=2, lora_alpha=3, target_modules=r".*\.(k_proj|up_proj)|lm_head")),
-    "rslora": (dict(method="lora", r=4, alpha=8, use_rslora=True, target_modules=ALL_LINEAR),
+    "rslora": (dict(method="lora", r=4, alpha=8, dropout=0.0, use_rslora=True, target_modules=ALL_LINEAR),
                dict(kind="LoraConfig", r=4, lora_alpha=8, use_rslora=True, target_modules=ALL_LINEAR)),
-    "dora": (dict(method="dora", r=4, alpha=8, target_modules=ALL_LINEAR),
+    "dora": (dict(method="dora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR),
              dict(kind="LoraConfig", r=4, lora_alpha=8, use_dora=True, target_modules=ALL_LINEAR)),
     "ia3": (dict(method="ia3"),
             dict(kind="IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),

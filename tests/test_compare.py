@@ -84,7 +84,7 @@ def test_budget_solving_is_exact():
 def test_meta_count_equals_a_real_model(method):
     model = Transformer(TINY)
     model.init_weights(generator=torch.Generator().manual_seed(0))
-    peft.apply(model, peft.PeftConfig.from_dict(PEFT[method]))
+    peft.apply(model, PEFT[method])
     assert count_trainable(TINY, PEFT[method]) == peft.count_parameters(model)[0]
 
 
@@ -251,8 +251,8 @@ def test_ablate_script_and_errors(tiny_dir, tmp_path):  # noqa: F811
     assert plan["command"].startswith("python scripts/compare.py compare=prefix_length")
     for cmd, message in [
         (["ablate.py", "lora_rnak"], "error: usage: scripts/ablate.py NAME [overrides]; NAME is one of lora_rank"),
-        (["compare.py", "compare.methods=[lora,lorra]"], "error: compare.methods: 'lorra' is not one of full, lora"),
-        (["compare.py", "compare.seeds=[0,0]"], "error: compare.seeds: expected distinct seeds, got [0, 0]"),
+        (["compare.py", "compare.methods=[lora,lorra]"], "error: compare.methods='lorra': expected one of full, lora"),
+        (["compare.py", "compare.seeds=[0,0]"], "error: compare.seeds=[0, 0]: expected distinct seeds"),
     ]:
         r = subprocess.run([sys.executable, str(ROOT / "scripts" / cmd[0]), *cmd[1:], f"hydra.run.dir={tmp_path}"],
                            check=False, capture_output=True, text=True, cwd=ROOT)  # fmt: skip

@@ -41,13 +41,6 @@ def test_config_errors(overrides, message):
     run_config({"data": {"static_shape": True}, "train": {"cuda_graph": True}})
 
 
-def test_capture_needs_a_cuda_device():
-    model = lora_model("cpu")
-    optimizer = build_optimizer(model, OPTIM)
-    with pytest.raises(FtcoreError, match="^train.cuda_graph: it needs a CUDA device"):
-        GraphedStep(model, optimizer, EagerStep(model, optimizer, World()), capture=True)
-
-
 def lora_model(device, fused_kernels: bool = False, fused_lora: bool = False) -> Transformer:
     cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                       tie_word_embeddings=True)  # fmt: skip
@@ -154,3 +147,13 @@ def test_graph_survives_an_eager_step_in_between():
             losses.append(step_fn([b], tokens)[0] / tokens)
         results.append(losses)
     assert results[1] == pytest.approx(results[0], rel=1e-5, abs=1e-6)
+
+
+def test_train_refuses_before_loading(tmp_path):
+    from ftcore.train import train
+
+    cfg = run_config({"data": {"static_shape": True}, "train": {"cuda_graph": True}, "run_dir": str(tmp_path)})
+    cfg.train.device = "cpu"  # what train() finds at run time (run_config refuses an explicit cpu itself)
+    with pytest.raises(FtcoreError, match="train.cuda_graph: it needs a CUDA device"):
+        train(cfg)
+    assert not any(tmp_path.iterdir())

@@ -1,7 +1,6 @@
 """build_datasets end to end on the demo configs, then batches through the tiny model."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +13,11 @@ from ftcore.data.tasks import extract_answer
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
 
-CONF = Path(__file__).parents[1] / "conf" / "data"
-
 
 @pytest.mark.parametrize("name", ["arithmetic", "tickets", "rewrite"])
 def test_demo_configs_build(name, tmp_path):
-    yaml = pytest.importorskip("yaml")
-    values = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     # byte-level ids are ~4x longer than a real tokenizer's
-    cfg = DataConfig.from_dict({**values, "cache_dir": str(tmp_path), "max_length": 1024, "seq_len": 1024})
+    cfg = DataConfig(path=name, cache_dir=str(tmp_path), max_length=1024, seq_len=1024)
     tok = FakeTokenizer()
     splits, report = build_datasets(cfg, tok)
     json.dumps(report)  # saved with the run as JSON

@@ -35,8 +35,8 @@ def test_run_dir_evaluation_reproduces_the_loop(trained_run, tmp_path):
 
 
 def test_perplexity_is_exp_of_the_loops_validation_loss(trained_run, tmp_path):
-    report = evaluate(EvalRunConfig(run_dir=str(trained_run), eval=EvalConfig(split="validation", baseline=False),
-                                    out_dir=str(tmp_path)))  # fmt: skip
+    everything = EvalConfig(split="validation", baseline=False, max_examples=0)  # as the loop's eval_batches=0
+    report = evaluate(EvalRunConfig(run_dir=str(trained_run), eval=everything, out_dir=str(tmp_path)))
     val_loss = [e["val_loss"] for e in read_metrics(trained_run) if "val_loss" in e][-1]
     assert report["finetuned"]["loss"] == pytest.approx(val_loss, rel=1e-6)
     assert report["finetuned"]["perplexity"] == pytest.approx(math.exp(val_loss), rel=1e-6)
@@ -55,11 +55,12 @@ def test_merged_model_scores_like_base_plus_adapter(trained_run, tiny_dir, tmp_p
     peft.export_merged(model, tmp_path / "merged", tok)
     data = json.loads((trained_run / "config.json").read_text())["data"]
     from ftcore.data.config import DataConfig
+    from ftcore.schema import build
 
     merged = evaluate(EvalRunConfig(model=ModelSpec(path=str(tmp_path / "merged")), baseline_path=str(tiny_dir),
-                                    data=DataConfig.from_dict(data), eval=EvalConfig(**EVAL), out_dir=str(tmp_path / "m")))  # fmt: skip
+                                    data=build(DataConfig, data), eval=EvalConfig(**EVAL), out_dir=str(tmp_path / "m")))  # fmt: skip
     adapter = evaluate(EvalRunConfig(model=ModelSpec(path=str(tiny_dir)), adapter=str(trained_run / "final"),
-                                     data=DataConfig.from_dict(data), eval=EvalConfig(**EVAL), out_dir=str(tmp_path / "a")))  # fmt: skip
+                                     data=build(DataConfig, data), eval=EvalConfig(**EVAL), out_dir=str(tmp_path / "a")))  # fmt: skip
     assert merged["finetuned"]["accuracy"] == adapter["finetuned"]["accuracy"]
     assert merged["finetuned"]["perplexity"] == pytest.approx(adapter["finetuned"]["perplexity"], rel=1e-4)
     assert merged["baseline"] == adapter["baseline"]

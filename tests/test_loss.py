@@ -98,7 +98,7 @@ def test_batch_loss_sum_chunked_equals_plain(method):
     model = tiny_model(tie=method == "full_tied")
     if method.startswith("lora"):
         targets = ["q_proj", "v_proj", "down_proj"] + (["lm_head"] if method == "lora_head" else [])
-        peft.apply(model, peft.PeftConfig(method="lora", r=4, alpha=8, target_modules=targets))
+        peft.apply(model, peft.PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, target_modules=targets))
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter, so its gradients are not trivial

@@ -1,5 +1,6 @@
 """Bad input fails with one clear FtcoreError line naming the key, module or tensor and what was expected."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, adapter_layers, apply, load_adapter, merge, save_adapter
+from ftcore.schema import build
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4)
 
@@ -40,12 +42,22 @@ def test_unknown_method_lists_the_supported_ones():
     (dict(feedforward_modules=["up_proj"]), "peft.feedforward_modules"),
 ])  # fmt: skip
 def test_bad_values_name_the_key(kwargs, key):
-    assert error(PeftConfig, **kwargs).startswith(key + ":")
+    assert error(PeftConfig, **kwargs).startswith(key + "=")
 
 
 def test_unknown_config_key_lists_known_keys():
-    msg = error(PeftConfig.from_dict, {"method": "lora", "rank": 8})
+    msg = error(build, PeftConfig, {"method": "lora", "rank": 8}, "peft.")
     assert "peft.rank" in msg and "target_modules" in msg
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"r": "8"}, "peft.r='8': expected int"), ({"dropout": "x"}, "peft.dropout='x': expected float"),
+    ({"target_modules": 3}, "peft.target_modules=3: expected list or str"),
+    ({"target_modules": ["q_proj", 3]}, "peft.target_modules[1]=3: expected str"),
+    ({"freeze": "embed_tokens.*"}, "peft.freeze='embed_tokens.*': expected list"),
+])  # fmt: skip
+def test_wrong_types_name_the_key(values, message):
+    assert error(build, PeftConfig, values, "peft.") == message
 
 
 def test_unknown_target_module_lists_the_linear_modules():
@@ -68,7 +80,7 @@ def test_bad_freeze_pattern():
 
 
 def test_adapter_for_another_base_names_the_tensor_and_shapes(tmp_path):
-    src = apply(model(num_kv_heads=2), PeftConfig(target_modules=["v_proj"]))
+    src = apply(model(num_kv_heads=2), PeftConfig(r=8, target_modules=["v_proj"]))
     save_adapter(src, tmp_path)
     dst = model(num_kv_heads=4)
     msg = error(load_adapter, dst, tmp_path)
@@ -105,6 +117,6 @@ def test_misuse():
 def test_config_from_hydra_style_mapping():
     omegaconf = pytest.importorskip("omegaconf")
     node = omegaconf.OmegaConf.create({"method": "dora", "r": 4, "target_modules": ["q_proj", "k_proj"]})
-    cfg = PeftConfig.from_dict(node)
+    cfg = build(PeftConfig, node, "peft.")
     assert cfg.method == "dora" and cfg.target_modules == ["q_proj", "k_proj"]
-    assert PeftConfig.from_dict(cfg.to_dict()) == cfg
+    assert build(PeftConfig, dataclasses.asdict(cfg)) == cfg

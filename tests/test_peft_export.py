@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")
 
 CASES = [
-    ("lora", "llama_untied_bias", dict(method="lora", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"])),
-    ("dora", "llama_untied_bias", dict(method="dora", r=4, alpha=8, target_modules=ALL_LINEAR)),
+    ("lora", "llama_untied_bias", dict(method="lora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"])),
+    ("dora", "llama_untied_bias", dict(method="dora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR)),
     ("ia3", "qwen2", dict(method="ia3", ia3_target_modules=["k_proj", "v_proj", "down_proj"])),
-    ("lora_tied_head", "llama_tied", dict(method="lora", r=4, alpha=8, target_modules=["q_proj", "lm_head"])),
+    ("lora_tied_head", "llama_tied", dict(method="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"])),
 ]
 
 
@@ -84,7 +84,8 @@ def test_export_script_uses_the_recorded_base(tmp_path):
     base.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
     save_pretrained(base, tmp_path / "base", tok)
     model = apply(load_model(tmp_path / "base").eval(),
-                  PeftConfig(method="lora", r=4, alpha=8, base_model_name_or_path=str(tmp_path / "base")))  # fmt: skip
+                  PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                             base_model_name_or_path=str(tmp_path / "base")))  # fmt: skip
     randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=7, std=0.1)
     save_adapter(model, tmp_path / "adapter")
     tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(8))

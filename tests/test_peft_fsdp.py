@@ -18,7 +18,8 @@ def build(method):
     model = Transformer(cfg)
     model.init_weights(std=0.08, generator=torch.Generator().manual_seed(0))
     targets = ["q_proj", "v_proj", "down_proj"]
-    apply(model, PeftConfig(method=method.removesuffix("-fused"), target_modules=targets, num_virtual_tokens=3, prefix_projection=True))
+    apply(model, PeftConfig(method=method.removesuffix("-fused"), r=8, alpha=16, dropout=0.0, target_modules=targets,
+                            num_virtual_tokens=3, prefix_projection=True))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the no-op init, so that every adapter tensor matters
         for p in (p for p in model.parameters() if p.requires_grad):

@@ -10,10 +10,10 @@ from ftcore.peft import PeftConfig, adapter_layers, apply, merge, merge_and_unlo
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   qkv_bias=True, o_bias=True, mlp_bias=True)  # biases: IA3 scales them, DoRA must skip them
 METHODS = {
-    "lora": PeftConfig(method="lora", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"]),
-    "rslora": PeftConfig(method="lora", r=4, alpha=8, use_rslora=True, target_modules=ALL_LINEAR),
-    "gaussian": PeftConfig(method="lora", r=4, alpha=8, init="gaussian", target_modules=ALL_LINEAR),
-    "dora": PeftConfig(method="dora", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"]),
+    "lora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"]),
+    "rslora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, use_rslora=True, target_modules=ALL_LINEAR),
+    "gaussian": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, init="gaussian", target_modules=ALL_LINEAR),
+    "dora": PeftConfig(method="dora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"]),
     "ia3": PeftConfig(method="ia3"),
     "ia3_all": PeftConfig(method="ia3", ia3_target_modules=ALL_LINEAR, feedforward_modules=["down_proj", "o_proj"]),
 }

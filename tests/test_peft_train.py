@@ -13,7 +13,7 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
                   qkv_bias=True)
 METHODS = {
     "lora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.1, target_modules=ALL_LINEAR + ["lm_head"]),
-    "rslora": PeftConfig(method="lora", r=4, alpha=8, use_rslora=True),
+    "rslora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, use_rslora=True, target_modules=["q_proj", "v_proj"]),
     "dora": PeftConfig(method="dora", r=4, alpha=8, dropout=0.1, target_modules=ALL_LINEAR),
     "ia3": PeftConfig(method="ia3"),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),

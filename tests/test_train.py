@@ -147,7 +147,7 @@ def test_cli_end_to_end(tiny_dir, data_cache, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optim.schedule=cosin", "error: optim.schedule: 'cosin' is not one of cosine, linear, constant"),
+        ("optim.schedule=cosin", "error: optim.schedule='cosin': expected one of cosine, linear, constant"),
         ("peft=lorra", "Could not find 'peft/lorra'"),
         ("train.max_stepz=3", "Key 'max_stepz' is not in struct"),
     ],

@@ -24,7 +24,7 @@ def make_batches(data: str, model_dir: Path, B: int, T: int, n: int) -> list[dic
 
     model_dir = Path(model_dir)
     tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else resolve(DEMO_MODEL)  # llama-1b: SmolLM2's
-    cfg = DataConfig.from_dict({"path": data, "packing": True, "seq_len": T, "max_length": T, "cache_dir": ""})
+    cfg = DataConfig(path=data, packing=True, seq_len=T, max_length=T, cache_dir="", system_prompt="")  # raw examples
     splits, _ = build_datasets(cfg, Tokenizer.from_dir(tok_dir))
     batcher = Batcher.from_config(splits["train"], cfg, pad_id=0)
     if len(batcher) < B:

@@ -34,7 +34,7 @@ class Sized:
 def count_trainable(model_cfg: ModelConfig, peft_settings: dict) -> int:
     """Trainable parameters of the method applied to the model (built on the meta device)."""
     model = build_model(model_cfg)
-    peft.apply(model, peft.PeftConfig.from_dict(peft_settings), init=False)
+    peft.apply(model, peft_settings, init=False)
     return peft.count_parameters(model)[0]
 
 

@@ -1,16 +1,18 @@
-"""CompareConfig: what a comparison sweeps (conf/compare/*.yaml mirrors it; Hydra's `compare` node maps onto it).
+"""CompareConfig: what a comparison sweeps (Hydra's `compare` node maps onto it; conf/compare/*.yaml are ablations).
 
 The training groups (model, data, optim, train, eval, logger, dist) are the runs' shared base;
-`compare.peft.<method>` holds each method's PEFT settings (conf/peft/<method>.yaml by default).
+`compare.peft.<method>` holds each method's PEFT settings (a method left out takes PeftConfig's
+defaults; the CLI fills each from conf/peft/<method>.yaml, as `peft=<method>` would).
 """
 
 from dataclasses import dataclass, field
 
 from ftcore.errors import FtcoreError
-from ftcore.peft.config import METHODS
-from ftcore.schema import build
+from ftcore.peft.config import METHODS, PeftConfig
+from ftcore.schema import build, invalid, one_of
 
 LAUNCHES = ("inprocess", "subprocess", "print")
+COMPARABLE = METHODS[1:]  # every method but none
 
 
 @dataclass
@@ -24,53 +26,53 @@ class VaryConfig:
 @dataclass
 class CompareConfig:
     name: str = "methods"  # names the default output directory comparisons/<name>_<task>
-    methods: list[str] = field(default_factory=lambda: ["lora", "ia3", "prompt"])
+    methods: list[str] = field(default_factory=lambda: ["lora", "ia3", "prompt"])  # any of COMPARABLE
     seeds: list[int] = field(default_factory=lambda: [0])  # train.seed and peft.seed of each run
     budget: int = 0  # trainable parameters each method's size knob is solved for; 0 = sizes as configured
     max_r: int = 512  # upper bound of the LoRA/DoRA rank the solver may pick
     max_virtual_tokens: int = 100  # upper bound of prefix/prompt lengths the solver may pick
-    lrs: list = field(default_factory=list)  # learning rates to try for every method ([] = no sweep);
+    lrs: list[float] = field(default_factory=list)  # learning rates to try for every method ([] = no sweep);
     #   the lowest validation loss after lr_steps steps wins
-    method_lrs: dict = field(default_factory=dict)  # {method: [lrs]} replaces lrs for that method
+    # {method: [lrs]} replaces lrs for that method; null = lrs
+    method_lrs: dict[str, list[float] | None] = field(default_factory=lambda: dict.fromkeys(COMPARABLE))
     lr_steps: int = 0  # steps of each learning-rate trial; 0 = train.max_steps // 4
     lr_eval_examples: int = 8  # test examples a trial generates for (it is chosen by validation loss)
-    lr: dict = field(default_factory=dict)  # {method: lr} without a sweep; unset/null = optim.lr
+    # {method: lr} without a sweep; null = optim.lr
+    lr: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(COMPARABLE))
     vary: VaryConfig = field(default_factory=VaryConfig)
-    peft: dict = field(default_factory=dict)  # {method: PEFT settings}
+    peft: dict[str, dict] = field(default_factory=dict)  # {method: PEFT settings}; a missing method: the defaults
     baseline: bool = True  # score the base model once (not once per run)
     plots: bool = True  # PNG plots (needs matplotlib: pip install 'ftcore[plots]')
     launch: str = "inprocess"  # inprocess: train() here | subprocess: `launcher scripts/train.py` | print
     launcher: str = "python"  # the subprocess/print command prefix, e.g. "torchrun --nproc_per_node=4"
 
     def __post_init__(self):
-        if self.launch not in LAUNCHES:
-            raise FtcoreError(f"compare.launch: {self.launch!r} is not one of {', '.join(LAUNCHES)}")
+        one_of("compare.launch", self.launch, LAUNCHES)
         if not self.methods:
-            raise FtcoreError("compare.methods: expected at least one method")
+            raise invalid("compare.methods", self.methods, "at least one method")
         for m in self.methods:
-            if m not in METHODS or m == "none":
-                raise FtcoreError(f"compare.methods: {m!r} is not one of {', '.join(METHODS[1:])}")
-            if m not in self.peft:
-                raise FtcoreError(
-                    f"compare.peft.{m}: no PEFT settings for {m!r} (conf/compare.yaml loads conf/peft/{m}.yaml)"
-                )
+            one_of("compare.methods", m, COMPARABLE)
         if len(set(self.methods)) != len(self.methods):
-            raise FtcoreError(f"compare.methods: {self.methods} lists a method twice")
+            raise invalid("compare.methods", self.methods, "each method once")
+        for m in self.peft:
+            one_of("compare.peft", m, COMPARABLE)
+        for m in self.methods:
+            build(PeftConfig, {**self.peft.get(m, {}), "method": m}, f"compare.peft.{m}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise FtcoreError(f"compare.seeds: expected distinct seeds, got {self.seeds}")
+            raise invalid("compare.seeds", self.seeds, "distinct seeds")
         if self.budget < 0:
-            raise FtcoreError(f"compare.budget: expected a number of parameters >= 0, got {self.budget}")
+            raise invalid("compare.budget", self.budget, "a number of parameters >= 0")
         for key in ("max_r", "max_virtual_tokens", "lr_eval_examples"):
             if getattr(self, key) < 1:
-                raise FtcoreError(f"compare.{key}: must be >= 1, got {getattr(self, key)}")
+                raise invalid(f"compare.{key}", getattr(self, key), ">= 1")
         if self.vary.key and not self.vary.values:
-            raise FtcoreError(f"compare.vary.values: expected values for peft.{self.vary.key}")
+            raise invalid("compare.vary.values", self.vary.values, f"values for peft.{self.vary.key}")
         for m, lr in self.lr.items():
-            if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
-                raise FtcoreError(f"compare.lr.{m}: expected a positive learning rate or null, got {lr!r}")
+            if lr is not None and lr <= 0:
+                raise invalid(f"compare.lr.{m}", lr, "a positive learning rate or null")
         for m, lrs in self.lrs_by_method().items():
-            if any(isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0 for x in lrs):
-                raise FtcoreError(f"compare.lrs: expected positive learning rates, got {lrs!r}")
+            if any(x <= 0 for x in lrs):
+                raise invalid("compare.lrs", lrs, "positive learning rates")
 
     def lrs_by_method(self) -> dict[str, list[float]]:
         """The learning rates to try for each method ({} when there is no sweep)."""

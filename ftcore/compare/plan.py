@@ -81,7 +81,7 @@ def plan_arms(cc: CompareConfig, model_cfg: ModelConfig) -> list[Arm]:
         if cc.vary.key and cc.vary.key == knob and cc.budget:
             raise FtcoreError(f"compare.vary.key={knob} is {method}'s size knob; set compare.budget=0 to ablate it")
         for value in values:
-            settings = {**cc.peft[method], "method": method}
+            settings = {**cc.peft.get(method, {}), "method": method}
             if cc.vary.key:
                 settings[cc.vary.key] = list(value) if isinstance(value, (list, tuple)) else value
             max_size = cc.max_r if knob == "r" else cc.max_virtual_tokens

@@ -5,6 +5,7 @@ the settings that change the result (not batching settings, which apply after th
     {cache_dir}/{key}/tokens.npz   per split: input_ids and labels (flat int32) and offsets
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,7 +55,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(files: dict, tokenizer, cfg) -> str:
     """files: {"train": Path, "validation": Path|None, ...}; cfg: the DataConfig."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED}
     parts = {
         "version": CACHE_VERSION,
         "files": {name: file_digest(p) for name, p in files.items() if p is not None},

@@ -21,7 +21,6 @@ from ftcore.errors import FtcoreError
 
 def build_datasets(cfg: DataConfig, tokenizer) -> tuple[dict[str, list[dict]], dict]:
     """The train/validation/test splits of cfg's data, tokenized, and the report of how they were made."""
-    cfg.validate()
     files = {
         "train": resolve_path(cfg.path, "data.path"),
         "validation": resolve_path(cfg.val_path, "data.val_path") if cfg.val_path else None,

@@ -41,12 +41,8 @@ class EvalRunConfig:
 
 
 def eval_run_config(d: dict) -> EvalRunConfig:
-    d = dict(d)
-    data = DataConfig.from_dict(d.pop("data") or {}) if "data" in d else None
-    cfg = build(EvalRunConfig, d)
-    if data is not None:
-        cfg.data = data
-    return cfg
+    """A validated EvalRunConfig from a plain nested dict (what conf/evaluate.yaml composes)."""
+    return build(EvalRunConfig, d)
 
 
 def from_training_run(cfg: EvalRunConfig) -> EvalRunConfig:
@@ -59,7 +55,7 @@ def from_training_run(cfg: EvalRunConfig) -> EvalRunConfig:
     method = trained["peft"]["method"]
     if method != "none" and not final.is_dir():
         raise FtcoreError(f"{run}: the run has no final/ (did it finish?)")
-    cfg.data = DataConfig.from_dict(trained["data"])
+    cfg.data = build(DataConfig, trained["data"], "data.")
     cfg.model = build(ModelSpec, trained["model"])
     if method == "full":
         cfg.baseline_path, cfg.model.path = cfg.baseline_path or cfg.model.path, str(final)

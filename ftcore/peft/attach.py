@@ -22,6 +22,7 @@ from ftcore.peft.ia3 import IA3Linear
 from ftcore.peft.lora import LoraLinear
 from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
+from ftcore.schema import build
 
 ADAPTER_LAYERS = (LoraLinear, IA3Linear)
 HOOKS = ("prefix_encoder", "prompt_encoder")
@@ -79,8 +80,7 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
     init=False skips the adapter init (load_adapter overwrites the values anyway).
     """
     if not isinstance(cfg, PeftConfig):
-        cfg = PeftConfig.from_dict(cfg)
-    cfg.validate()
+        cfg = build(PeftConfig, cfg, "peft.")
     if getattr(model, "peft_config", None) is not None and model.peft_config.method != "none":
         raise FtcoreError(f"peft: the model already has a {model.peft_config.method!r} adapter attached")
     gen = torch.Generator().manual_seed(cfg.seed)

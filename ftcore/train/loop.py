@@ -118,6 +118,8 @@ def train(cfg: RunConfig) -> dict:
 def setup(cfg: RunConfig) -> Run:
     """Processes, seeds, the run directory (resolved config, git SHA, versions) and the logger."""
     world = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_minutes)
+    if cfg.train.cuda_graph and world.device.type != "cuda":  # train.device=auto on a machine without CUDA
+        raise FtcoreError(f"train.cuda_graph: it needs a CUDA device (the run is on {world.device.type})")
     run_dir = Path(world.broadcast(cfg.run_dir))  # rank 0's (Hydra's ${now} may differ by a second across ranks)
     torch.manual_seed(cfg.train.seed)  # dropout (and anything else drawn from the default generator)
     if world.rank == 0:

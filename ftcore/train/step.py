@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ftcore.dtypes import AUTOCAST
-from ftcore.errors import FtcoreError, NonFiniteLoss
+from ftcore.errors import NonFiniteLoss
 from ftcore.model.loss import batch_loss_sum
 from ftcore.peft.lora import LoraLinear
 from ftcore.train.parallel import World, grad_sync
@@ -109,8 +109,6 @@ class GraphedStep:
         self.model, self.optimizer, self.grad_clip, self.capture = model, optimizer, grad_clip, capture
         self.fallback = fallback
         device = next(p.device for p in model.parameters() if p.requires_grad)
-        if capture and device.type != "cuda":
-            raise FtcoreError(f"train.cuda_graph: it needs a CUDA device (the run is on {device.type})")
         self.autocast = autocast(device, precision, cache_enabled=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.lrs = None
