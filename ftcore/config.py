@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from ftcore.cli import DEMO_MODEL
 from ftcore.data.config import DataConfig
+from ftcore.dtypes import AUTOCAST, DTYPES
 from ftcore.errors import FtcoreError
 from ftcore.peft.config import PeftConfig
 from ftcore.schema import build, invalid, one_of
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("fp32", *AUTOCAST)  # fp32 | bf16 | fp16
 BACKENDS = ("single", "ddp", "fsdp")
 NONFINITE = ("stop", "skip")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -29,13 +29,13 @@ class ModelSpec:
     dtype: str = "float32"  # dtype of the frozen base weights (trainable ones stay float32)
 
     def __post_init__(self):
-        one_of("model.dtype", self.dtype, DTYPES)
+        one_of("model.dtype", self.dtype, tuple(DTYPES))
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 120
-    seed: int = 0  # init, data order and dropout
+    seed: int = 0  # dropout, and with data.seed the data order (adapter init: peft.seed; the split: data.seed)
     batch_size: int = 8  # per-device micro-batch; global batch = batch_size x grad_accum x world size
     grad_accum: int = 1
     eval_every: int = 40  # validation every N steps (and at the end); 0 = only at the end

@@ -2,13 +2,5 @@
 
 import torch
 
-from ftcore.schema import one_of
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision; fp32 = no autocast
-
-
-def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
-    """'bfloat16' -> torch.bfloat16; anything else fails naming `key` and the allowed names."""
-    one_of(key, name, tuple(DTYPES))
-    return DTYPES[name]
