@@ -57,11 +57,14 @@ class TrainConfig:
     def __post_init__(self):
         one_of("train.precision", self.precision, PRECISIONS)
         one_of("train.on_nonfinite", self.on_nonfinite, NONFINITE)
-        for key in ("max_steps", "batch_size", "grad_accum"):
+        for key in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise invalid(f"train.{key}", getattr(self, key), ">= 1")
-        if self.loss_chunk_size < 0:
-            raise invalid("train.loss_chunk_size", self.loss_chunk_size, ">= 0 (0 = plain)")
+        for key, zero in (("eval_every", "only at the end"), ("eval_batches", "the whole split"),
+                          ("save_every", "at every evaluation"), ("early_stopping_patience", "never"),
+                          ("loss_chunk_size", "plain")):  # fmt: skip
+            if getattr(self, key) < 0:
+                raise invalid(f"train.{key}", getattr(self, key), f">= 0 (0 = {zero})")
 
 
 @dataclass
@@ -80,6 +83,14 @@ class OptimConfig:
         one_of("optim.schedule", self.schedule, SCHEDULES)
         if self.lr <= 0:
             raise invalid("optim.lr", self.lr, "> 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise invalid("optim.betas", list(self.betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if self.eps <= 0:
+            raise invalid("optim.eps", self.eps, "> 0")
+        if self.weight_decay < 0:
+            raise invalid("optim.weight_decay", self.weight_decay, ">= 0")
+        if self.grad_clip < 0:
+            raise invalid("optim.grad_clip", self.grad_clip, ">= 0 (0 = no clipping)")
         if self.warmup_steps < 0:
             raise invalid("optim.warmup_steps", self.warmup_steps, ">= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -114,6 +125,12 @@ class EvalConfig:
 
     def __post_init__(self):
         one_of("eval.split", self.split, SPLITS)
+        if self.batch_size < 1:
+            raise invalid("eval.batch_size", self.batch_size, ">= 1")
+        if self.max_examples < 0:
+            raise invalid("eval.max_examples", self.max_examples, ">= 0 (0 = the whole split)")
+        if self.max_new_tokens < 0:
+            raise invalid("eval.max_new_tokens", self.max_new_tokens, ">= 0 (0 = the task's default)")
 
 
 @dataclass

@@ -10,6 +10,7 @@ dataclasses' own job, in __post_init__, with one message style:
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,8 @@ def convert(value, hint, key: str):
     if base is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise FtcoreError(f"{key}={value!r}: expected a finite number")
         return float(value)
     if base is str and isinstance(value, str):
         return value

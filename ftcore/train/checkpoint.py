@@ -79,6 +79,14 @@ def prune(root: Path, keep: int, best_step: int | None):
                 shutil.rmtree(p)
 
 
+def remove_unfinished(ckpt_root):
+    """Delete the `.tmp_step_*` directories a killed run left (a model's size each, for full fine-tuning)."""
+    root = Path(ckpt_root)
+    if root.is_dir():
+        for d in root.glob(".tmp_step_*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def latest(ckpt_root) -> Path | None:
     """The newest complete checkpoint directory, or None."""
     root = Path(ckpt_root)

@@ -12,6 +12,7 @@ the global batch's, as one process would compute it. Rank 0 alone logs, writes f
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,7 @@ from ftcore.eval.report import write_eval
 from ftcore.formats.hf import load_pretrained, save_pretrained
 from ftcore.train import checkpoint
 from ftcore.train.flops import peak_flops, train_flops_per_token
-from ftcore.train.log import RunLogger, read_metrics
+from ftcore.train.log import RunLogger, read_metrics, rewrite_metrics
 from ftcore.train.optim import build_optimizer, lr_at, set_lr
 from ftcore.train.parallel import World, enable_activation_checkpointing, gather_model, init_distributed, parallelize
 from ftcore.train.run_info import write_run_info
@@ -103,7 +104,7 @@ def train(cfg: RunConfig) -> dict:
     """Run one fine-tune; returns the summary also written to the run directory."""
     run = setup(cfg)
     model, tokenizer, data = load(run)
-    resume_from = run.world.broadcast(find_resume(cfg, run.run_dir) if run.rank0 else None)
+    resume_from = run.world.broadcast(prepare_run_dir(cfg, run.run_dir) if run.rank0 else None)
     baseline = evaluate_baseline(run, model, tokenizer, data, resuming=resume_from is not None)
     trainer = adapt(run, model, tokenizer, data)
     if resume_from is not None:
@@ -347,6 +348,18 @@ class StopSignal:
             signal.signal(s, handler)
 
 
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> Path | None:
+    """Rank 0, before anything is written: the checkpoint to resume from (or None), with the leftovers of
+    killed runs removed (unfinished .tmp_* checkpoints) and, on a fresh start, the old metrics.jsonl kept
+    as metrics.jsonl.prev so that the new run's steps are not appended to another run's."""
+    checkpoint.remove_unfinished(run_dir / "checkpoints")
+    resume_from = find_resume(cfg, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if resume_from is None and metrics.exists():
+        os.replace(metrics, run_dir / "metrics.jsonl.prev")
+    return resume_from
+
+
 def find_resume(cfg: RunConfig, run_dir: Path) -> Path | None:
     if not cfg.train.resume:
         return None
@@ -359,9 +372,8 @@ def find_resume(cfg: RunConfig, run_dir: Path) -> Path | None:
 
 
 def truncate_metrics(run_dir: Path, step: int):
-    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
-    events = [e for e in read_metrics(run_dir) if e["step"] <= step]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    """Drop events logged after the checkpoint we resume from (they will be logged again), and a partial line."""
+    rewrite_metrics(run_dir, [e for e in read_metrics(run_dir) if e["step"] <= step])
 
 
 def iter_forever(sampler: Sampler):

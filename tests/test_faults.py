@@ -1,0 +1,79 @@
+"""Faults a run must survive without losing anything (issue 23, first part): a full disk while a metrics line
+is appended, the leftovers of a killed run, a partial last line in metrics.jsonl."""
+
+import errno
+import json
+
+import pytest
+from test_train import data_cache, losses, tiny_dir, tiny_run  # noqa: F401 - pytest fixtures
+
+import ftcore.train.log
+from ftcore.config import run_config
+from ftcore.errors import FtcoreError
+from ftcore.train import train
+from ftcore.train.log import read_metrics
+
+
+def full_disk_at(step: int):
+    """An `open` for ftcore.train.log whose append of the `step` event writes half a line, then fails (ENOSPC)."""
+    real_open = open
+
+    class Filling:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            if json.loads(text).get("step") == step:
+                self.f.write(text[: len(text) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    return lambda path, mode="r", *a, **k: Filling(real_open(path, mode, *a, **k)) if mode == "a" else \
+        real_open(path, mode, *a, **k)  # fmt: skip
+
+
+def test_full_disk_while_logging_then_resume_equals_uninterrupted(tiny_dir, data_cache, tmp_path, monkeypatch):  # noqa: F811
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "straight", eval__baseline=False)))
+    run_dir = tmp_path / "full"
+    monkeypatch.setattr(ftcore.train.log, "open", full_disk_at(6), raising=False)
+    with pytest.raises(FtcoreError, match=r"metrics.jsonl: cannot append the step 6 event \(No space left on device\)"):
+        train(run_config(tiny_run(tiny_dir, data_cache, run_dir, eval__baseline=False)))
+    assert not (run_dir / "metrics.jsonl").read_text().endswith("\n")  # the partial line is there
+    monkeypatch.undo()  # space freed
+    train(run_config(tiny_run(tiny_dir, data_cache, run_dir, eval__baseline=False, train__resume="auto")))
+    assert losses(run_dir) == losses(tmp_path / "straight")  # exactly: resumed from step 4
+    assert (run_dir / "metrics.jsonl").read_text().endswith("\n")
+
+
+def test_fresh_start_removes_leftovers_and_keeps_the_old_metrics(tiny_dir, data_cache, tmp_path):  # noqa: F811
+    """A run killed before its first checkpoint: an unfinished .tmp_ checkpoint and a metrics.jsonl of its steps."""
+    old = [{"step": 1, "loss": 9.0, "lr": 0.1}, {"step": 2, "loss": 8.0, "lr": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in old))
+    orphan = tmp_path / "checkpoints" / ".tmp_step_abc"
+    orphan.mkdir(parents=True)
+    (orphan / "trainable.safetensors").write_bytes(b"\0" * 1000)
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path, eval__baseline=False, train__max_steps=3,
+                              train__eval_every=0)))  # fmt: skip
+    assert [e["step"] for e in read_metrics(tmp_path) if "loss" in e] == [1, 2, 3]  # each step once
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl.prev").read_text().splitlines()] == old
+    assert not orphan.exists()
+
+
+def test_read_metrics_skips_a_partial_last_line_and_names_a_bad_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:2: a partial last line"):
+        assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
+    with pytest.raises(FtcoreError, match=r"metrics.jsonl:1: expected one JSON object per line"):
+        read_metrics(tmp_path)
