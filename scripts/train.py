@@ -8,7 +8,7 @@ import hydra_schema  # scripts/hydra_schema.py: the dataclass defaults as Hydra'
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ftcore.cli import user_errors
+from ftcore.cli import STOPPED_EXIT, user_errors
 from ftcore.config import run_config
 from ftcore.train import train
 
@@ -21,6 +21,8 @@ def main(cfg: DictConfig) -> float | None:
         values = OmegaConf.to_container(cfg, resolve=True)
         values["run_dir"] = HydraConfig.get().runtime.output_dir
         result = train(run_config(values))
+    if result.get("signal"):  # stopped after saving a checkpoint: schedulers requeue on 130/143, not on 0
+        sys.exit(STOPPED_EXIT[result["signal"]])
     return result.get("best_val_loss")  # what a Hydra sweeper would minimize
 
 

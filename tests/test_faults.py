@@ -3,11 +3,16 @@ is appended, the leftovers of a killed run, a partial last line in metrics.jsonl
 
 import errno
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from test_train import data_cache, losses, tiny_dir, tiny_run  # noqa: F401 - pytest fixtures
+from test_train import ROOT, data_cache, losses, tiny_dir, tiny_run  # noqa: F401 - pytest fixtures
 
 import ftcore.train.log
+from ftcore.cli import STOPPED_EXIT
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
 from ftcore.train import train
@@ -77,3 +82,20 @@ def test_read_metrics_skips_a_partial_last_line_and_names_a_bad_one(tmp_path):
     path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
     with pytest.raises(FtcoreError, match=r"metrics.jsonl:1: expected one JSON object per line"):
         read_metrics(tmp_path)
+
+
+def test_cli_stopped_by_sigterm_exits_143_after_saving(tiny_dir, data_cache, tmp_path):  # noqa: F811
+    """A scheduler can tell "stopped, resumable" (143 for SIGTERM, 130 for SIGINT) from "finished" (0)."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"model.path={tiny_dir}", "train.max_steps=400",
+           "train.eval_every=0", "train.batch_size=2", "eval.baseline=false", "logger.wandb.mode=disabled",
+           "logger.progress=false", f"data.cache_dir={data_cache}", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == STOPPED_EXIT["SIGTERM"] == 143, out[-2000:]
+    assert "stopped by SIGTERM at step" in out and "resume with train.resume=auto" in out
+    assert list((run_dir / "checkpoints").glob("step_*")) and not (run_dir / "final").exists()

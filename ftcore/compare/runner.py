@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from ftcore.cli import STOPPED_EXIT
 from ftcore.compare.config import CompareConfig
 from ftcore.compare.plan import (
     RUN_CONFIG_FILE,
@@ -184,6 +185,8 @@ def train_subprocess(run: Run, launcher: str) -> tuple[str, float | None, str]:
     peak = usage.ru_maxrss / 2**20  # KiB -> GiB, the largest process of the launch
     if p.returncode == NonFiniteLoss.exit_code:
         return "diverged", peak, "rss"
+    if p.returncode in STOPPED_EXIT.values():  # stopped by a signal after checkpointing
+        return StopReason.SIGNAL.value, peak, "rss"
     if p.returncode != 0:
         raise FtcoreError(f"{run.run_dir}: training exited with code {p.returncode}; see {run.run_dir / 'train.log'}")
     if not (run.run_dir / "eval.json").is_file():

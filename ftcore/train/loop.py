@@ -98,6 +98,7 @@ class Trainer:
     trainable: int  # parameter counts, taken before sharding
     total: int
     state: LoopState = field(default_factory=LoopState)
+    signal: str | None = None  # the signal that stopped the loop (SIGINT / SIGTERM)
 
 
 def train(cfg: RunConfig) -> dict:
@@ -239,6 +240,7 @@ def loop(run: Run, trainer: Trainer, data: Data) -> tuple[StopReason, str]:
                 save_checkpoint(run, trainer)
             if stopping:
                 by = stop.received or "a signal to another rank"
+                trainer.signal = stop.received or "SIGTERM"  # another rank's: a scheduler's SIGTERM, most likely
                 return StopReason.SIGNAL, f"stopped by {by} at step {state.step}; resume with train.resume=auto"
             patience = cfg.train.early_stopping_patience
             if patience and state.bad_evals >= patience:
@@ -260,7 +262,7 @@ def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, reason: 
                "total_params": trainer.total}  # fmt: skip
     if reason is StopReason.SIGNAL:
         run.logger.close()
-        return summary
+        return {**summary, "signal": trainer.signal}
     if state.best_step is not None and state.best_step != state.step:
         best = run.run_dir / "checkpoints" / f"step_{state.best_step:08d}"
         if world.distributed:
