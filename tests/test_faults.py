@@ -1,8 +1,10 @@
-"""Faults a run must survive without losing anything (issue 23, first part): a full disk while a metrics line
-is appended, the leftovers of a killed run, a partial last line in metrics.jsonl."""
+"""Faults a run must survive without losing anything, and bad files that must fail with one line (issue 23, first
+part): a full disk while a metrics line is appended, the leftovers of a killed run, a partial last line in
+metrics.jsonl, a signal, files that are not UTF-8 JSON."""
 
 import errno
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from test_train import ROOT, data_cache, losses, tiny_dir, tiny_run  # noqa: F40
 import ftcore.train.log
 from ftcore.cli import STOPPED_EXIT
 from ftcore.config import run_config
+from ftcore.data.io import load_examples
 from ftcore.errors import FtcoreError
 from ftcore.train import train
 from ftcore.train.log import read_metrics
@@ -99,3 +102,40 @@ def test_cli_stopped_by_sigterm_exits_143_after_saving(tiny_dir, data_cache, tmp
     assert p.returncode == STOPPED_EXIT["SIGTERM"] == 143, out[-2000:]
     assert "stopped by SIGTERM at step" in out and "resume with train.resume=auto" in out
     assert list((run_dir / "checkpoints").glob("step_*")) and not (run_dir / "final").exists()
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ('{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"), r":1: byte 0xe9 at column 16 is not UTF-8"),
+        ('{"prompt": "a", "completion": "b"}\n'.encode("utf-16"), r": UTF-16 text .*expected UTF-8"),
+        (b'{"prompt": "a", "completion": "b"}\n\x00\xff\xfe garbage\n', r":2: byte 0xff at column 2 is not UTF-8"),
+        (b'{"prompt": "a", "completion": NaN}\n', r":1: NaN is not a JSON number"),
+        (b'{"prompt": "a", "completion": -Infinity}\n', r":1: -Infinity is not a JSON number"),
+    ],
+)
+def test_data_files_that_are_not_utf8_json_fail_naming_file_and_line(tmp_path, data, expected):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(FtcoreError, match=f"^{re.escape(str(path))}{expected}"):
+        load_examples(path)
+
+
+def test_a_utf8_bom_is_fine(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "completion": "b"}\n')
+    assert len(load_examples(path)) == 1
+
+
+@pytest.mark.parametrize(
+    "content, expected", [(bytes(range(256)), "is not UTF-8"), (b"[1, 2]", "expected a JSON object, got list")]
+)
+def test_a_corrupt_adapter_config_fails_naming_it(hf_checkpoint, tmp_path, content, expected):
+    from ftcore.formats.hf import load_model
+    from ftcore.peft import load_adapter
+
+    path, _ = hf_checkpoint("llama_tied")
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(FtcoreError, match=f"adapter_config.json.*{expected}"):
+        load_adapter(load_model(path), tmp_path)

@@ -8,14 +8,18 @@ names to the file's keys (e.g. {"prompt": "question", "completion": "answer"}):
     chat         {"messages": [{"role": ..., "content": ...}, ...]}             (ShareGPT from/value too)
 
 An instruction record's user message is the instruction, then a blank line and the input if any.
+Files are UTF-8 (a BOM is allowed); other encodings and JSON's non-standard NaN/Infinity literals fail
+naming the file and line.
 """
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
 
 from ftcore.errors import FtcoreError
+from ftcore.textfile import read_utf8
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -42,12 +46,25 @@ def read_records(path: Path, fmt: str = "auto") -> list[tuple[int, dict]]:
         fmt = SUFFIXES.get(path.suffix.lower())
         if fmt is None:
             raise FtcoreError(f"{path}: cannot tell the format from the suffix; set data.format to jsonl, json or csv")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if fmt == "jsonl":
-            return _read_jsonl(path, f)
-        if fmt == "csv":
-            return _read_csv(path, f)
-        return _read_json(path, f.read())
+    text = read_utf8(path)
+    if fmt == "jsonl":
+        return _read_jsonl(path, io.StringIO(text, newline=""))
+    if fmt == "csv":
+        return _read_csv(path, io.StringIO(text, newline=""))
+    return _read_json(path, text)
+
+
+class NonFiniteNumber(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise NonFiniteNumber(name)
+
+
+def loads(text: str):
+    """json.loads without NaN/Infinity (not JSON; a record holding one would train on the text "NaN")."""
+    return json.loads(text, parse_constant=_no_constant)
 
 
 def _read_jsonl(path, f) -> list[tuple[int, dict]]:
@@ -56,7 +73,9 @@ def _read_jsonl(path, f) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = loads(line)
+        except NonFiniteNumber as e:
+            raise FtcoreError(f"{path}:{line_no}: {e} is not a JSON number; expected finite numbers or text") from None
         except json.JSONDecodeError as e:
             raise FtcoreError(f"{path}:{line_no}: malformed JSON line: {e.msg} (column {e.colno})") from None
         if not isinstance(rec, dict):
@@ -67,7 +86,9 @@ def _read_jsonl(path, f) -> list[tuple[int, dict]]:
 
 def _read_json(path, text: str) -> list[tuple[int, dict]]:
     try:
-        data = json.loads(text)
+        data = loads(text)
+    except NonFiniteNumber as e:
+        raise FtcoreError(f"{path}: {e} is not a JSON number; expected finite numbers or text") from None
     except json.JSONDecodeError as e:
         raise FtcoreError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     if isinstance(data, dict):  # {"data": [...]}: one list inside an object
@@ -152,8 +173,8 @@ def to_example(record: dict, schema: str, fields: dict, where: str) -> dict:
         raw = get("messages")
         if isinstance(raw, str):  # e.g. a CSV column holding JSON
             try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError:
+                raw = loads(raw)
+            except ValueError:  # malformed, or NaN/Infinity
                 raise FtcoreError(f"{where}: field {key('messages')!r} is a string that is not a JSON list") from None
         if not isinstance(raw, list) or not raw:
             raise FtcoreError(f"{where}: field {key('messages')!r}: expected a non-empty list of messages")

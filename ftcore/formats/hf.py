@@ -16,6 +16,7 @@ import torch
 from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.model import ModelConfig, Transformer
+from ftcore.textfile import read_json_object
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -33,10 +34,7 @@ def read_config(model_dir) -> tuple[ModelConfig, dict]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FtcoreError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FtcoreError(f"{path}: invalid JSON ({e})") from None
+    hf = read_json_object(path)
     archs = hf.get("architectures") or [
         {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
             hf.get("model_type"), str(hf.get("model_type"))

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ftcore.errors import FtcoreError
+from ftcore.textfile import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -20,10 +21,7 @@ _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FtcoreError(f"{path}: cannot read JSON ({e})") from None
+    return read_json_object(path)
 
 
 def _content(value):

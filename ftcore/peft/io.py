@@ -20,6 +20,7 @@ from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.peft.attach import adapter_layers, apply, peft_key, unload
 from ftcore.peft.config import PeftConfig
+from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
@@ -102,10 +103,7 @@ def load_with_adapter(adapter_dir, base: str = "", dtype=torch.float32, device="
     if not cfg_path.is_file():
         raise FtcoreError(f"{adapter_dir}: no {CONFIG} (expected a PEFT adapter directory, e.g. <run>/final)")
     if not base:
-        try:
-            base = json.loads(cfg_path.read_text()).get("base_model_name_or_path") or ""
-        except json.JSONDecodeError as e:
-            raise FtcoreError(f"{cfg_path}: invalid JSON ({e})") from None
+        base = read_json_object(cfg_path).get("base_model_name_or_path") or ""
         if not base:
             raise FtcoreError(f"{cfg_path}: records no base_model_name_or_path; give the base model (--model)")
     from ftcore.formats.hf import load_pretrained
@@ -173,10 +171,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         raise FtcoreError(f"{adapter_dir}: no {CONFIG} (expected a PEFT adapter directory)")
     if not weights_path.is_file():
         raise FtcoreError(f"{adapter_dir}: no {WEIGHTS} (only safetensors adapters are supported)")
-    try:
-        d = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FtcoreError(f"{cfg_path}: invalid JSON ({e})") from None
+    d = read_json_object(cfg_path)
     try:
         cfg = config_from_peft(d, cfg_path)
     except KeyError as e:
