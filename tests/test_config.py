@@ -113,6 +113,8 @@ def test_every_key_is_overridable_and_unknown_keys_fail():
     cc = composed("compare", "compare.peft.lora.r=4", "compare.method_lrs.prompt=[0.1]", "compare.lr.ia3=0.01")
     cc = cc["compare"]
     assert (cc["peft"]["lora"]["r"], cc["method_lrs"]["prompt"], cc["lr"]["ia3"]) == (4, [0.1], 0.01)
+    # the hint a file with other field names gets (data/io.py) works as written, and overrides again without +
+    assert composed("config", "+data.fields.completion=answer")["data"]["fields"] == {"completion": "answer"}
     with pytest.raises(Exception, match="max_stepz"):
         composed("config", "train.max_stepz=3")
     with pytest.raises(FtcoreError, match=r"^train\.max_stepz: unknown key; allowed: max_steps, seed"):

@@ -91,7 +91,7 @@ def test_missing_field_lists_available_keys(tmp_path):
         load_examples(p)
     assert str(e.value) == (
         f"{p}:2: missing field 'completion' for pair records (available keys: prompt, answer, id); "
-        "set data.fields.completion=<key>"
+        "set +data.fields.completion=<key>"
     )
 
 

@@ -162,7 +162,8 @@ def to_example(record: dict, schema: str, fields: dict, where: str) -> dict:
         if key(name) not in record:
             if not required:
                 return ""
-            hint = f"data.fields.{name}=<key>" if name not in fields else f"data.fields.{name} (now {fields[name]!r})"
+            # a new key of the data.fields mapping needs Hydra's `+`; an existing one is overridden without it
+            hint = f"+data.fields.{name}=<key>" if name not in fields else f"data.fields.{name} (now {fields[name]!r})"
             raise FtcoreError(
                 f"{where}: missing field {key(name)!r} for {schema} records (available keys: "
                 f"{', '.join(map(str, record))}); set {hint}"
