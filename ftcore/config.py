@@ -165,11 +165,9 @@ class RunConfig:
             raise FtcoreError(f"train.cuda_graph: {why}")
 
     def cuda_graph_conflict(self) -> str | None:
-        """Why train.cuda_graph cannot work with the other settings (the device found at run time aside)."""
+        """Why train.cuda_graph cannot work with the other settings (the device is checked when train() starts)."""
         if not (self.data.packing or self.data.static_shape):
             return "it needs fixed batch shapes: set data.packing=true or data.static_shape=true"
-        if self.train.device == "cpu":
-            return "it needs a CUDA device (train.device=cpu)"
         if self.train.precision == "fp16":
             return "train.precision=fp16's GradScaler reads the inf check on the host; use bf16 or fp32"
         if self.train.on_nonfinite != "stop":

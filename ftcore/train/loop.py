@@ -52,6 +52,15 @@ class StopReason(str, Enum):
 
 
 @dataclass
+class Outcome:
+    """How the loop ended: the reason, the line printed for it, and the signal that stopped it (if one did)."""
+
+    reason: StopReason
+    message: str
+    signal: str | None = None  # SIGINT | SIGTERM
+
+
+@dataclass
 class Run:
     """What every phase shares: the config, this process's place, the run directory and the logger."""
 
@@ -59,6 +68,7 @@ class Run:
     world: World
     run_dir: Path
     logger: RunLogger
+    peak_flops: float | None  # one device's dense bf16 peak, where known (for MFU)
 
     @property
     def rank0(self) -> bool:
@@ -98,7 +108,6 @@ class Trainer:
     trainable: int  # parameter counts, taken before sharding
     total: int
     state: LoopState = field(default_factory=LoopState)
-    signal: str | None = None  # the signal that stopped the loop (SIGINT / SIGTERM)
 
 
 def train(cfg: RunConfig) -> dict:
@@ -110,8 +119,7 @@ def train(cfg: RunConfig) -> dict:
     trainer = adapt(run, model, tokenizer, data)
     if resume_from is not None:
         resume(run, trainer, resume_from)
-    reason, status = loop(run, trainer, data)
-    return finish(run, trainer, tokenizer, data, baseline, reason, status)
+    return finish(run, trainer, tokenizer, data, baseline, loop(run, trainer, data))
 
 
 # -- phases ---------------------------------------------------------------------------------------------
@@ -120,7 +128,7 @@ def train(cfg: RunConfig) -> dict:
 def setup(cfg: RunConfig) -> Run:
     """Processes, seeds, the run directory (resolved config, git SHA, versions) and the logger."""
     world = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_minutes)
-    if cfg.train.cuda_graph and world.device.type != "cuda":  # train.device=auto on a machine without CUDA
+    if cfg.train.cuda_graph and world.device.type != "cuda":  # train.device=cpu, or auto without CUDA
         raise FtcoreError(f"train.cuda_graph: it needs a CUDA device (the run is on {world.device.type})")
     run_dir = Path(world.broadcast(cfg.run_dir))  # rank 0's (Hydra's ${now} may differ by a second across ranks)
     torch.manual_seed(cfg.train.seed)  # dropout (and anything else drawn from the default generator)
@@ -128,7 +136,8 @@ def setup(cfg: RunConfig) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_info(run_dir, cfg)
     config_json = json.loads((run_dir / "config.json").read_text()) if world.rank == 0 else None
-    return Run(cfg, world, run_dir, RunLogger(run_dir, cfg.logger, config_json, rank=world.rank))
+    logger = RunLogger(run_dir, cfg.logger, config_json, rank=world.rank)
+    return Run(cfg, world, run_dir, logger, peak_flops(world.device))
 
 
 def load(run: Run):
@@ -178,11 +187,11 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
         rank=world.rank, seed=cfg.data.seed + cfg.train.seed, bucketing=cfg.data.bucketing and not cfg.data.packing,
     )  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
-    step = EagerStep(model, optimizer, world, cfg.train.precision, cfg.optim.grad_clip, train_model)
+    eager = EagerStep(model, optimizer, world, cfg.train.precision, cfg.optim.grad_clip, train_model)
+    step = eager
     if cfg.train.cuda_graph:  # the whole step captured once and replayed; other shapes run eagerly
-        step = GraphedStep(model, optimizer, step, cfg.train.precision, cfg.optim.grad_clip)
-    scaler = step.scaler if isinstance(step, EagerStep) else step.fallback.scaler
-    return Trainer(model, train_model, step, optimizer, scaler, sampler, trainable, total)
+        step = GraphedStep(model, optimizer, eager, cfg.train.precision, cfg.optim.grad_clip)
+    return Trainer(model, train_model, step, optimizer, eager.scaler, sampler, trainable, total)
 
 
 def resume(run: Run, trainer: Trainer, path: Path):
@@ -200,13 +209,13 @@ def resume(run: Run, trainer: Trainer, path: Path):
     run.world.print(f"resumed from {path} at step {trainer.state.step}")
 
 
-def loop(run: Run, trainer: Trainer, data: Data) -> tuple[StopReason, str]:
+def loop(run: Run, trainer: Trainer, data: Data) -> Outcome:
     """Steps until train.max_steps, a signal or early stopping: log, validate, checkpoint."""
     cfg, world, state = run.cfg, run.world, trainer.state
     stop = StopSignal()
     progress = make_progress(cfg, state.step, enabled=run.rank0)
     batches = iter_forever(trainer.sampler)
-    reason, status = StopReason.FINISHED, "finished"
+    outcome = Outcome(StopReason.FINISHED, "finished")
     try:
         while state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -240,29 +249,30 @@ def loop(run: Run, trainer: Trainer, data: Data) -> tuple[StopReason, str]:
                 save_checkpoint(run, trainer)
             if stopping:
                 by = stop.received or "a signal to another rank"
-                trainer.signal = stop.received or "SIGTERM"  # another rank's: a scheduler's SIGTERM, most likely
-                return StopReason.SIGNAL, f"stopped by {by} at step {state.step}; resume with train.resume=auto"
+                message = f"stopped by {by} at step {state.step}; resume with train.resume=auto"
+                # a signal to another rank: most likely a scheduler's SIGTERM to the whole job
+                return Outcome(StopReason.SIGNAL, message, stop.received or "SIGTERM")
             patience = cfg.train.early_stopping_patience
             if patience and state.bad_evals >= patience:
-                reason = StopReason.EARLY_STOPPING
-                status = f"early stopping at step {state.step}: no improvement in {patience} evaluations"
+                message = f"early stopping at step {state.step}: no improvement in {patience} evaluations"
+                outcome = Outcome(StopReason.EARLY_STOPPING, message)
                 break
     finally:
         stop.restore()
         progress.close()
-    return reason, status
+    return outcome
 
 
-def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, reason: StopReason, status: str) -> dict:
+def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, outcome: Outcome) -> dict:
     """The best weights saved to final/ and scored on the test split (rank 0, on the whole model)."""
     cfg, world, state, model = run.cfg, run.world, trainer.state, trainer.model
-    world.print(status)
+    world.print(outcome.message)
     trainable = trainer.trainable
-    summary = {"status": status, "stop_reason": reason.value, "step": state.step, "trainable_params": trainable,
-               "total_params": trainer.total}  # fmt: skip
-    if reason is StopReason.SIGNAL:
+    summary = {"status": outcome.message, "stop_reason": outcome.reason.value, "step": state.step,
+               "trainable_params": trainable, "total_params": trainer.total}  # fmt: skip
+    if outcome.reason is StopReason.SIGNAL:
         run.logger.close()
-        return {**summary, "signal": trainer.signal}
+        return {**summary, "signal": outcome.signal}
     if state.best_step is not None and state.best_step != state.step:
         best = run.run_dir / "checkpoints" / f"step_{state.best_step:08d}"
         if world.distributed:
@@ -297,10 +307,9 @@ def log_step(run: Run, model, step: int, micro: list[dict], loss: float, lr: flo
     event = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
     if world.device.type == "cuda":
         event["peak_mem_gb"] = torch.cuda.max_memory_allocated(world.device) / 2**30
-    peak = peak_flops(world.device)
-    if peak is not None:
+    if run.peak_flops is not None:
         flops = train_flops_per_token(model.cfg, micro[0]["input_ids"].shape[1], run.cfg.peft.method == "full")
-        event["mfu"] = tokens_per_s * flops / (peak * world.size)  # peak is one device's
+        event["mfu"] = tokens_per_s * flops / (run.peak_flops * world.size)
     run.logger.log(event)
     return tokens_per_s
 
