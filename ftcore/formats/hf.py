@@ -16,9 +16,18 @@ import torch
 from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.model import ModelConfig, Transformer
+from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types they must have
+    **dict.fromkeys(SIZES, int), "num_key_value_heads": int | None, "head_dim": int | None,
+    "max_position_embeddings": int, "sliding_window": int | None, "rms_norm_eps": float, "rope_theta": float,
+    "rope_parameters": dict | None, "rope_scaling": dict | None, "tie_word_embeddings": bool,
+    "attention_bias": bool, "mlp_bias": bool, "use_sliding_window": bool, "architectures": list[str] | None,
+    "model_type": str | None, "hidden_act": str,
+}  # fmt: skip
 
 
 def hf_name(name: str) -> str:
@@ -35,6 +44,12 @@ def read_config(model_dir) -> tuple[ModelConfig, dict]:
     if not path.is_file():
         raise FtcoreError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
     hf = read_json_object(path)
+    check_types(hf, CONFIG_TYPES, path)
+    for key in SIZES:
+        if key not in hf:
+            raise FtcoreError(f"{path}: missing key {key!r}")
+        if hf[key] <= 0:
+            raise FtcoreError(f"{path}: {key}={hf[key]}: expected a positive integer")
     archs = hf.get("architectures") or [
         {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
             hf.get("model_type"), str(hf.get("model_type"))
@@ -45,9 +60,6 @@ def read_config(model_dir) -> tuple[ModelConfig, dict]:
             f"{path}: unsupported architecture {archs[0]!r}; supported: {', '.join(ARCHITECTURES)}"
         )
     model_type = ARCHITECTURES[archs[0]]
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if key not in hf:
-            raise FtcoreError(f"{path}: missing key {key!r}")
     if hf.get("hidden_act", "silu") != "silu":
         raise FtcoreError(f"{path}: hidden_act {hf['hidden_act']!r} unsupported; expected 'silu'")
     # transformers >= 5 writes rope_parameters; older checkpoints write rope_theta + rope_scaling.
@@ -55,37 +67,42 @@ def read_config(model_dir) -> tuple[ModelConfig, dict]:
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope.pop("type")
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    check_types({"rope_parameters.rope_theta": theta}, {"rope_parameters.rope_theta": float}, path)
     attention_bias = hf.get("attention_bias", False)
     sliding = 0
     if model_type == "mistral" or (model_type == "qwen2" and hf.get("use_sliding_window")):
         sliding = hf.get("sliding_window") or 0
-    cfg = ModelConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or 0,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        rope_scaling=rope if rope.get("rope_type", "default") != "default" else {},
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        qkv_bias=model_type == "qwen2" or attention_bias,
-        o_bias=attention_bias,
-        mlp_bias=hf.get("mlp_bias", False),
-        sliding_window=sliding,
-    )
+    try:
+        cfg = ModelConfig(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=rope if rope.get("rope_type", "default") != "default" else {},
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=hf.get("mlp_bias", False),
+            sliding_window=sliding,
+        )
+    except FtcoreError as e:  # a value ModelConfig refuses (heads not a multiple of the kv heads, a rope type)
+        raise FtcoreError(f"{path}: {e}") from None
     return cfg, hf
 
 
 def _shard_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not weight_map:
             raise FtcoreError(f"{index}: no 'weight_map'")
+        check_types({"weight_map": weight_map}, {"weight_map": dict[str, str]}, index)
         files = [model_dir / f for f in sorted(set(weight_map.values()))]
     else:
         files = [model_dir / "model.safetensors"]

@@ -24,6 +24,20 @@ DTYPES = {
 }  # fmt: skip
 
 
+def _check_entry(path: Path, name: str, e):
+    """A header entry must be {"dtype": known, "shape": [ints >= 0], "data_offsets": [begin, end]}."""
+    if not isinstance(e, dict):
+        raise FtcoreError(f"{path}: tensor {name!r}: malformed header entry (expected an object)")
+    if not isinstance(e.get("dtype"), str) or e["dtype"] not in DTYPES:
+        raise FtcoreError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+    shape, offsets = e.get("shape"), e.get("data_offsets")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not isinstance(shape, list) or not all(map(is_int, shape)):
+        raise FtcoreError(f"{path}: tensor {name!r}: shape {shape!r}: expected a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_int, offsets)):
+        raise FtcoreError(f"{path}: tensor {name!r}: data_offsets {offsets!r}: expected [begin, end]")
+
+
 class SafetensorsFile:
     """An open safetensors file: `names()`, `shape(name)`, `get(name)` -> mmap-backed tensor."""
 
@@ -42,12 +56,16 @@ class SafetensorsFile:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise FtcoreError(f"{self.path}: malformed safetensors header ({e})") from None
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        if not isinstance(header, dict):
+            raise FtcoreError(f"{self.path}: malformed safetensors header (a JSON {type(header).__name__}, "
+                              "expected an object)")  # fmt: skip
         self.metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(self.metadata, dict):
+            raise FtcoreError(f"{self.path}: malformed safetensors header (__metadata__ is not an object)")
         self.data_start = 8 + n
         self.entries = header
         for name, e in header.items():
-            if e.get("dtype") not in DTYPES:
-                raise FtcoreError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+            _check_entry(self.path, name, e)
             begin, end = e["data_offsets"]
             want = math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize
             if not 0 <= begin <= end or end - begin != want:

@@ -12,10 +12,14 @@ from datetime import datetime
 from pathlib import Path
 
 from ftcore.errors import FtcoreError
-from ftcore.textfile import read_json_object
+from ftcore.schema import check_types
+from ftcore.textfile import read_json_object, read_utf8
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+CONFIG_TYPES = {**dict.fromkeys(_SPECIAL, str | dict | None), "add_bos_token": bool | None,
+                "chat_template": str | list[dict] | None}  # tokenizer_config.json, special_tokens_map.json
+GENERATION_TYPES = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), int | list[int] | None)
 
 
 def _read_json(path: Path) -> dict:
@@ -78,18 +82,28 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
             raise FtcoreError(f"{tj}: cannot read tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
         config = _read_json(path / "tokenizer_config.json")
-        for key, value in _read_json(path / "special_tokens_map.json").items():
+        check_types(config, CONFIG_TYPES, path / "tokenizer_config.json")
+        special = _read_json(path / "special_tokens_map.json")
+        check_types(special, CONFIG_TYPES, path / "special_tokens_map.json")
+        for key, value in special.items():
             config.setdefault(key, value)  # tokenizer_config.json wins, as in transformers
+        for key in _SPECIAL:
+            if not isinstance(_content(config.get(key)), str | None):
+                raise FtcoreError(f"{path}: {key}={config[key]!r}: expected a token string or {{'content': ...}}")
+        generation = _read_json(path / "generation_config.json")
+        check_types(generation, GENERATION_TYPES, path / "generation_config.json")
         jinja = path / "chat_template.jinja"
-        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
-        return cls(tok, config, _read_json(path / "generation_config.json"), path, template)
+        template = read_utf8(jinja) if jinja.is_file() else None
+        return cls(tok, config, generation, path, template)
 
     def _id(self, key: str) -> int | None:
         token = self.special_tokens.get(f"{key}_token")
         if token is not None and self.tok.token_to_id(token) is not None:
             return self.tok.token_to_id(token)
         fallback = self.generation_config.get(f"{key}_token_id")
-        return fallback[0] if isinstance(fallback, list) and fallback else fallback
+        if isinstance(fallback, list):  # generation_config.json may list several (the first is the token)
+            return fallback[0] if fallback else None
+        return fallback
 
     @property
     def bos_id(self) -> int | None:

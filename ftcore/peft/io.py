@@ -20,6 +20,7 @@ from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.peft.attach import adapter_layers, apply, peft_key, unload
 from ftcore.peft.config import PeftConfig
+from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -112,8 +113,19 @@ def load_with_adapter(adapter_dir, base: str = "", dtype=torch.float32, device="
     return load_adapter(model, adapter_dir), tokenizer
 
 
+ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads, with their JSON types
+    "peft_type": str, "r": int, "lora_alpha": float, "lora_dropout": float | None, "use_rslora": bool | None,
+    "use_dora": bool | None, "init_lora_weights": bool | str, "target_modules": list[str] | str,
+    "feedforward_modules": list[str] | str | None, "num_virtual_tokens": int, "num_transformer_submodules": int | None,
+    "prompt_tuning_init": str | None, "prompt_tuning_init_text": str | None, "tokenizer_name_or_path": str | None,
+    "base_model_name_or_path": str | None, "bias": str | None, "num_layers": int | None, "token_dim": int | None,
+    "num_attention_heads": int | None,
+}  # fmt: skip
+
+
 def config_from_peft(d: dict, where) -> PeftConfig:
     """Translate a PEFT adapter_config dict into our PeftConfig (unsupported features are errors)."""
+    check_types(d, ADAPTER_CONFIG_TYPES, where)
     peft_type = d.get("peft_type")
     if peft_type not in PEFT_TYPES:
         raise FtcoreError(f"{where}: peft_type {peft_type!r} is not supported; supported: {', '.join(PEFT_TYPES)}")

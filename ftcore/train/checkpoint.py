@@ -4,22 +4,31 @@ A checkpoint is a directory `checkpoints/step_00000120/` holding
   trainable.safetensors  the parameters that train (adapter, or the whole model for full fine-tuning)
   state.pt               optimizer, grad scaler, RNG states (python, numpy, torch, cuda), sampler
                          position, loop counters (step, best val loss, patience) and anything else
-It is written under a temporary name and renamed into place, so a crash never leaves a partial
-checkpoint that `latest()` would pick.
+  manifest.json          every other file's size and SHA-256, written last
+It is written under a temporary name `.tmp_step_*`, fsynced and renamed into place, so a crash never leaves
+a partial `step_*` directory; `newest_valid()` checks the manifest, so a checkpoint damaged afterwards
+(a truncated copy, a bad disk) is skipped for the previous one. A full disk while writing is one
+FtcoreError; the temporary directory is removed and the older checkpoints stay.
 
 Multi-process runs (dist=ddp|fsdp) write a sharded checkpoint with torch.distributed.checkpoint (DCP):
   dcp/                   trainable parameters and optimizer state under their parameter names, each
                          rank writing its own shards (a shared filesystem is needed across nodes)
   rng_rank{R}.pt         each rank's RNG states
   state.pt               as above, minus the optimizer and RNG, plus the world size
-All ranks write into `.tmp_step_N/`; after a barrier rank 0 renames it into place.
+All ranks write into `.tmp_step_N/` and hash a share of its files; rank 0 writes the manifest and renames
+the directory into place.
 """
 
+import hashlib
+import json
 import os
+import pickle
 import random
 import re
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +38,8 @@ from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "ftcore-checkpoint/1"
 
 
 def rng_state(every_gpu: bool = True) -> dict:
@@ -61,20 +72,184 @@ def save(ckpt_root, step: int, model: torch.nn.Module, state: dict, keep: int = 
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=root))
-    save_safetensors(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({**state, "rng": rng_state(), "step": step}, tmp / "state.pt")
+    with write_errors(final, tmp):
+        save_safetensors(trainable_state(model), tmp / "trainable.safetensors")
+        save_torch({**state, "rng": rng_state(), "step": step}, tmp / "state.pt")
+        write_manifest(tmp, file_hashes(tmp, manifest_files(tmp)))
+    publish(tmp, final)
+    prune(root, keep, state.get("best_step"))
+    return final
+
+
+@contextmanager
+def write_errors(final: Path, tmp: Path):
+    """A failed write (a full disk, an I/O error) becomes one FtcoreError; the unfinished directory is removed."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(final, describe(e)) from None
+
+
+def describe(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def write_failure(final: Path, cause: str) -> FtcoreError:
+    free = shutil.disk_usage(final.parent).free / 2**30
+    return FtcoreError(f"{final}: cannot write the checkpoint ({cause}; {free:.2f} GiB free); "
+                       "the older checkpoints are intact")  # fmt: skip
+
+
+class _RecordingFile:
+    """A binary file whose write errors are remembered: torch.save reports them as a bare RuntimeError."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def save_torch(obj, path: Path):
+    """torch.save, fsynced; a failed write raises the OSError that caused it."""
+    with open(path, "wb") as raw:
+        f = _RecordingFile(raw)
+        try:
+            torch.save(obj, f)
+        except RuntimeError:
+            if f.error is not None:
+                raise f.error from None
+            raise
+        raw.flush()
+        os.fsync(raw.fileno())
+
+
+def load_torch(path: Path):
+    """torch.load of a file we wrote; a missing, empty or truncated one is one FtcoreError."""
+    if not path.is_file():
+        raise FtcoreError(f"{path}: missing (the checkpoint is incomplete)")
+    try:
+        return torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        size = path.stat().st_size
+        raise FtcoreError(f"{path}: cannot read it ({size} bytes; truncated or corrupt: {first})") from None
+
+
+def publish(tmp: Path, final: Path):
+    """Rename a complete checkpoint directory into place (replacing one of the same step) and fsync the parent."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    prune(root, keep, state.get("best_step"))
-    return final
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the manifest ---
+
+
+def manifest_files(ckpt_dir: Path) -> list[str]:
+    """The checkpoint's files (not the manifest), relative to it, sorted."""
+    return sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def file_hashes(ckpt_dir: Path, names: list[str]) -> dict:
+    """{relative name: {"bytes": size, "sha256": hex digest}}."""
+    out = {}
+    for name in names:
+        h = hashlib.sha256()
+        with open(ckpt_dir / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        out[name] = {"bytes": (ckpt_dir / name).stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def write_manifest(ckpt_dir: Path, files: dict):
+    with open(ckpt_dir / MANIFEST, "w") as f:
+        json.dump({"format": MANIFEST_FORMAT, "files": files}, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(ckpt_dir) -> str | None:
+    """Why `ckpt_dir` is not the complete checkpoint its manifest describes, or None if it is."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / MANIFEST
+    if not path.is_file():
+        return f"no {MANIFEST}"
+    try:
+        manifest = json.loads(path.read_bytes())
+        files = manifest["files"]
+        expected = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is corrupt"
+    for name, (size, _) in expected.items():
+        if not (ckpt_dir / name).is_file():
+            return f"{name} is missing"
+        if (ckpt_dir / name).stat().st_size != size:
+            return f"{name} has {(ckpt_dir / name).stat().st_size} bytes, the manifest says {size} (truncated?)"
+    actual = file_hashes(ckpt_dir, list(expected))
+    for name, (_, digest) in expected.items():
+        if actual[name]["sha256"] != digest:
+            return f"{name} differs from the manifest's checksum (corrupt)"
+    return None
+
+
+def step_dirs(ckpt_root) -> list[Path]:
+    """The `step_*` checkpoint directories under ckpt_root, oldest first."""
+    root = Path(ckpt_root)
+    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name)) if root.is_dir() else []
+
+
+def newest_valid(ckpt_root) -> Path | None:
+    """The newest checkpoint that passes `verify`, or None. Newer ones that fail are renamed aside to
+    `step_N.corrupt` (kept for inspection, never resumed, nor kept by `prune` as the newest) with a warning."""
+    for ckpt in reversed(step_dirs(ckpt_root)):
+        reason = verify(ckpt)
+        if reason == f"no {MANIFEST}":  # written before checkpoints had one: its files must at least load
+            reason = loads_without_manifest(ckpt)
+        if reason is None:
+            return ckpt
+        aside = ckpt.with_name(ckpt.name + ".corrupt")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(ckpt, aside)
+        warnings.warn(f"{ckpt}: {reason}; skipped (moved to {aside.name}), resuming from an older checkpoint",
+                      stacklevel=2)  # fmt: skip
+    return None
+
+
+def loads_without_manifest(ckpt: Path) -> str | None:
+    """Why a checkpoint without a manifest cannot be read (state.pt, and the parameters' header), or None."""
+    try:
+        load_torch(ckpt / "state.pt")
+        if not is_sharded(ckpt):
+            if not (ckpt / "trainable.safetensors").is_file():
+                return "trainable.safetensors is missing"
+            SafetensorsFile(ckpt / "trainable.safetensors")
+    except FtcoreError as e:
+        return str(e)
+    return None
 
 
 def prune(root: Path, keep: int, best_step: int | None):
     """Delete all but the newest `keep` checkpoints (never the best one); keep <= 0 keeps all."""
     if keep > 0:
-        old = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))[:-keep]
-        for p in old:
+        for p in step_dirs(root)[:-keep]:
             if int(STEP_DIR.match(p.name).group(1)) != best_step:
                 shutil.rmtree(p)
 
@@ -87,23 +262,19 @@ def remove_unfinished(ckpt_root):
             shutil.rmtree(d, ignore_errors=True)
 
 
-def latest(ckpt_root) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
-    root = Path(ckpt_root)
-    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name)) if root.is_dir() else []
-    return steps[-1] if steps else None
-
-
 def load(ckpt_dir, model: torch.nn.Module) -> dict:
     """Copy the saved trainable parameters into `model`, restore RNG states; return the saved state."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "state.pt").is_file():
         raise FtcoreError(f"{ckpt_dir}: not a checkpoint (no state.pt)")
     if is_sharded(ckpt_dir):
-        n = torch.load(ckpt_dir / "state.pt", weights_only=False).get("world_size")
+        n = load_torch(ckpt_dir / "state.pt").get("world_size")
         raise FtcoreError(f"{ckpt_dir}: a sharded checkpoint of a {n}-process run; resume it with "
                           f"torchrun --nproc_per_node={n} ... dist=fsdp (or ddp)")  # fmt: skip
+    state = load_torch(ckpt_dir / "state.pt")
     params = dict(model.named_parameters())
+    if not (ckpt_dir / "trainable.safetensors").is_file():
+        raise FtcoreError(f"{ckpt_dir / 'trainable.safetensors'}: missing (the checkpoint is incomplete)")
     st = SafetensorsFile(ckpt_dir / "trainable.safetensors")
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(st.names()) != trainable:
@@ -116,7 +287,6 @@ def load(ckpt_dir, model: torch.nn.Module) -> dict:
                     f"{ckpt_dir}: tensor {name!r} has shape {list(st.shape(name))}, model has {list(params[name].shape)}"
                 )
             params[name].copy_(st.get(name))
-    state = torch.load(ckpt_dir / "state.pt", weights_only=False)
     set_rng_state(state["rng"])
     return state
 
@@ -150,15 +320,30 @@ def save_sharded(ckpt_root, step: int, model: torch.nn.Module, optimizer, state:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir()
     dist.barrier()
-    dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp")
-    torch.save(rng_state(every_gpu=False), tmp / f"rng_rank{rank}.pt")
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    cause = None
+    try:
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp")
+        save_torch(rng_state(every_gpu=False), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            save_torch({**state, "step": step, "world_size": dist.get_world_size()}, tmp / "state.pt")
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as e:
+        cause = describe(e)
+    causes = [None] * dist.get_world_size()
+    dist.all_gather_object(causes, cause)  # every rank's files are complete, or every rank raises
+    if any(causes):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise write_failure(final, next(c for c in causes if c))
+    names = manifest_files(tmp)
+    hashes = [None] * dist.get_world_size()
+    dist.all_gather_object(hashes, file_hashes(tmp, names[rank :: dist.get_world_size()]))  # a share each
     if rank == 0:
-        torch.save({**state, "step": step, "world_size": dist.get_world_size()}, tmp / "state.pt")
-    dist.barrier()  # every rank's files are complete
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        write_manifest(tmp, {name: h[name] for h in hashes for name in h})
+        publish(tmp, final)
         prune(root, keep, state.get("best_step"))
     dist.barrier()
     return final
@@ -176,7 +361,7 @@ def load_sharded(ckpt_dir, model: torch.nn.Module, optimizer=None) -> dict:
         raise FtcoreError(f"{ckpt_dir}: not a checkpoint (no state.pt)")
     if not is_sharded(ckpt_dir):
         raise FtcoreError(f"{ckpt_dir}: a single-process checkpoint; resume it with dist=single (plain python)")
-    state = torch.load(ckpt_dir / "state.pt", weights_only=False)
+    state = load_torch(ckpt_dir / "state.pt")
     world = dist.get_world_size()
     if state["world_size"] != world:
         raise FtcoreError(f"{ckpt_dir}: written by {state['world_size']} processes, resumed with {world}; "
@@ -194,5 +379,5 @@ def load_sharded(ckpt_dir, model: torch.nn.Module, optimizer=None) -> dict:
     else:
         set_state_dict(model, [optimizer], model_state_dict=to_load["model"], optim_state_dict=to_load["optimizer"],
                        options=options)  # fmt: skip
-    set_rng_state(torch.load(ckpt_dir / f"rng_rank{dist.get_rank()}.pt", weights_only=False))
+    set_rng_state(load_torch(ckpt_dir / f"rng_rank{dist.get_rank()}.pt"))
     return state

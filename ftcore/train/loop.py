@@ -69,6 +69,7 @@ class Run:
     run_dir: Path
     logger: RunLogger
     peak_flops: float | None  # one device's dense bf16 peak, where known (for MFU)
+    stop: "StopSignal"  # SIGINT/SIGTERM: deferred to the end of the step inside the loop, at once elsewhere
 
     @property
     def rank0(self) -> bool:
@@ -112,20 +113,31 @@ class Trainer:
 
 def train(cfg: RunConfig) -> dict:
     """Run one fine-tune; returns the summary also written to the run directory."""
-    run = setup(cfg)
-    model, tokenizer, data = load(run)
-    resume_from = run.world.broadcast(prepare_run_dir(cfg, run.run_dir) if run.rank0 else None)
-    baseline = evaluate_baseline(run, model, tokenizer, data, resuming=resume_from is not None)
-    trainer = adapt(run, model, tokenizer, data)
-    if resume_from is not None:
-        resume(run, trainer, resume_from)
-    return finish(run, trainer, tokenizer, data, baseline, loop(run, trainer, data))
+    with StopSignal() as stop:
+        run, phase = None, "the setup"
+        try:
+            run = setup(cfg, stop)
+            phase = "loading"
+            model, tokenizer, data = load(run)
+            resume_from = run.world.broadcast(prepare_run_dir(cfg, run.run_dir) if run.rank0 else None)
+            phase = "the baseline evaluation"
+            baseline = evaluate_baseline(run, model, tokenizer, data, resuming=resume_from is not None)
+            phase = "the setup of the method"
+            trainer = adapt(run, model, tokenizer, data)
+            if resume_from is not None:
+                resume(run, trainer, resume_from)
+            outcome = loop(run, trainer, data)  # a signal here stops it after the current step, with a checkpoint
+            phase = "the final export and evaluation"
+            return finish(run, trainer, tokenizer, data, baseline, outcome)
+        except Interrupted as e:
+            stop.defer = True  # a second signal while the summary is made changes nothing
+            return interrupted(run, phase, e.signal)
 
 
 # -- phases ---------------------------------------------------------------------------------------------
 
 
-def setup(cfg: RunConfig) -> Run:
+def setup(cfg: RunConfig, stop: "StopSignal") -> Run:
     """Processes, seeds, the run directory (resolved config, git SHA, versions) and the logger."""
     world = init_distributed(cfg.dist.backend, cfg.train.device, cfg.dist.timeout_minutes)
     if cfg.train.cuda_graph and world.device.type != "cuda":  # train.device=cpu, or auto without CUDA
@@ -137,7 +149,7 @@ def setup(cfg: RunConfig) -> Run:
         write_run_info(run_dir, cfg)
     config_json = json.loads((run_dir / "config.json").read_text()) if world.rank == 0 else None
     logger = RunLogger(run_dir, cfg.logger, config_json, rank=world.rank)
-    return Run(cfg, world, run_dir, logger, peak_flops(world.device))
+    return Run(cfg, world, run_dir, logger, peak_flops(world.device), stop)
 
 
 def load(run: Run):
@@ -211,12 +223,16 @@ def resume(run: Run, trainer: Trainer, path: Path):
 
 def loop(run: Run, trainer: Trainer, data: Data) -> Outcome:
     """Steps until train.max_steps, a signal or early stopping: log, validate, checkpoint."""
-    cfg, world, state = run.cfg, run.world, trainer.state
-    stop = StopSignal()
+    cfg, world, state, stop = run.cfg, run.world, trainer.state, run.stop
+    patience = cfg.train.early_stopping_patience
+    if patience and state.bad_evals >= patience:  # resumed from the checkpoint that stopped early
+        return Outcome(StopReason.EARLY_STOPPING, f"early stopping at step {state.step}: no improvement in "
+                       f"{patience} evaluations")  # fmt: skip
     progress = make_progress(cfg, state.step, enabled=run.rank0)
     batches = iter_forever(trainer.sampler)
     outcome = Outcome(StopReason.FINISHED, "finished")
     try:
+        stop.defer = True
         while state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, cfg.train.max_steps)
@@ -245,20 +261,19 @@ def loop(run: Run, trainer: Trainer, data: Data) -> Outcome:
                 validate(run, trainer, data)
             save_now = cfg.train.save_every and state.step % cfg.train.save_every == 0
             stopping = world.any(stop.received)  # a signal to any rank stops all of them at this step
-            if evaluate_now or save_now or stopping:
+            if evaluate_now or save_now or stopping or at_end:  # at_end: a stopped final evaluation resumes
                 save_checkpoint(run, trainer)
             if stopping:
                 by = stop.received or "a signal to another rank"
                 message = f"stopped by {by} at step {state.step}; resume with train.resume=auto"
                 # a signal to another rank: most likely a scheduler's SIGTERM to the whole job
                 return Outcome(StopReason.SIGNAL, message, stop.received or "SIGTERM")
-            patience = cfg.train.early_stopping_patience
             if patience and state.bad_evals >= patience:
                 message = f"early stopping at step {state.step}: no improvement in {patience} evaluations"
                 outcome = Outcome(StopReason.EARLY_STOPPING, message)
                 break
     finally:
-        stop.restore()
+        stop.defer = False
         progress.close()
     return outcome
 
@@ -344,19 +359,50 @@ def save_checkpoint(run: Run, trainer: Trainer):
                         keep=keep)  # fmt: skip
 
 
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM outside the loop (loading, the baseline or the final evaluation): stop at once."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal = signal_name
+
+
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+    """SIGINT/SIGTERM handlers for the whole run. Inside the loop (`defer`) a signal sets a flag: the loop
+    saves a checkpoint after the current step and exits. Elsewhere it raises Interrupted at once: nothing in
+    flight there needs saving, the newest checkpoint (if any) is already complete."""
 
     def __init__(self):
-        self.received = None
+        self.received, self.defer, self.previous = None, False, {}
+
+    def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if not self.defer:
+            raise Interrupted(self.received)
 
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+
+def interrupted(run: Run | None, phase: str, signal_name: str) -> dict:
+    """The summary of a run stopped outside the loop, and one line saying what is saved and how to go on."""
+    saved = checkpoint.step_dirs(run.run_dir / "checkpoints") if run and run.rank0 else []
+    if saved:
+        message = (f"stopped by {signal_name} during {phase}; saved: checkpoint {saved[-1]}; "
+                   "resume with train.resume=auto")  # fmt: skip
+    else:
+        message = f"stopped by {signal_name} during {phase}; no checkpoint was saved yet; run the command again"
+    if run is None:
+        print(message, flush=True)
+    else:
+        run.world.print(message)
+        run.logger.close()
+    return {"status": message, "stop_reason": StopReason.SIGNAL.value, "signal": signal_name}
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> Path | None:
@@ -374,11 +420,14 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> Path | None:
 def find_resume(cfg: RunConfig, run_dir: Path) -> Path | None:
     if not cfg.train.resume:
         return None
-    if cfg.train.resume == "auto":
-        return checkpoint.latest(run_dir / "checkpoints")
+    if cfg.train.resume == "auto":  # the newest checkpoint that passes its manifest's checks
+        return checkpoint.newest_valid(run_dir / "checkpoints")
     path = Path(cfg.train.resume)
     if not path.is_dir():
         raise FtcoreError(f"train.resume={cfg.train.resume!r}: no such checkpoint directory")
+    reason = checkpoint.verify(path)
+    if reason is not None and (path / checkpoint.MANIFEST).is_file():
+        raise FtcoreError(f"train.resume={cfg.train.resume!r}: {reason}; choose another checkpoint")
     return path
 
 
