@@ -77,6 +77,9 @@ class OptimConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # the floor the decay ends at, as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # LoRA+ (PEFT's create_loraplus_optimizer): lora_B and 1-d trainables learn at lr * ratio; 0 = off
+    loraplus_lr_ratio: float = 0.0
+    loraplus_lr_embedding: float = 1e-6  # PEFT's group for LoRA on embeddings (ftcore adapts Linear layers only)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -95,6 +98,10 @@ class OptimConfig:
             raise invalid("optim.warmup_steps", self.warmup_steps, ">= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise invalid("optim.min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]")
+        if self.loraplus_lr_ratio < 0:
+            raise invalid("optim.loraplus_lr_ratio", self.loraplus_lr_ratio, ">= 0 (0 = no LoRA+)")
+        if self.loraplus_lr_embedding <= 0:
+            raise invalid("optim.loraplus_lr_embedding", self.loraplus_lr_embedding, "> 0")
 
 
 @dataclass

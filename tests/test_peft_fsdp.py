@@ -10,16 +10,21 @@ from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, apply
 from ftcore.train.step import set_fast_paths
 
-METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt"]  # lora-fused: train.fused_lora under FSDP2
+METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira"]  # lora-fused: train.fused_lora under FSDP2
+
+
+LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+OPTIONS = {"lora": LORA, "dora": LORA, "prefix": dict(num_virtual_tokens=3, prefix_projection=True),
+           "prompt": dict(num_virtual_tokens=3), "pissa": {**LORA, "init": "pissa"}, "vera": dict(r=8, dropout=0.0),
+           "hira": dict(r=4, dropout=0.0)}  # fmt: skip
 
 
 def build(method):
     cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
     model = Transformer(cfg)
     model.init_weights(std=0.08, generator=torch.Generator().manual_seed(0))
-    targets = ["q_proj", "v_proj", "down_proj"]
-    apply(model, PeftConfig(method=method.removesuffix("-fused"), r=8, alpha=16, dropout=0.0, target_modules=targets,
-                            num_virtual_tokens=3, prefix_projection=True))
+    name = method.removesuffix("-fused")
+    apply(model, PeftConfig(method="lora" if name == "pissa" else name, **OPTIONS.get(name, {})))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the no-op init, so that every adapter tensor matters
         for p in (p for p in model.parameters() if p.requires_grad):

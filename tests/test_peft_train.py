@@ -16,6 +16,9 @@ METHODS = {
     "rslora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, use_rslora=True, target_modules=["q_proj", "v_proj"]),
     "dora": PeftConfig(method="dora", r=4, alpha=8, dropout=0.1, target_modules=ALL_LINEAR),
     "ia3": PeftConfig(method="ia3"),
+    "pissa": PeftConfig(method="lora", r=4, alpha=8, dropout=0.1, init="pissa", target_modules=ALL_LINEAR),
+    "vera": PeftConfig(method="vera", r=8, dropout=0.1, target_modules=ALL_LINEAR),
+    "hira": PeftConfig(method="hira", r=4, dropout=0.1, target_modules=ALL_LINEAR),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),
     "prefix_proj": PeftConfig(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
     "prompt": PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
@@ -57,7 +60,7 @@ def test_only_adapter_parameters_get_gradients(name):
         assert "layers.1.mlp.up_proj.weight" in trainable and "norm.weight" in trainable
     else:
         assert {id(p) for n, p in model.named_parameters() if n in trainable} == {id(p) for p in adapter_parameters(model)}
-        assert all(any(s in n for s in ("lora_", "ia3_l", "_encoder.")) for n in trainable)
+        assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "_encoder.")) for n in trainable)
     _, grads = loss_and_grads(model, ckpt=False)
     for n, grad in grads.items():
         if n in trainable:

@@ -56,6 +56,8 @@ def tiny_run(tiny_dir, data_cache, run_dir, **overrides) -> dict:
         "logger": {"wandb": {"mode": "disabled"}, "progress": False},
         "run_dir": str(run_dir),
     }
+    if overrides.get("peft__method", "lora") not in ("lora", "dora"):
+        cfg["peft"] = {}  # the LoRA options above are no options of the other methods
     for dotted, value in overrides.items():
         group, key = dotted.split("__")
         cfg[group][key] = value

@@ -18,14 +18,16 @@ from torch import nn
 from ftcore.errors import FtcoreError
 from ftcore.peft.config import PeftConfig
 from ftcore.peft.full import apply_full
+from ftcore.peft.hira import HiraLinear
 from ftcore.peft.ia3 import IA3Linear
 from ftcore.peft.lora import LoraLinear
 from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
+from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
-ADAPTER_LAYERS = (LoraLinear, IA3Linear)
-HOOKS = ("prefix_encoder", "prompt_encoder")
+ADAPTER_LAYERS = (LoraLinear, IA3Linear, VeraLinear, HiraLinear)
+HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
 
 
 def peft_key(name: str) -> str:
@@ -89,10 +91,33 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         model.peft_config = cfg
         return model
     if cfg.method in ("lora", "dora"):
+        principal = cfg.init.startswith("pissa") or cfg.init == "olora"
         for name in find_targets(model, cfg.target_modules):
+            if principal and name == "lm_head" and model.cfg.tie_word_embeddings:
+                raise FtcoreError(f"peft.init={cfg.init!r}: lm_head shares its weight with embed_tokens "
+                                  "(tie_word_embeddings), so the residual would change the embeddings too; "
+                                  "leave lm_head out of peft.target_modules")  # fmt: skip
             layer = LoraLinear(
                 model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, dora=cfg.method == "dora"
             )
+            if init:
+                layer.reset_parameters(cfg.init, gen)
+            _swap(model, name, layer)
+    elif cfg.method == "vera":
+        names = find_targets(model, cfg.target_modules)
+        linears = [model.get_submodule(n) for n in names]
+        shared = VeraProjections(cfg.r, max(m.in_features for m in linears), max(m.out_features for m in linears),
+                                 linears[0].weight.device)  # fmt: skip
+        shared.reset_parameters(cfg.projection_prng_key)  # also when loading: regenerated unless saved
+        model.vera_projections = shared
+        for name, base in zip(names, linears):
+            layer = VeraLinear(base, shared, cfg.dropout)
+            if init:
+                layer.reset_parameters(cfg.d_initial)
+            _swap(model, name, layer)
+    elif cfg.method == "hira":
+        for name in find_targets(model, cfg.target_modules):
+            layer = HiraLinear(model.get_submodule(name), cfg.r, cfg.dropout)
             if init:
                 layer.reset_parameters(cfg.init, gen)
             _swap(model, name, layer)
@@ -140,7 +165,7 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = [p for m in adapter_layers(model).values() for p in m.adapter_tensors().values()]
     for hook in HOOKS:
         if getattr(model, hook, None) is not None:
-            params += list(getattr(model, hook).parameters())
+            params += list(getattr(model, hook).parameters())  # (VeRA's shared matrices are frozen buffers)
     return params
 
 
@@ -193,6 +218,8 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove the attached method without merging: plain nn.Linear layers with the current base weights."""
     for name, layer in adapter_layers(model).items():
         layer.unmerge()
+        if hasattr(layer, "restore_base"):
+            layer.restore_base()
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
         _swap(model, name, plain)

@@ -3,12 +3,25 @@
 Field names are ours; io.py translates them to and from HF PEFT's adapter_config.json.
 """
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import MISSING, dataclass, field, fields
 
 from ftcore.schema import invalid, one_of
 
-METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt")
-LORA_INITS = ("kaiming-uniform", "gaussian")  # PEFT's init_lora_weights=True / "gaussian"; B starts at zero
+METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira")
+# PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
+# adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
+LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+# The options that belong to some methods only: set on another method (away from the default) they are an error.
+METHOD_OPTIONS = {
+    "r": ("lora", "dora", "vera", "hira"), "alpha": ("lora", "dora"), "dropout": ("lora", "dora", "vera", "hira"),
+    "target_modules": ("lora", "dora", "vera", "hira"), "use_rslora": ("lora", "dora"),
+    "init": ("lora", "dora", "hira"), "projection_prng_key": ("vera",), "save_projection": ("vera",),
+    "d_initial": ("vera",), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
+    "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
+    "prompt_init": ("prompt",), "init_text": ("prompt",), "tokenizer_path": ("prompt",), "freeze": ("full",),
+}  # fmt: skip
 PROMPT_INITS = ("random", "sample_vocab", "text")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -22,7 +35,12 @@ class PeftConfig:
     dropout: float = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: list(ALL_LINEAR))  # names, or one regex
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-    init: str = "kaiming-uniform"  # kaiming-uniform (PEFT's default) | gaussian
+    init: str = "kaiming-uniform"  # kaiming-uniform (PEFT's default) | gaussian | pissa | pissa_niter_<N> | olora
+    # VeRA: frozen random A [r, max in] and B [max out, r] shared by all layers, drawn from projection_prng_key;
+    # per layer the trainable scales lambda_d [r] (starting at d_initial) and lambda_b [out] (starting at 0)
+    projection_prng_key: int = 0
+    save_projection: bool = True  # write the shared A/B into the adapter (else regenerated from the key)
+    d_initial: float = 0.1
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
@@ -40,6 +58,12 @@ class PeftConfig:
 
     def __post_init__(self):
         one_of("peft.method", self.method, METHODS)
+        if self.method not in ("none",):
+            for f in fields(self):
+                owners = METHOD_OPTIONS.get(f.name)
+                if owners and self.method not in owners and getattr(self, f.name) != _default(f):
+                    raise invalid(f"peft.{f.name}", getattr(self, f.name),
+                                  f"it unset: it is an option of {', '.join(owners)}, not of {self.method}")  # fmt: skip
         if self.r <= 0:
             raise invalid("peft.r", self.r, "a positive integer")
         if self.alpha <= 0:
@@ -54,7 +78,12 @@ class PeftConfig:
                 raise invalid(f"peft.{key}", value, "module names (non-empty strings)")
         if not self.target_modules:
             raise invalid("peft.target_modules", self.target_modules, "at least one module name")
-        one_of("peft.init", self.init, LORA_INITS)
+        if not PISSA_NITER.fullmatch(self.init):
+            one_of("peft.init", self.init, LORA_INITS)
+        if self.method == "hira" and self.init not in ("kaiming-uniform", "gaussian"):
+            raise invalid("peft.init", self.init, "kaiming-uniform or gaussian for hira")
+        if self.d_initial == 0 and self.method == "vera":
+            raise invalid("peft.d_initial", self.d_initial, "a non-zero number (lambda_b then gets no gradient)")
         if not isinstance(self.ia3_target_modules, str) and not isinstance(self.feedforward_modules, str):
             extra = sorted(set(self.feedforward_modules) - set(self.ia3_target_modules))
             if extra:
@@ -67,3 +96,7 @@ class PeftConfig:
         one_of("peft.prompt_init", self.prompt_init, PROMPT_INITS)
         if self.method == "prompt" and self.prompt_init == "text" and not self.init_text:
             raise invalid("peft.init_text", self.init_text, "the text to start from with prompt_init='text'")
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default

@@ -11,6 +11,7 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,12 +20,14 @@ from torch import nn
 from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.peft.attach import adapter_layers, apply, peft_key, unload
-from ftcore.peft.config import PeftConfig
+from ftcore.peft.config import PISSA_NITER, PeftConfig
+from ftcore.peft.lora_init import converted_tensors
 from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
+              "HIRA": "hira"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -41,8 +44,12 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": model.prefix_encoder.flat()}
     if method == "prompt":
         return {"prompt_embeddings": model.prompt_encoder.embedding.weight}
-    return {f"base_model.model.{peft_key(name)}.{suffix}": t
-            for name, layer in adapter_layers(model).items() for suffix, t in layer.adapter_tensors().items()}
+    state = {f"base_model.model.{peft_key(name)}.{suffix}": t
+             for name, layer in adapter_layers(model).items() for suffix, t in layer.adapter_tensors().items()}
+    if method == "vera" and model.peft_config.save_projection:  # the shared matrices, once
+        state.update({"base_model.vera_A": model.vera_projections.vera_A,
+                      "base_model.vera_B": model.vera_projections.vera_B})  # fmt: skip
+    return state
 
 
 def _method(model) -> str:
@@ -63,9 +70,19 @@ def peft_config_dict(model: nn.Module) -> dict:
         return {**common, "peft_type": "LORA", "r": cfg.r, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
                 "target_modules": cfg.target_modules, "use_rslora": cfg.use_rslora,
                 "use_dora": cfg.method == "dora",
-                "init_lora_weights": True if cfg.init == "kaiming-uniform" else "gaussian",
+                "init_lora_weights": {"kaiming-uniform": True}.get(cfg.init, cfg.init),
                 "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "exclude_modules": None,
                 "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+    if cfg.method == "vera":
+        return {**common, "peft_type": "VERA", "r": cfg.r, "target_modules": cfg.target_modules,
+                "projection_prng_key": cfg.projection_prng_key, "save_projection": cfg.save_projection,
+                "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial, "fan_in_fan_out": False, "bias": "none",
+                "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
+    if cfg.method == "hira":
+        return {**common, "peft_type": "HIRA", "r": cfg.r, "target_modules": cfg.target_modules,
+                "hira_dropout": cfg.dropout, "init_weights": True if cfg.init == "kaiming-uniform" else "gaussian",
+                "fan_in_fan_out": False, "exclude_modules": None, "layers_to_transform": None,
+                "layers_pattern": None, "rank_pattern": {}}
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "target_modules": cfg.ia3_target_modules,
                 "feedforward_modules": cfg.feedforward_modules, "init_ia3_weights": True, "fan_in_fan_out": False,
@@ -84,13 +101,29 @@ def peft_config_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, out_dir) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors (fp32) that HF PEFT loads as-is."""
+    """Write adapter_config.json and adapter_model.safetensors (fp32) that HF PEFT loads as-is.
+
+    A PiSSA/OLoRA adapter is saved converted to a plain LoRA of rank 2r on the original base weights
+    (PEFT's path_initial_model_for_weight_conversion; lora_init.py), so it applies to the unmodified base.
+    Unlike PEFT, a DoRA magnitude is kept: W + s B'A' equals the trained W_res + s BA, so its norm is the same.
+    """
     out_dir = Path(out_dir)
     state = {k: v.detach().float() for k, v in adapter_state(model).items()}
+    config = peft_config_dict(model)
+    principal = {n: layer for n, layer in adapter_layers(model).items() if getattr(layer, "principal", False)}
+    if principal:
+        for name, layer in principal.items():
+            a, b = converted_tensors(layer)
+            key = f"base_model.model.{peft_key(name)}"
+            state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = a.float(), b.float()
+        cfg = model.peft_config
+        alpha = cfg.alpha * (2**0.5 if cfg.use_rslora else 2)  # the scaling stays alpha/r (or alpha/sqrt(r))
+        config.update(r=2 * cfg.r, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+                      init_lora_weights=True)  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, out_dir / WEIGHTS)
     tmp = out_dir / f".{CONFIG}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(peft_config_dict(model), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out_dir / CONFIG)
     return out_dir
 
@@ -119,7 +152,8 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "feedforward_modules": list[str] | str | None, "num_virtual_tokens": int, "num_transformer_submodules": int | None,
     "prompt_tuning_init": str | None, "prompt_tuning_init_text": str | None, "tokenizer_name_or_path": str | None,
     "base_model_name_or_path": str | None, "bias": str | None, "num_layers": int | None, "token_dim": int | None,
-    "num_attention_heads": int | None,
+    "num_attention_heads": int | None, "projection_prng_key": int, "save_projection": bool, "vera_dropout": float | None,
+    "d_initial": float, "hira_dropout": float | None, "init_weights": bool | str | None,
 }  # fmt: skip
 
 
@@ -138,11 +172,28 @@ def config_from_peft(d: dict, where) -> PeftConfig:
     method = PEFT_TYPES[peft_type]
     if method == "lora":
         init = d.get("init_lora_weights", True)
+        if init is True or init in ("gaussian", "olora", "pissa") or PISSA_NITER.fullmatch(str(init)):
+            init = "kaiming-uniform" if init is True else init
+        else:
+            raise FtcoreError(f"{where}: init_lora_weights={init!r} is not supported by ftcore "
+                              "(expected true, 'gaussian', 'pissa', 'pissa_niter_<N>' or 'olora')")  # fmt: skip
         return PeftConfig(method="dora" if d.get("use_dora") else "lora", r=d["r"], alpha=d["lora_alpha"],
                           dropout=d.get("lora_dropout") or 0.0, target_modules=_targets(d["target_modules"]),
-                          use_rslora=bool(d.get("use_rslora")),
-                          init="gaussian" if init == "gaussian" else "kaiming-uniform",
-                          base_model_name_or_path=base)
+                          use_rslora=bool(d.get("use_rslora")), init=init, base_model_name_or_path=base)
+    if method == "vera":
+        if d.get("init_weights", True) is not True:
+            raise FtcoreError(f"{where}: init_weights={d['init_weights']!r} is not supported by ftcore (expected true)")
+        return PeftConfig(method="vera", r=d["r"], target_modules=_targets(d["target_modules"]),
+                          projection_prng_key=d.get("projection_prng_key", 0),
+                          save_projection=d.get("save_projection", True), dropout=d.get("vera_dropout") or 0.0,
+                          d_initial=d.get("d_initial", 0.1), base_model_name_or_path=base)  # fmt: skip
+    if method == "hira":
+        init = d.get("init_weights", True)
+        if init is not True and init != "gaussian":
+            raise FtcoreError(f"{where}: init_weights={init!r} is not supported by ftcore (expected true or 'gaussian')")
+        return PeftConfig(method="hira", r=d["r"], target_modules=_targets(d["target_modules"]),
+                          dropout=d.get("hira_dropout") or 0.0, init="gaussian" if init == "gaussian" else
+                          "kaiming-uniform", base_model_name_or_path=base)  # fmt: skip
     if method == "ia3":
         targets = _targets(d["target_modules"])
         return PeftConfig(method="ia3", ia3_target_modules=targets,
@@ -190,7 +241,13 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         raise FtcoreError(f"{cfg_path}: missing key {e.args[0]!r}") from None
     _check_shape_fields(d, model, cfg_path)
     st = SafetensorsFile(weights_path)
-    apply(model, cfg, init=False)
+    # an unconverted PiSSA/OLoRA adapter was trained on the residual: make it again from this base (as PEFT)
+    principal = cfg.init.startswith("pissa") or cfg.init == "olora"
+    if PISSA_NITER.fullmatch(cfg.init):
+        warnings.warn(f"{cfg_path}: init_lora_weights={cfg.init!r} was saved unconverted; its randomized SVD is "
+                      "redone here, so the residual base differs a little from the one it was trained on "
+                      "(save PiSSA adapters converted to plain LoRA, as ftcore does)", stacklevel=2)  # fmt: skip
+    apply(model, cfg, init=principal)
     try:
         expected = adapter_state(model)
         # PEFT also saves the base weight of a targeted lm_head/embed_tokens and loads it back: so do we.

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.model import ops
+from ftcore.peft.lora_init import principal_init
 
 
 class LoraLinear(nn.Module):
@@ -44,6 +45,9 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(torch.ones(self.out_features, device=device))
         else:
             self.register_parameter("lora_magnitude_vector", None)
+        # PiSSA/OLoRA: the adapter's initial values (lora_init.py), to convert the saved adapter to a plain LoRA
+        self.register_buffer("lora_A0", None, persistent=False)
+        self.register_buffer("lora_B0", None, persistent=False)
         self.merged = False
         self.fused = False  # ops.lora_linear instead of the eager forward (set by train() from train.fused_lora)
         self._merged_norm = None  # DoRA: the row norm used by merge(), needed to undo it
@@ -52,16 +56,25 @@ class LoraLinear(nn.Module):
     def dora(self) -> bool:
         return self.lora_magnitude_vector is not None
 
+    @property
+    def principal(self) -> bool:
+        """Initialized by PiSSA/OLoRA: the base weight holds the residual W - s B0 A0."""
+        return self.lora_A0 is not None
+
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming-uniform", generator: torch.Generator | None = None):
-        """PEFT's init: A ~ kaiming-uniform(a=sqrt(5)) or N(0, 1/r), B = 0; DoRA's m = ||W||_row."""
-        a = torch.empty(self.lora_A.weight.shape)
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / self.r, generator=generator)
+        """PEFT's init: A ~ kaiming-uniform(a=sqrt(5)) or N(0, 1/r), B = 0; or PiSSA/OLoRA from W (lora_init.py,
+        which changes the base weight to the residual); DoRA's m = ||W + s B A||_row."""
+        if init.startswith("pissa") or init == "olora":
+            principal_init(self, init, generator)
         else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.lora_A.weight.copy_(a)
-        nn.init.zeros_(self.lora_B.weight)
+            a = torch.empty(self.lora_A.weight.shape)
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / self.r, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.lora_A.weight.copy_(a)
+            nn.init.zeros_(self.lora_B.weight)
         if self.dora:
             self.lora_magnitude_vector.copy_(self.weight_norm(self.weight.float()))
 
@@ -130,6 +143,14 @@ class LoraLinear(nn.Module):
         self.weight.copy_((w - self.delta_weight()).to(self.weight.dtype))
         self.merged = False
 
+    @torch.no_grad()
+    def restore_base(self):
+        """PiSSA/OLoRA: put the original W back into the base weight (W_res + s B0 A0), e.g. when unloading."""
+        if self.principal:
+            w = self.weight.float() + self.scaling * (self.lora_B0 @ self.lora_A0)
+            self.weight.copy_(w.to(self.weight.dtype))
+            self.lora_A0 = self.lora_B0 = None
+
     # -- PEFT checkpoint names --------------------------------------------------------------------------
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
@@ -141,6 +162,7 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dora" if self.dora else "rslora" if self.use_rslora else "lora"
+        kind += ", principal init" if self.principal else ""
         return f"{self.in_features}, {self.out_features}, {kind}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 

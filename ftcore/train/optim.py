@@ -1,4 +1,4 @@
-"""AdamW over trainable parameters (no decay on norms, biases and 1-d tensors) and lr schedules.
+"""AdamW over trainable parameters (no decay on norms, biases and 1-d tensors; or LoRA+'s groups) and lr schedules.
 
 Schedules are pure functions of the step, so a resumed run needs only the step to continue.
 
@@ -47,14 +47,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def loraplus_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """PEFT's create_loraplus_optimizer groups, in its order: A (lr), embedding (loraplus_lr_embedding), B and
+    1-d tensors (lr * ratio; decayed), B without decay (biases; lr * ratio). lr_scale is each group's lr / lr."""
+    a, b, b_no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_B" in name or p.ndim == 1:
+            (b_no_decay if "bias" in name else b).append(p)
+        else:
+            a.append(p)
+    if not any("lora_B" in n for n, p in model.named_parameters() if p.requires_grad):
+        raise FtcoreError(f"optim.loraplus_lr_ratio={cfg.loraplus_lr_ratio}: LoRA+ needs a LoRA adapter "
+                          "(peft.method=lora or dora)")  # fmt: skip
+    ratio, wd = cfg.loraplus_lr_ratio, cfg.weight_decay
+    return [
+        {"params": a, "weight_decay": wd, "lr_scale": 1.0},
+        {"params": [], "weight_decay": wd, "lr_scale": cfg.loraplus_lr_embedding / cfg.lr},  # no LoRA embeddings
+        {"params": b, "weight_decay": wd, "lr_scale": ratio},
+        {"params": b_no_decay, "weight_decay": 0.0, "lr_scale": ratio},
+    ]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA when all parameters are on one, foreach otherwise."""
-    groups = param_groups(model, cfg.weight_decay)
+    """AdamW, fused on CUDA when all parameters are on one, foreach otherwise; LoRA+ groups if asked."""
+    groups = loraplus_groups(model, cfg) if cfg.loraplus_lr_ratio else param_groups(model, cfg.weight_decay)
+    for g in groups:
+        g["lr"] = cfg.lr * g.setdefault("lr_scale", 1.0)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     kind = {"fused": True} if on_cuda else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kind)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
+    """The schedule's lr for this step, times each group's lr_scale (LoRA+)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -190,6 +190,10 @@ def gather_model(model: nn.Module, world: World) -> nn.Module | None:
     missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"gather_model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    # buffers outside the state dict (FSDP2 does not shard them): VeRA's shared matrices, PiSSA's initial adapter
+    for name, buf in model.named_buffers():
+        module, _, leaf = name.rpartition(".")
+        whole.get_submodule(module)._buffers[leaf] = buf.detach().to(world.device, copy=True)
     whole.reset_buffers(world.device)
     if getattr(model, "hf_config", None) is not None:
         whole.hf_config = model.hf_config
