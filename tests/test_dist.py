@@ -34,11 +34,13 @@ NO_DROPOUT = {"peft__dropout": 0.0}
 METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
            "prefix": {"peft__method": "prefix", "peft__num_virtual_tokens": 4},
            "pissa": {"peft__init": "pissa", **NO_DROPOUT}, "vera": {"peft__method": "vera", "peft__r": 8, **NO_DROPOUT},
-           "hira": {"peft__method": "hira", "peft__r": 4, **NO_DROPOUT}}  # fmt: skip
+           "hira": {"peft__method": "hira", "peft__r": 4, **NO_DROPOUT},
+           "adalora": {"peft__method": "adalora", "peft__init_r": 4, "peft__target_r": 2, "peft__tinit": 1,
+                       "peft__tfinal": 2, **NO_DROPOUT}}  # fmt: skip
 # name -> (dist backend, method); the FSDP runs also checkpoint activations (they must compose with fully_shard)
 DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp_prefix": ("fsdp", "prefix"),
              "ddp_lora": ("ddp", "lora"), "fsdp_pissa": ("fsdp", "pissa"), "fsdp_vera": ("fsdp", "vera"),
-             "fsdp_hira": ("fsdp", "hira")}  # fmt: skip
+             "fsdp_hira": ("fsdp", "hira"), "ddp_adalora": ("ddp", "adalora")}  # fmt: skip
 
 
 def single_cfg(tiny_dir, data_cache, run_dir, method, **extra):  # noqa: F811

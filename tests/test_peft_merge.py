@@ -1,4 +1,4 @@
-"""LoRA/DoRA/IA3/VeRA/HiRA invariants: zero-init is a no-op, base names survive, merge/unmerge, init choices."""
+"""LoRA/DoRA/IA3/VeRA/HiRA/AdaLoRA invariants: zero-init is a no-op, base names survive, merge/unmerge, init choices."""
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ METHODS = {
     "olora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, init="olora", target_modules=ALL_LINEAR),
     "vera": PeftConfig(method="vera", r=8, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"]),
     "hira": PeftConfig(method="hira", r=4, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"]),
+    "adalora": PeftConfig(method="adalora", init_r=4, target_r=2, dropout=0.0, target_modules=ALL_LINEAR),
     "ia3_all": PeftConfig(method="ia3", ia3_target_modules=ALL_LINEAR, feedforward_modules=["down_proj", "o_proj"]),
 }
 
@@ -48,7 +49,7 @@ def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
     assert base_keys <= keys  # `layers.0.self_attn.q_proj.weight` is still `...q_proj.weight`
     extra = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys - base_keys}
     assert extra <= {"lora_A", "lora_B", "lora_magnitude_vector", "ia3_l", "vera_lambda_b", "vera_lambda_d", "hira_A",
-                     "hira_B"}
+                     "hira_B", "lora_E", "ranknum"}
     # a base checkpoint still loads into the adapted model, by the same names
     fresh = tiny_model(seed=1).state_dict()
     missing, unexpected = model.load_state_dict(fresh, strict=False)

@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 CASES = [(spec, "llama_gqa_llama3") for spec in SPECS]
 CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix", "vera", "hira")]  # biases, n_kv = 1
-CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira")]
+CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "adalora")]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ METHODS = {
     "pissa": PeftConfig(method="lora", r=4, alpha=8, dropout=0.1, init="pissa", target_modules=ALL_LINEAR),
     "vera": PeftConfig(method="vera", r=8, dropout=0.1, target_modules=ALL_LINEAR),
     "hira": PeftConfig(method="hira", r=4, dropout=0.1, target_modules=ALL_LINEAR),
+    "adalora": PeftConfig(method="adalora", init_r=4, target_r=2, dropout=0.1, target_modules=ALL_LINEAR),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),
     "prefix_proj": PeftConfig(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
     "prompt": PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),

@@ -9,6 +9,7 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
     r                    lora, dora     DoRA adds a fixed magnitude vector per adapted layer
     r                    vera           sum over layers of out + r (the shared random matrices are frozen)
     r                    hira           r * (in + out) per layer, like LoRA
+    init_r               adalora        init_r * (in + out + 1) per layer (the ranks reallocated are within it)
     num_virtual_tokens   prefix, prompt
     (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
 """
@@ -19,7 +20,7 @@ from ftcore import peft
 from ftcore.formats.hf import build_model
 from ftcore.model import ModelConfig
 
-KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "prefix": "num_virtual_tokens",
+KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "adalora": "init_r", "prefix": "num_virtual_tokens",
          "prompt": "num_virtual_tokens"}
 
 

@@ -8,8 +8,9 @@
     model, tok = load_with_adapter("out/")  # the base it records (or base=...), then the adapter
     export_merged(model, "merged/")    # LoRA/DoRA/IA3 folded into a plain HF-layout model
 
-One file per method: lora.py (LoRA, rsLoRA, DoRA), ia3.py, prefix.py, prompt.py, full.py;
-attach.py (apply, targets, merge), io.py (PEFT format), export.py (merged model).
+One file per method: lora.py (LoRA, rsLoRA, DoRA; lora_init.py: PiSSA and OLoRA inits), vera.py, hira.py,
+adalora.py (with its rank allocator), ia3.py, prefix.py, prompt.py, full.py; attach.py (apply, targets, merge),
+io.py (PEFT format), export.py (merged model). LoRA+ is a choice of optimizer groups (train/optim.py).
 """
 
 from ftcore.peft.attach import (

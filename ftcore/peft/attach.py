@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ftcore.errors import FtcoreError
+from ftcore.peft.adalora import AdaLoraLinear, RankAllocator
 from ftcore.peft.config import PeftConfig
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
@@ -26,7 +27,7 @@ from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
-ADAPTER_LAYERS = (LoraLinear, IA3Linear, VeraLinear, HiraLinear)
+ADAPTER_LAYERS = (LoraLinear, IA3Linear, VeraLinear, HiraLinear, AdaLoraLinear)
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
 
 
@@ -121,6 +122,16 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
             if init:
                 layer.reset_parameters(cfg.init, gen)
             _swap(model, name, layer)
+    elif cfg.method == "adalora":
+        layers = {}
+        for name in find_targets(model, cfg.target_modules):
+            layers[name] = AdaLoraLinear(model.get_submodule(name), cfg.init_r, cfg.alpha, cfg.dropout)
+            if init:
+                layers[name].reset_parameters(gen)
+            _swap(model, name, layers[name])
+        # the rank allocation the training step runs (a plain attribute: its state goes into checkpoints)
+        model.adalora = RankAllocator(layers, cfg.init_r, cfg.target_r, cfg.tinit, cfg.tfinal, cfg.deltaT, cfg.beta1,
+                                      cfg.beta2, cfg.total_step)  # fmt: skip
     elif cfg.method == "ia3":
         for name in find_targets(model, cfg.ia3_target_modules, "ia3_target_modules"):
             _swap(model, name, IA3Linear(model.get_submodule(name), is_feedforward(cfg.feedforward_modules, name)))
@@ -170,7 +181,8 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold LoRA/DoRA/IA3 into the base weights in place (forward then uses the base path only)."""
+    """Fold the adapter layers (LoRA/DoRA/IA3/VeRA/HiRA/AdaLoRA) into the base weights in place (forward then
+    uses the base path only)."""
     _check_mergeable(model)
     for m in adapter_layers(model).values():
         m.merge()
@@ -225,5 +237,6 @@ def unload(model: nn.Module) -> nn.Module:
         _swap(model, name, plain)
     for hook in HOOKS:
         setattr(model, hook, None)
+    model.adalora = None
     model.peft_config = None
     return model

@@ -8,19 +8,23 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from ftcore.schema import invalid, one_of
 
-METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira")
+METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "adalora")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 # The options that belong to some methods only: set on another method (away from the default) they are an error.
 METHOD_OPTIONS = {
-    "r": ("lora", "dora", "vera", "hira"), "alpha": ("lora", "dora"), "dropout": ("lora", "dora", "vera", "hira"),
-    "target_modules": ("lora", "dora", "vera", "hira"), "use_rslora": ("lora", "dora"),
+    "r": ("lora", "dora", "vera", "hira"), "alpha": ("lora", "dora", "adalora"),
+    "dropout": ("lora", "dora", "vera", "hira", "adalora"),
+    "target_modules": ("lora", "dora", "vera", "hira", "adalora"),
+    "use_rslora": ("lora", "dora"),
     "init": ("lora", "dora", "hira"), "projection_prng_key": ("vera",), "save_projection": ("vera",),
     "d_initial": ("vera",), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
     "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
     "prompt_init": ("prompt",), "init_text": ("prompt",), "tokenizer_path": ("prompt",), "freeze": ("full",),
+    **dict.fromkeys(("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                     "total_step"), ("adalora",)),
 }  # fmt: skip
 PROMPT_INITS = ("random", "sample_vocab", "text")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,6 +45,17 @@ class PeftConfig:
     projection_prng_key: int = 0
     save_projection: bool = True  # write the shared A/B into the adapter (else regenerated from the key)
     d_initial: float = 0.1
+    # AdaLoRA (PEFT's names): every layer starts at rank init_r; the total budget shrinks on a cubic schedule
+    # from step tinit to step total_step - tfinal down to target_r per layer (masking every deltaT steps)
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1  # noqa: N815 - PEFT's name
+    beta1: float = 0.85  # smoothing of the importance
+    beta2: float = 0.85  # smoothing of its uncertainty
+    orth_reg_weight: float = 0.5  # the orthogonality penalty on the loss
+    total_step: int = 0  # 0 = train.max_steps
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
@@ -62,8 +77,8 @@ class PeftConfig:
             for f in fields(self):
                 owners = METHOD_OPTIONS.get(f.name)
                 if owners and self.method not in owners and getattr(self, f.name) != _default(f):
-                    raise invalid(f"peft.{f.name}", getattr(self, f.name),
-                                  f"it unset: it is an option of {', '.join(owners)}, not of {self.method}")  # fmt: skip
+                    expected = f"it unset: it is an option of {', '.join(owners)}, not of {self.method}"
+                    raise invalid(f"peft.{f.name}", getattr(self, f.name), expected)
         if self.r <= 0:
             raise invalid("peft.r", self.r, "a positive integer")
         if self.alpha <= 0:
@@ -82,6 +97,23 @@ class PeftConfig:
             one_of("peft.init", self.init, LORA_INITS)
         if self.method == "hira" and self.init not in ("kaiming-uniform", "gaussian"):
             raise invalid("peft.init", self.init, "kaiming-uniform or gaussian for hira")
+        if self.init_r <= 0:
+            raise invalid("peft.init_r", self.init_r, "a positive integer")
+        if not 0 <= self.target_r < self.init_r:
+            raise invalid("peft.target_r", self.target_r, f"an integer in [0, init_r={self.init_r})")
+        for key in ("tinit", "tfinal", "total_step"):
+            if getattr(self, key) < 0:
+                raise invalid(f"peft.{key}", getattr(self, key), ">= 0")
+        if self.deltaT < 1:
+            raise invalid("peft.deltaT", self.deltaT, ">= 1")
+        for key in ("beta1", "beta2"):
+            if not 0 < getattr(self, key) < 1:
+                raise invalid(f"peft.{key}", getattr(self, key), "a number in (0, 1)")
+        if self.orth_reg_weight < 0:
+            raise invalid("peft.orth_reg_weight", self.orth_reg_weight, ">= 0")
+        if self.total_step and self.tinit >= self.total_step - self.tfinal:
+            raise invalid("peft.tinit", self.tinit, f"< total_step - tfinal = {self.total_step - self.tfinal} "
+                          "(no steps would be left to reallocate the ranks)")  # fmt: skip
         if self.d_initial == 0 and self.method == "vera":
             raise invalid("peft.d_initial", self.d_initial, "a non-zero number (lambda_b then gets no gradient)")
         if not isinstance(self.ia3_target_modules, str) and not isinstance(self.feedforward_modules, str):

@@ -27,7 +27,7 @@ from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
-              "HIRA": "hira"}
+              "HIRA": "hira", "ADALORA": "adalora"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -78,6 +78,16 @@ def peft_config_dict(model: nn.Module) -> dict:
                 "projection_prng_key": cfg.projection_prng_key, "save_projection": cfg.save_projection,
                 "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial, "fan_in_fan_out": False, "bias": "none",
                 "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
+    if cfg.method == "adalora":
+        pattern = getattr(getattr(model, "adalora", None), "rank_pattern", None)
+        alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+        return {**common, "peft_type": "ADALORA", "r": 8, "init_r": cfg.init_r, "target_r": cfg.target_r,
+                "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "beta1": cfg.beta1, "beta2": cfg.beta2,
+                "orth_reg_weight": cfg.orth_reg_weight, "total_step": cfg.total_step or None, "lora_alpha": alpha,
+                "lora_dropout": cfg.dropout, "target_modules": cfg.target_modules, "init_lora_weights": True,
+                "use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
+                "rank_pattern": {f"{peft_key(n)}.lora_E": kept for n, kept in pattern.items()} if pattern else None,
+                "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}  # fmt: skip
     if cfg.method == "hira":
         return {**common, "peft_type": "HIRA", "r": cfg.r, "target_modules": cfg.target_modules,
                 "hira_dropout": cfg.dropout, "init_weights": True if cfg.init == "kaiming-uniform" else "gaussian",
@@ -111,6 +121,13 @@ def save_adapter(model: nn.Module, out_dir) -> Path:
     state = {k: v.detach().float() for k, v in adapter_state(model).items()}
     config = peft_config_dict(model)
     principal = {n: layer for n, layer in adapter_layers(model).items() if getattr(layer, "principal", False)}
+    pattern = getattr(getattr(model, "adalora", None), "rank_pattern", None)
+    for name, kept in (pattern or {}).items():  # AdaLoRA: only the kept triplets, as PEFT saves them
+        key, idx = f"base_model.model.{peft_key(name)}", torch.tensor(kept, dtype=torch.bool)
+        if state[f"{key}.lora_A"].shape[0] != len(kept):
+            continue  # loaded pruned already
+        state[f"{key}.lora_A"], state[f"{key}.lora_E"] = state[f"{key}.lora_A"][idx], state[f"{key}.lora_E"][idx]
+        state[f"{key}.lora_B"] = state[f"{key}.lora_B"][:, idx]
     if principal:
         for name, layer in principal.items():
             a, b = converted_tensors(layer)
@@ -152,8 +169,11 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "feedforward_modules": list[str] | str | None, "num_virtual_tokens": int, "num_transformer_submodules": int | None,
     "prompt_tuning_init": str | None, "prompt_tuning_init_text": str | None, "tokenizer_name_or_path": str | None,
     "base_model_name_or_path": str | None, "bias": str | None, "num_layers": int | None, "token_dim": int | None,
-    "num_attention_heads": int | None, "projection_prng_key": int, "save_projection": bool, "vera_dropout": float | None,
-    "d_initial": float, "hira_dropout": float | None, "init_weights": bool | str | None,
+    "num_attention_heads": int | None, "projection_prng_key": int, "save_projection": bool,
+    "vera_dropout": float | None,
+    "d_initial": float, "hira_dropout": float | None, "init_weights": bool | str | None, "init_r": int,
+    "target_r": int, "tinit": int, "tfinal": int, "deltaT": int, "beta1": float, "beta2": float,
+    "orth_reg_weight": float, "total_step": int | None,
 }  # fmt: skip
 
 
@@ -164,7 +184,7 @@ def config_from_peft(d: dict, where) -> PeftConfig:
     if peft_type not in PEFT_TYPES:
         raise FtcoreError(f"{where}: peft_type {peft_type!r} is not supported; supported: {', '.join(PEFT_TYPES)}")
     for key in UNSUPPORTED:
-        if d.get(key) not in NO_VALUES:
+        if d.get(key) not in NO_VALUES and not (key == "rank_pattern" and peft_type == "ADALORA"):
             raise FtcoreError(f"{where}: {key}={d[key]!r} is not supported by ftcore (expected it unset)")
     if d.get("bias", "none") != "none":
         raise FtcoreError(f"{where}: bias={d['bias']!r} is not supported by ftcore (expected 'none')")
@@ -187,10 +207,21 @@ def config_from_peft(d: dict, where) -> PeftConfig:
                           projection_prng_key=d.get("projection_prng_key", 0),
                           save_projection=d.get("save_projection", True), dropout=d.get("vera_dropout") or 0.0,
                           d_initial=d.get("d_initial", 0.1), base_model_name_or_path=base)  # fmt: skip
+    if method == "adalora":
+        if d.get("init_lora_weights", True) is not True or d.get("use_dora") or d.get("use_rslora"):
+            raise FtcoreError(f"{where}: init_lora_weights, use_dora and use_rslora must be unset for AdaLoRA "
+                              "in ftcore")  # fmt: skip
+        return PeftConfig(method="adalora", init_r=d.get("init_r", 12), target_r=d.get("target_r", 8),
+                          tinit=d.get("tinit", 0), tfinal=d.get("tfinal", 0), deltaT=d.get("deltaT", 1),
+                          beta1=d.get("beta1", 0.85), beta2=d.get("beta2", 0.85),
+                          orth_reg_weight=d.get("orth_reg_weight", 0.5), total_step=d.get("total_step") or 0,
+                          alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout") or 0.0,
+                          target_modules=_targets(d["target_modules"]), base_model_name_or_path=base)  # fmt: skip
     if method == "hira":
         init = d.get("init_weights", True)
         if init is not True and init != "gaussian":
-            raise FtcoreError(f"{where}: init_weights={init!r} is not supported by ftcore (expected true or 'gaussian')")
+            raise FtcoreError(f"{where}: init_weights={init!r} is not supported by ftcore "
+                              "(expected true or 'gaussian')")  # fmt: skip
         return PeftConfig(method="hira", r=d["r"], target_modules=_targets(d["target_modules"]),
                           dropout=d.get("hira_dropout") or 0.0, init="gaussian" if init == "gaussian" else
                           "kaiming-uniform", base_model_name_or_path=base)  # fmt: skip
@@ -248,6 +279,17 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
                       "redone here, so the residual base differs a little from the one it was trained on "
                       "(save PiSSA adapters converted to plain LoRA, as ftcore does)", stacklevel=2)  # fmt: skip
     apply(model, cfg, init=principal)
+    if cfg.method == "adalora" and d.get("rank_pattern"):  # a pruned adapter: shrink each layer to its kept ranks
+        names = {f"{peft_key(n)}.lora_E": n for n in adapter_layers(model)}
+        pattern = {}
+        for key, kept in d["rank_pattern"].items():
+            name = names.get(key.removesuffix(".default"))
+            if name is None or not isinstance(kept, list) or len(kept) != cfg.init_r:
+                raise FtcoreError(f"{cfg_path}: rank_pattern[{key!r}]: expected a list of init_r={cfg.init_r} "
+                                  "booleans for a target of this model")  # fmt: skip
+            model.get_submodule(name).keep(kept)
+            pattern[name] = kept
+        model.adalora.rank_pattern = pattern
     try:
         expected = adapter_state(model)
         # PEFT also saves the base weight of a targeted lm_head/embed_tokens and loads it back: so do we.

@@ -28,7 +28,7 @@ class VeraProjections(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, projection_prng_key: int):
-        """PEFT's draw: one CPU generator, A then B, each U(-bound, bound) with bound = sqrt(3) sqrt(2) / sqrt(fan_in)."""
+        """PEFT's draw: one CPU generator, A then B, each U(-bound, bound), bound = sqrt(3) sqrt(2) / sqrt(fan_in)."""
         g = torch.Generator(device="cpu").manual_seed(projection_prng_key)
         for t in (self.vera_A, self.vera_B):
             fan_in = t.shape[1]

@@ -34,6 +34,7 @@ from ftcore.eval.evaluate import evaluate_task, validation_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
 from ftcore.formats.hf import load_pretrained, save_pretrained
+from ftcore.peft.adalora import AdaLoraStep
 from ftcore.train import checkpoint
 from ftcore.train.flops import peak_flops, train_flops_per_token
 from ftcore.train.log import RunLogger, read_metrics, rewrite_metrics
@@ -185,7 +186,16 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
     cfg, world = run.cfg, run.world
     # the saved adapter records its base (adapter_config.json's base_model_name_or_path), as HF PEFT does
     base = cfg.peft.base_model_name_or_path or cfg.model.path
-    peft.apply(model, replace(cfg.peft, base_model_name_or_path=base), tokenizer=tokenizer)
+    method_step = None
+    if cfg.peft.method == "adalora":
+        if world.backend == "fsdp" or cfg.train.cuda_graph:
+            raise FtcoreError("peft.method=adalora: not yet with dist=fsdp or train.cuda_graph (use single or ddp)")
+        peft_cfg = replace(cfg.peft, base_model_name_or_path=base, total_step=cfg.peft.total_step or cfg.train.max_steps)
+    else:
+        peft_cfg = replace(cfg.peft, base_model_name_or_path=base)
+    peft.apply(model, peft_cfg, tokenizer=tokenizer)
+    if cfg.peft.method == "adalora":
+        method_step = AdaLoraStep(model.adalora, cfg.peft.orth_reg_weight)
     peft.trainables_to_float32(model)
     world.print(peft.summary(model))
     trainable, total = peft.count_parameters(model)
@@ -199,7 +209,7 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
         rank=world.rank, seed=cfg.data.seed + cfg.train.seed, bucketing=cfg.data.bucketing and not cfg.data.packing,
     )  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
-    eager = EagerStep(model, optimizer, world, cfg.train.precision, cfg.optim.grad_clip, train_model)
+    eager = EagerStep(model, optimizer, world, cfg.train.precision, cfg.optim.grad_clip, train_model, method_step)
     step = eager
     if cfg.train.cuda_graph:  # the whole step captured once and replayed; other shapes run eagerly
         step = GraphedStep(model, optimizer, eager, cfg.train.precision, cfg.optim.grad_clip)
@@ -216,6 +226,8 @@ def resume(run: Run, trainer: Trainer, path: Path):
     trainer.scaler.load_state_dict(saved["scaler"])
     trainer.sampler.load_state_dict(saved["sampler"])
     trainer.state = LoopState(**saved["loop"])
+    if "adalora" in saved:  # the rank allocator's importance averages, mask and step count
+        trainer.model.adalora.load_state_dict(saved["adalora"])
     if run.rank0:
         truncate_metrics(run.run_dir, trainer.state.step)
     run.world.print(f"resumed from {path} at step {trainer.state.step}")
@@ -351,6 +363,8 @@ def save_checkpoint(run: Run, trainer: Trainer):
     state = trainer.state
     saved = {"scaler": trainer.scaler.state_dict(), "sampler": trainer.sampler.state_dict(),
              "loop": dict(vars(state)), "best_step": state.best_step}  # fmt: skip
+    if getattr(trainer.model, "adalora", None) is not None:
+        saved["adalora"] = trainer.model.adalora.state_dict()
     root, keep = run.run_dir / "checkpoints", run.cfg.train.keep_checkpoints
     if run.world.distributed:  # DCP: each rank writes its shards of the trainable parameters and optimizer
         checkpoint.save_sharded(root, state.step, trainer.model, trainer.optimizer, saved, keep=keep)

@@ -67,9 +67,11 @@ class EagerStep:
     """The step as plain PyTorch: forward and backward per micro-batch, then clip, (unscale,) step, zero."""
 
     def __init__(self, model: nn.Module, optimizer, world: World, precision: str = "fp32", grad_clip: float = 1.0,
-                 train_model: nn.Module | None = None):  # fmt: skip
-        """model: the (possibly FSDP2-sharded) Transformer; train_model: what forward runs on (DDP's wrapper)."""
-        self.model, self.train_model = model, train_model or model
+                 train_model: nn.Module | None = None, method=None):  # fmt: skip
+        """model: the (possibly FSDP2-sharded) Transformer; train_model: what forward runs on (DDP's wrapper);
+        method: what a PEFT method adds to the step (AdaLoRA's AdaLoraStep: regularizer() joins the loss of
+        the last micro-batch once per step, after_step() runs after the update, before the gradients go)."""
+        self.model, self.train_model, self.method = model, train_model or model, method
         self.optimizer, self.world, self.grad_clip = optimizer, world, grad_clip
         self.device = world.device
         self.autocast = autocast(self.device, precision)
@@ -78,10 +80,14 @@ class EagerStep:
     def __call__(self, micro: list[dict], step_tokens: int) -> tuple[float, float]:
         total = 0.0
         for i, batch in enumerate(micro):
-            with grad_sync(self.train_model, i == len(micro) - 1):
+            last = i == len(micro) - 1
+            with grad_sync(self.train_model, last):
                 with self.autocast:
                     loss_sum, _ = batch_loss_sum(self.train_model, batch, self.device)
-                self.scaler.scale(loss_sum / step_tokens * self.world.size).backward()
+                loss = loss_sum / step_tokens * self.world.size
+                extra = self.method.regularizer() if self.method is not None and last else None
+                # the same on every rank, so the ranks' average gradient is its own (no x world size)
+                self.scaler.scale(loss if extra is None else loss + extra).backward()
             total += loss_sum.item()
         total = self.world.sum(total)
         if not math.isfinite(total):
@@ -91,6 +97,8 @@ class EagerStep:
         norm = clip_gradients([p for p in self.model.parameters() if p.grad is not None], self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.method is not None:
+            self.method.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm.item()
 
