@@ -39,6 +39,9 @@ PEFT = {
     "prefix": {"method": "prefix", "num_virtual_tokens": 20},
     "prompt": {"method": "prompt", "num_virtual_tokens": 20, "prompt_init": "sample_vocab"},
     "full": {"method": "full"},
+    "vera": {"method": "vera", "r": 64, "target_modules": ALL_LINEAR},
+    "hira": {"method": "hira", "r": 8, "target_modules": ALL_LINEAR},
+    "adalora": {"method": "adalora", "init_r": 12, "target_r": 8, "target_modules": ALL_LINEAR},
 }
 CLI_BASE = ["train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "train.eval_batches=1",
             "eval.max_examples=4", "eval.max_new_tokens=3", "eval.batch_size=8", "logger.wandb.mode=disabled",
@@ -78,9 +81,17 @@ def test_budget_solving_is_exact():
     assert (s.size, s.note) == (1, "over budget at the smallest r=1")
     # budget 0 keeps the configured size
     assert solve_budget(SMOLLM2, PEFT["prefix"], 0, 100).size == 20
+    # HiRA: r (in + out) per layer, like LoRA; AdaLoRA: init_r (in + out + 1), its target_r kept below init_r
+    assert solve_budget(SMOLLM2, PEFT["hira"], 1_000_000, 512).size == 3
+    s = solve_budget(SMOLLM2, PEFT["adalora"], 1_000_000, 512)
+    assert (s.knob, s.size, s.peft["target_r"]) == ("init_r", 3, 2) and s.trainable == 3 * (per_rank + 30 * 7)
+    # VeRA: out + r per layer (the shared matrices are frozen): 7 layers x 30, the rest is the outputs
+    outs = 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576)
+    s = solve_budget(SMOLLM2, PEFT["vera"], outs + 30 * 7 * 100, 512)
+    assert (s.size, s.trainable) == (100, outs + 30 * 7 * 100)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "adalora"])
 def test_meta_count_equals_a_real_model(method):
     model = Transformer(TINY)
     model.init_weights(generator=torch.Generator().manual_seed(0))

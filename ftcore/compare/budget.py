@@ -54,11 +54,11 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
 
     def count(size: int) -> int:
         if size not in counts:
-            counts[size] = count_trainable(model_cfg, {**settings, knob: size})
+            counts[size] = count_trainable(model_cfg, sized(settings, knob, size))
         return counts[size]
 
     if count(1) > budget:
-        return Sized({**settings, knob: 1}, knob, 1, count(1), f"over budget at the smallest {knob}=1")
+        return Sized(sized(settings, knob, 1), knob, 1, count(1), f"over budget at the smallest {knob}=1")
     # every count is affine in the knob: guess from two counts, then check the guess exactly
     slope = count(2) - count(1)
     guess = min(max_size, 1 + (budget - count(1)) // slope) if slope > 0 else max_size
@@ -71,5 +71,13 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
             lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid)
     note = ""
     if lo == max_size and count(max_size) < budget:
-        note = f"capped at {knob}={max_size} (compare.max_{'r' if knob == 'r' else 'virtual_tokens'})"
-    return Sized({**settings, knob: lo}, knob, lo, count(lo), note)
+        note = f"capped at {knob}={max_size} (compare.max_{'virtual_tokens' if knob == 'num_virtual_tokens' else 'r'})"
+    return Sized(sized(settings, knob, lo), knob, lo, count(lo), note)
+
+
+def sized(settings: dict, knob: str, size: int) -> dict:
+    """The settings with the knob at `size`; AdaLoRA's target_r stays below its init_r."""
+    out = {**settings, knob: size}
+    if knob == "init_r":
+        out["target_r"] = min(out.get("target_r", 8), size - 1)
+    return out

@@ -84,7 +84,7 @@ def plan_arms(cc: CompareConfig, model_cfg: ModelConfig) -> list[Arm]:
             settings = {**cc.peft.get(method, {}), "method": method}
             if cc.vary.key:
                 settings[cc.vary.key] = list(value) if isinstance(value, (list, tuple)) else value
-            max_size = cc.max_r if knob == "r" else cc.max_virtual_tokens
+            max_size = cc.max_virtual_tokens if knob == "num_virtual_tokens" else cc.max_r
             sized = solve_budget(model_cfg, settings, cc.budget, max_size)
             name = f"{method} {cc.vary.key}={label(value)}" if cc.vary.key else method
             arms.append(Arm(name, method, sized, cc.budget))
