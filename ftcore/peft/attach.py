@@ -17,7 +17,7 @@ from torch import nn
 
 from ftcore.errors import FtcoreError
 from ftcore.peft.adalora import AdaLoraLinear, RankAllocator
-from ftcore.peft.config import PeftConfig
+from ftcore.peft.config import PeftConfig, is_principal
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
 from ftcore.peft.ia3 import IA3Linear
@@ -92,7 +92,7 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         model.peft_config = cfg
         return model
     if cfg.method in ("lora", "dora"):
-        principal = cfg.init.startswith("pissa") or cfg.init == "olora"
+        principal = is_principal(cfg.init)
         for name in find_targets(model, cfg.target_modules):
             if principal and name == "lm_head" and model.cfg.tie_word_embeddings:
                 raise FtcoreError(f"peft.init={cfg.init!r}: lm_head shares its weight with embed_tokens "

@@ -13,6 +13,11 @@ METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "h
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_principal(init: str) -> bool:
+    """PiSSA/OLoRA: the adapter starts at a part of W and the base weight keeps the residual."""
+    return init == "pissa" or init == "olora" or PISSA_NITER.fullmatch(init) is not None
 # The options that belong to some methods only: set on another method (away from the default) they are an error.
 METHOD_OPTIONS = {
     "r": ("lora", "dora", "vera", "hira"), "alpha": ("lora", "dora", "adalora"),

@@ -20,7 +20,7 @@ from torch import nn
 from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.peft.attach import adapter_layers, apply, peft_key, unload
-from ftcore.peft.config import PISSA_NITER, PeftConfig
+from ftcore.peft.config import PISSA_NITER, PeftConfig, is_principal
 from ftcore.peft.lora_init import converted_tensors
 from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
@@ -192,7 +192,7 @@ def config_from_peft(d: dict, where) -> PeftConfig:
     method = PEFT_TYPES[peft_type]
     if method == "lora":
         init = d.get("init_lora_weights", True)
-        if init is True or init in ("gaussian", "olora", "pissa") or PISSA_NITER.fullmatch(str(init)):
+        if init is True or init == "gaussian" or (isinstance(init, str) and is_principal(init)):
             init = "kaiming-uniform" if init is True else init
         else:
             raise FtcoreError(f"{where}: init_lora_weights={init!r} is not supported by ftcore "
@@ -273,7 +273,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     _check_shape_fields(d, model, cfg_path)
     st = SafetensorsFile(weights_path)
     # an unconverted PiSSA/OLoRA adapter was trained on the residual: make it again from this base (as PEFT)
-    principal = cfg.init.startswith("pissa") or cfg.init == "olora"
+    principal = is_principal(cfg.init)
     if PISSA_NITER.fullmatch(cfg.init):
         warnings.warn(f"{cfg_path}: init_lora_weights={cfg.init!r} was saved unconverted; its randomized SVD is "
                       "redone here, so the residual base differs a little from the one it was trained on "

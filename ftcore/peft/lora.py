@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.model import ops
+from ftcore.peft.config import is_principal
 from ftcore.peft.lora_init import principal_init
 
 
@@ -65,7 +66,7 @@ class LoraLinear(nn.Module):
     def reset_parameters(self, init: str = "kaiming-uniform", generator: torch.Generator | None = None):
         """PEFT's init: A ~ kaiming-uniform(a=sqrt(5)) or N(0, 1/r), B = 0; or PiSSA/OLoRA from W (lora_init.py,
         which changes the base weight to the residual); DoRA's m = ||W + s B A||_row."""
-        if init.startswith("pissa") or init == "olora":
+        if is_principal(init):
             principal_init(self, init, generator)
         else:
             a = torch.empty(self.lora_A.weight.shape)
