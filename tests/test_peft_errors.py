@@ -120,3 +120,15 @@ def test_config_from_hydra_style_mapping():
     cfg = build(PeftConfig, node, "peft.")
     assert cfg.method == "dora" and cfg.target_modules == ["q_proj", "k_proj"]
     assert build(PeftConfig, dataclasses.asdict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("method", ["vera", "hira", "adalora"])
+def test_new_methods_name_the_key_of_a_bad_setting(method):
+    size = "peft.init_r" if method == "adalora" else "peft.r"
+    assert size in error(PeftConfig, method=method, **{size.removeprefix("peft."): 0})
+    msg = error(apply, model(), PeftConfig(method=method, target_modules=["q_proj", "qkv_proj"]))
+    assert msg.startswith("peft.target_modules: 'qkv_proj' matches no linear module of this model")
+    msg = error(PeftConfig, method=method, use_rslora=True)
+    assert msg == f"peft.use_rslora=True: expected it unset: it is an option of lora, dora, not of {method}"
+    if method != "adalora":
+        assert "peft.init" in error(PeftConfig, method=method, init="xavier")
