@@ -183,6 +183,9 @@ class RunConfig:
             return "it runs with dist=single only"
         if self.train.gradient_checkpointing:
             return "capturing activation checkpointing is not supported; set train.gradient_checkpointing=false"
+        if self.peft.method in ("loha", "lokr") and (self.peft.rank_dropout or self.peft.module_dropout):
+            return ("peft.rank_dropout and peft.module_dropout draw on the host at every forward (a replayed graph "
+                    "would repeat one draw); set them to 0")  # fmt: skip
         return None
 
 

@@ -41,6 +41,28 @@ SPECS = {
              dict(kind="HiraConfig", r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "hira_gaussian": (dict(method="hira", r=2, dropout=0.0, init="gaussian", target_modules=ALL_LINEAR),
                       dict(kind="HiraConfig", r=2, init_weights="gaussian", target_modules=ALL_LINEAR)),
+    "loha": (dict(method="loha", r=4, alpha=8, rank_dropout=0.2, module_dropout=0.1,
+                  target_modules=["q_proj", "v_proj", "down_proj"]),
+             dict(kind="LoHaConfig", r=4, alpha=8, rank_dropout=0.2, module_dropout=0.1,
+                  target_modules=["q_proj", "v_proj", "down_proj"])),
+    "loha_regex": (dict(method="loha", r=2, alpha=3, target_modules=r".*\.(k_proj|up_proj)|lm_head"),
+                   dict(kind="LoHaConfig", r=2, alpha=3, target_modules=r".*\.(k_proj|up_proj)|lm_head")),
+    # default split: q/o w1 (8, 8) x w2 (8, 8); k/v (4, 8) x (8, 8); gate/up (8, 8) x w2_a (12, 4) w2_b (4, 8)
+    "lokr": (dict(method="lokr", r=4, alpha=8, target_modules=ALL_LINEAR),
+             dict(kind="LoKrConfig", r=4, alpha=8, target_modules=ALL_LINEAR)),
+    # factor 16: w1 low-rank everywhere (w1_a [16, 2]; lm_head's 97 is prime: [1, 2]), w2 full for q/v, low-rank for
+    # down ([4, 2] x [2, 6]) and lm_head ([97, 2] x [2, 4])
+    "lokr_decompose": (dict(method="lokr", r=2, alpha=3, decompose_both=True, decompose_factor=16,
+                            rank_dropout=0.3, rank_dropout_scale=True, init="lycoris",
+                            target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
+                       dict(kind="LoKrConfig", r=2, alpha=3, decompose_both=True, decompose_factor=16,
+                            rank_dropout=0.3, rank_dropout_scale=True, init_weights="lycoris",
+                            target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])),
+    # factor 4 without decompose_both: w1 [4, 4] full, w2 full but for down_proj ([16, 8] x [8, 24]); scale 1/4
+    "lokr_factor": (dict(method="lokr", r=8, alpha=2, decompose_factor=4, module_dropout=0.5,
+                         target_modules=["q_proj", "k_proj", "down_proj"]),
+                    dict(kind="LoKrConfig", r=8, alpha=2, decompose_factor=4, module_dropout=0.5,
+                         target_modules=["q_proj", "k_proj", "down_proj"])),
     "ia3": (dict(method="ia3"),
             dict(kind="IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "ia3_regex": (dict(method="ia3", ia3_target_modules=r".*\.(q_proj|o_proj|gate_proj)", feedforward_modules=r".*o_proj"),

@@ -36,11 +36,15 @@ METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
            "pissa": {"peft__init": "pissa", **NO_DROPOUT}, "vera": {"peft__method": "vera", "peft__r": 8, **NO_DROPOUT},
            "hira": {"peft__method": "hira", "peft__r": 4, **NO_DROPOUT},
            "adalora": {"peft__method": "adalora", "peft__init_r": 4, "peft__target_r": 2, "peft__tinit": 1,
-                       "peft__tfinal": 2, **NO_DROPOUT}}  # fmt: skip
+                       "peft__tfinal": 2, **NO_DROPOUT},
+           "loha": {"peft__method": "loha", "peft__r": 4, "peft__alpha": 8},
+           "lokr": {"peft__method": "lokr", "peft__r": 2, "peft__alpha": 4, "peft__decompose_both": True,
+                    "peft__decompose_factor": 8}}  # fmt: skip
 # name -> (dist backend, method); the FSDP runs also checkpoint activations (they must compose with fully_shard)
 DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp_prefix": ("fsdp", "prefix"),
              "ddp_lora": ("ddp", "lora"), "fsdp_pissa": ("fsdp", "pissa"), "fsdp_vera": ("fsdp", "vera"),
-             "fsdp_hira": ("fsdp", "hira"), "ddp_adalora": ("ddp", "adalora")}  # fmt: skip
+             "fsdp_hira": ("fsdp", "hira"), "fsdp_loha": ("fsdp", "loha"), "fsdp_lokr": ("fsdp", "lokr"),
+             "ddp_adalora": ("ddp", "adalora")}  # fmt: skip
 
 
 def single_cfg(tiny_dir, data_cache, run_dir, method, **extra):  # noqa: F811
@@ -153,8 +157,10 @@ def test_export_gathers_every_shard(runs, name):
     assert all(got[k].shape == single[k].shape for k in got)
     # Full fine-tuning and VeRA's few lambda entries: Adam turns float noise in near-zero gradient entries into
     # ~lr-sized steps; one process with batch 4 x accumulation 1 instead of 2 x 2 already differs by 2.7e-5 (full)
-    # (a lone slice would differ by O(1)).
-    assert diff < (1e-4 if DIST_RUNS[name][1] in ("full", "vera") else TOL)
+    # (a lone slice would differ by O(1)). LoHa the same, more (W1a, W1b, W2a get no gradient at the first step, as
+    # W2b starts at 0): one entry (layers.1 v_proj hada_w1_b) already differs by 1.9e-5 between batch 4 x 1 and
+    # 2 x 2 in one process, and by 1.6e-4 under FSDP2, the other 16383 within 1e-5 (the loss curve within 1e-5).
+    assert diff < {"full": 1e-4, "vera": 1e-4, "loha": 1e-3}.get(DIST_RUNS[name][1], TOL)
     report = json.loads((runs[name] / "eval.json").read_text())
     assert report["n"] == 4 and report["step"] == 6
 

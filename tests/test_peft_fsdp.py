@@ -10,13 +10,15 @@ from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, apply
 from ftcore.train.step import set_fast_paths
 
-METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira"]  # lora-fused: train.fused_lora under FSDP2
+METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "loha",
+           "lokr"]  # lora-fused: train.fused_lora under FSDP2
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 OPTIONS = {"lora": LORA, "dora": LORA, "prefix": dict(num_virtual_tokens=3, prefix_projection=True),
            "prompt": dict(num_virtual_tokens=3), "pissa": {**LORA, "init": "pissa"}, "vera": dict(r=8, dropout=0.0),
-           "hira": dict(r=4, dropout=0.0)}  # fmt: skip
+           "hira": dict(r=4, dropout=0.0), "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+           "lokr": dict(r=2, alpha=4, decompose_both=True, decompose_factor=8)}  # fmt: skip
 
 
 def build(method):

@@ -1,4 +1,5 @@
-"""LoRA/DoRA/IA3/VeRA/HiRA/AdaLoRA invariants: zero-init is a no-op, base names survive, merge/unmerge, init choices."""
+"""LoRA/DoRA/IA3/VeRA/HiRA/LoHa/LoKr/AdaLoRA invariants: zero-init is a no-op, base names survive, merge/unmerge,
+init choices."""
 
 import pytest
 import torch
@@ -19,6 +20,11 @@ METHODS = {
     "vera": PeftConfig(method="vera", r=8, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"]),
     "hira": PeftConfig(method="hira", r=4, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"]),
     "adalora": PeftConfig(method="adalora", init_r=4, target_r=2, dropout=0.0, target_modules=ALL_LINEAR),
+    "loha": PeftConfig(method="loha", r=4, alpha=32, rank_dropout=0.5, module_dropout=0.5,
+                       target_modules=ALL_LINEAR + ["lm_head"]),
+    "lokr": PeftConfig(method="lokr", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"]),
+    "lokr_lycoris": PeftConfig(method="lokr", r=2, alpha=4, decompose_both=True, decompose_factor=8, init="lycoris",
+                               rank_dropout=0.5, target_modules=ALL_LINEAR + ["lm_head"]),
     "ia3_all": PeftConfig(method="ia3", ia3_target_modules=ALL_LINEAR, feedforward_modules=["down_proj", "o_proj"]),
 }
 
@@ -49,7 +55,8 @@ def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
     assert base_keys <= keys  # `layers.0.self_attn.q_proj.weight` is still `...q_proj.weight`
     extra = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys - base_keys}
     assert extra <= {"lora_A", "lora_B", "lora_magnitude_vector", "ia3_l", "vera_lambda_b", "vera_lambda_d", "hira_A",
-                     "hira_B", "lora_E", "ranknum"}
+                     "hira_B", "lora_E", "ranknum", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
+                     "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
     # a base checkpoint still loads into the adapted model, by the same names
     fresh = tiny_model(seed=1).state_dict()
     missing, unexpected = model.load_state_dict(fresh, strict=False)

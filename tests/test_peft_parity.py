@@ -12,8 +12,9 @@ from ftcore.peft import apply, count_parameters, load_adapter, save_adapter
 peft = pytest.importorskip("peft")
 
 CASES = [(spec, "llama_gqa_llama3") for spec in SPECS]
-CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix", "vera", "hira")]  # biases, n_kv = 1
-CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "adalora")]
+CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix", "vera", "hira", "loha",
+                                                   "lokr")]  # biases, n_kv = 1
+CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "loha", "lokr_decompose", "adalora")]
 
 
 @pytest.fixture(scope="module")

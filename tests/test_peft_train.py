@@ -20,6 +20,11 @@ METHODS = {
     "vera": PeftConfig(method="vera", r=8, dropout=0.1, target_modules=ALL_LINEAR),
     "hira": PeftConfig(method="hira", r=4, dropout=0.1, target_modules=ALL_LINEAR),
     "adalora": PeftConfig(method="adalora", init_r=4, target_r=2, dropout=0.1, target_modules=ALL_LINEAR),
+    "loha": PeftConfig(method="loha", r=4, alpha=8, rank_dropout=0.1, target_modules=ALL_LINEAR + ["lm_head"]),
+    "lokr": PeftConfig(method="lokr", r=4, alpha=8, rank_dropout=0.1, rank_dropout_scale=True,
+                       target_modules=ALL_LINEAR + ["lm_head"]),
+    "lokr_decompose": PeftConfig(method="lokr", r=2, alpha=4, decompose_both=True, decompose_factor=8, init="lycoris",
+                                 target_modules=ALL_LINEAR),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),
     "prefix_proj": PeftConfig(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
     "prompt": PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
@@ -61,7 +66,7 @@ def test_only_adapter_parameters_get_gradients(name):
         assert "layers.1.mlp.up_proj.weight" in trainable and "norm.weight" in trainable
     else:
         assert {id(p) for n, p in model.named_parameters() if n in trainable} == {id(p) for p in adapter_parameters(model)}
-        assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "_encoder.")) for n in trainable)
+        assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "hada_w", "lokr_w", "_encoder.")) for n in trainable)
     _, grads = loss_and_grads(model, ckpt=False)
     for n, grad in grads.items():
         if n in trainable:
@@ -73,7 +78,7 @@ def test_only_adapter_parameters_get_gradients(name):
     assert f"trainable params: {trainable_count:,}" in summary(model)
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt"])
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -94,7 +99,7 @@ def test_dora_weight_norm_gets_no_gradient():
     assert (q.lora_magnitude_vector.grad - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt"])
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""

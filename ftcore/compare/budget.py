@@ -10,6 +10,11 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
     r                    vera           sum over layers of out + r (the shared random matrices are frozen)
     r                    hira           r * (in + out) per layer, like LoRA
     init_r               adalora        init_r * (in + out + 1) per layer (the ranks reallocated are within it)
+    r                    loha           2 r * (in + out) per layer
+    r                    lokr           not affine: each Kronecker factor is r (rows + cols) while low-rank, then
+                                        fixed once r >= max(rows, cols) / 2 (the count can even drop there); the
+                                        binary search then finds an r within the budget, not always the largest.
+                                        Capped where every factor is full (a larger r only lowers alpha / r)
     num_virtual_tokens   prefix, prompt
     (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
 """
@@ -19,8 +24,10 @@ from dataclasses import dataclass
 from ftcore import peft
 from ftcore.formats.hf import build_model
 from ftcore.model import ModelConfig
+from ftcore.peft.lokr import LokrLinear, full_rank
 
-KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "adalora": "init_r", "prefix": "num_virtual_tokens",
+KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "adalora": "init_r", "loha": "r", "lokr": "r",
+         "prefix": "num_virtual_tokens",
          "prompt": "num_virtual_tokens"}
 
 
@@ -42,6 +49,14 @@ def count_trainable(model_cfg: ModelConfig, peft_settings: dict) -> int:
     return peft.count_parameters(model)[0]
 
 
+def lokr_full_rank(model_cfg: ModelConfig, peft_settings: dict) -> int:
+    """LoKr: the r from which every adapted layer's factors are full matrices (the count stops growing)."""
+    model = build_model(model_cfg)
+    peft.apply(model, {**peft_settings, "r": 1}, init=False)
+    return max(full_rank(m.out_features, m.in_features, m.decompose_both, m.decompose_factor)
+               for m in model.modules() if isinstance(m, LokrLinear))  # fmt: skip
+
+
 def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_size: int) -> Sized:
     """The largest knob value (1..max_size) whose trainable count is <= budget; budget 0 keeps the settings."""
     settings = dict(peft_settings)
@@ -50,6 +65,10 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
         size = settings.get(knob) if knob else None
         return Sized(settings, knob, size, count_trainable(model_cfg, settings))
 
+    cap_note = f"capped at {knob}={max_size} (compare.max_{'virtual_tokens' if knob == 'num_virtual_tokens' else 'r'})"
+    if settings["method"] == "lokr" and (full := lokr_full_rank(model_cfg, settings)) < max_size:
+        max_size = full
+        cap_note = f"capped at r={full}: every LoKr factor is a full matrix from there (more r only lowers alpha / r)"
     counts = {}
 
     def count(size: int) -> int:
@@ -71,7 +90,7 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
             lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid)
     note = ""
     if lo == max_size and count(max_size) < budget:
-        note = f"capped at {knob}={max_size} (compare.max_{'virtual_tokens' if knob == 'num_virtual_tokens' else 'r'})"
+        note = cap_note
     return Sized(sized(settings, knob, lo), knob, lo, count(lo), note)
 
 

@@ -6,11 +6,12 @@
     save_adapter(model, "out/")        # adapter_config.json + adapter_model.safetensors (PEFT format)
     load_adapter(fresh_model, "out/")  # also reads adapters written by HF PEFT
     model, tok = load_with_adapter("out/")  # the base it records (or base=...), then the adapter
-    export_merged(model, "merged/")    # LoRA/DoRA/IA3 folded into a plain HF-layout model
+    export_merged(model, "merged/")    # an adapter-layer method folded into a plain HF-layout model
 
 One file per method: lora.py (LoRA, rsLoRA, DoRA; lora_init.py: PiSSA and OLoRA inits), vera.py, hira.py,
-adalora.py (with its rank allocator), ia3.py, prefix.py, prompt.py, full.py; attach.py (apply, targets, merge),
-io.py (PEFT format), export.py (merged model). LoRA+ is a choice of optimizer groups (train/optim.py).
+loha.py, lokr.py, adalora.py (with its rank allocator), ia3.py, prefix.py, prompt.py, full.py; attach.py (apply,
+targets, merge), io.py (PEFT format), export.py (merged model). LoRA+ is a choice of optimizer groups
+(train/optim.py).
 """
 
 from ftcore.peft.attach import (

@@ -21,13 +21,15 @@ from ftcore.peft.config import PeftConfig, is_principal
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
 from ftcore.peft.ia3 import IA3Linear
+from ftcore.peft.loha import LohaLinear
+from ftcore.peft.lokr import LokrLinear
 from ftcore.peft.lora import LoraLinear
 from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
-ADAPTER_LAYERS = (LoraLinear, IA3Linear, VeraLinear, HiraLinear, AdaLoraLinear)
+ADAPTER_LAYERS = (LoraLinear, IA3Linear, VeraLinear, HiraLinear, LohaLinear, LokrLinear, AdaLoraLinear)
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
 
 
@@ -132,6 +134,17 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         # the rank allocation the training step runs (a plain attribute: its state goes into checkpoints)
         model.adalora = RankAllocator(layers, cfg.init_r, cfg.target_r, cfg.tinit, cfg.tfinal, cfg.deltaT, cfg.beta1,
                                       cfg.beta2, cfg.total_step)  # fmt: skip
+    elif cfg.method in ("loha", "lokr"):
+        for name in find_targets(model, cfg.target_modules):
+            base = model.get_submodule(name)
+            if cfg.method == "loha":
+                layer = LohaLinear(base, cfg.r, cfg.alpha, cfg.rank_dropout, cfg.module_dropout)
+            else:
+                layer = LokrLinear(base, cfg.r, cfg.alpha, cfg.rank_dropout, cfg.module_dropout, cfg.decompose_both,
+                                   cfg.decompose_factor, cfg.rank_dropout_scale)  # fmt: skip
+            if init:
+                layer.reset_parameters(cfg.init, gen)
+            _swap(model, name, layer)
     elif cfg.method == "ia3":
         for name in find_targets(model, cfg.ia3_target_modules, "ia3_target_modules"):
             _swap(model, name, IA3Linear(model.get_submodule(name), is_feedforward(cfg.feedforward_modules, name)))
@@ -181,8 +194,8 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter layers (LoRA/DoRA/IA3/VeRA/HiRA/AdaLoRA) into the base weights in place (forward then
-    uses the base path only)."""
+    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA) into the base weights in place
+    (forward then uses the base path only)."""
     _check_mergeable(model)
     for m in adapter_layers(model).values():
         m.merge()

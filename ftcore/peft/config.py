@@ -8,10 +8,12 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from ftcore.schema import invalid, one_of
 
-METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "adalora")
+METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "loha", "lokr", "adalora")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+# LoHa / LoKr: PEFT's init_weights=True (one factor at zero) / LoKr's "lycoris" (the other factor at zero)
+LYCORIS_INITS = {"loha": ("kaiming-uniform",), "lokr": ("kaiming-uniform", "lycoris")}
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -20,12 +22,14 @@ def is_principal(init: str) -> bool:
     return init == "pissa" or init == "olora" or PISSA_NITER.fullmatch(init) is not None
 # The options that belong to some methods only: set on another method (away from the default) they are an error.
 METHOD_OPTIONS = {
-    "r": ("lora", "dora", "vera", "hira"), "alpha": ("lora", "dora", "adalora"),
+    "r": ("lora", "dora", "vera", "hira", "loha", "lokr"), "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
     "dropout": ("lora", "dora", "vera", "hira", "adalora"),
-    "target_modules": ("lora", "dora", "vera", "hira", "adalora"),
-    "use_rslora": ("lora", "dora"),
-    "init": ("lora", "dora", "hira"), "projection_prng_key": ("vera",), "save_projection": ("vera",),
+    "target_modules": ("lora", "dora", "vera", "hira", "loha", "lokr", "adalora"),
+    "use_rslora": ("lora", "dora"), "init": ("lora", "dora", "hira", "loha", "lokr"),
+    "projection_prng_key": ("vera",), "save_projection": ("vera",),
     "d_initial": ("vera",), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
+    "rank_dropout": ("loha", "lokr"), "module_dropout": ("loha", "lokr"), "decompose_both": ("lokr",),
+    "decompose_factor": ("lokr",), "rank_dropout_scale": ("lokr",),
     "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
     "prompt_init": ("prompt",), "init_text": ("prompt",), "tokenizer_path": ("prompt",), "freeze": ("full",),
     **dict.fromkeys(("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
@@ -45,6 +49,7 @@ class PeftConfig:
     target_modules: list[str] | str = field(default_factory=lambda: list(ALL_LINEAR))  # names, or one regex
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     init: str = "kaiming-uniform"  # kaiming-uniform (PEFT's default) | gaussian | pissa | pissa_niter_<N> | olora
+    # (hira: kaiming-uniform | gaussian; loha: kaiming-uniform; lokr: kaiming-uniform | lycoris)
     # VeRA: frozen random A [r, max in] and B [max out, r] shared by all layers, drawn from projection_prng_key;
     # per layer the trainable scales lambda_d [r] (starting at d_initial) and lambda_b [out] (starting at 0)
     projection_prng_key: int = 0
@@ -61,6 +66,13 @@ class PeftConfig:
     beta2: float = 0.85  # smoothing of its uncertainty
     orth_reg_weight: float = 0.5  # the orthogonality penalty on the loss
     total_step: int = 0  # 0 = train.max_steps
+    # LoHa / LoKr (LyCORIS; r, alpha, target_modules, init as above; no input dropout). Training mode only:
+    rank_dropout: float = 0.0  # drop rows (output features) of the update dW
+    module_dropout: float = 0.0  # skip a layer's whole update
+    # LoKr: dW = alpha / r * kron(W1 [a, c], W2 [b, d]) with out = a b, in = c d (lokr.py)
+    decompose_both: bool = False  # W1 low-rank too (W2 is whenever r < max(b, d) / 2)
+    decompose_factor: int = -1  # a, c = this factor where it divides; -1: the divisor nearest the square root
+    rank_dropout_scale: bool = False  # divide the rank-dropout mask by its mean (LoHa always does)
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
@@ -98,7 +110,9 @@ class PeftConfig:
                 raise invalid(f"peft.{key}", value, "module names (non-empty strings)")
         if not self.target_modules:
             raise invalid("peft.target_modules", self.target_modules, "at least one module name")
-        if not PISSA_NITER.fullmatch(self.init):
+        if self.method in LYCORIS_INITS:
+            one_of("peft.init", self.init, LYCORIS_INITS[self.method])
+        elif not PISSA_NITER.fullmatch(self.init):
             one_of("peft.init", self.init, LORA_INITS)
         if self.method == "hira" and self.init not in ("kaiming-uniform", "gaussian"):
             raise invalid("peft.init", self.init, "kaiming-uniform or gaussian for hira")
@@ -121,6 +135,11 @@ class PeftConfig:
                           "(no steps would be left to reallocate the ranks)")  # fmt: skip
         if self.d_initial == 0 and self.method == "vera":
             raise invalid("peft.d_initial", self.d_initial, "a non-zero number (lambda_b then gets no gradient)")
+        for key in ("rank_dropout", "module_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise invalid(f"peft.{key}", getattr(self, key), "a probability in [0, 1)")
+        if self.decompose_factor != -1 and self.decompose_factor < 1:
+            raise invalid("peft.decompose_factor", self.decompose_factor, "a positive integer, or -1 (the square root)")
         if not isinstance(self.ia3_target_modules, str) and not isinstance(self.feedforward_modules, str):
             extra = sorted(set(self.feedforward_modules) - set(self.ia3_target_modules))
             if extra:

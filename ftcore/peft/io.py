@@ -6,6 +6,8 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight       [out, r]
     base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   [out]      (DoRA)
     base_model.model.model.layers.0.mlp.down_proj.ia3_l                  [1, in] / [out, 1] (IA3)
+    base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a           [out, r] (LoHa: w1_a, w1_b, w2_a, w2_b)
+    base_model.model.model.layers.0.self_attn.q_proj.lokr_w1             [a, c] (LoKr: w1 or w1_a/w1_b, w2 or w2_a/w2_b)
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
 """
 
@@ -27,7 +29,7 @@ from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
-              "HIRA": "hira", "ADALORA": "adalora"}
+              "HIRA": "hira", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -93,6 +95,17 @@ def peft_config_dict(model: nn.Module) -> dict:
                 "hira_dropout": cfg.dropout, "init_weights": True if cfg.init == "kaiming-uniform" else "gaussian",
                 "fan_in_fan_out": False, "exclude_modules": None, "layers_to_transform": None,
                 "layers_pattern": None, "rank_pattern": {}}
+    if cfg.method in ("loha", "lokr"):
+        alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+        lycoris = {**common, "peft_type": cfg.method.upper(), "r": cfg.r, "alpha": alpha,
+                   "rank_dropout": cfg.rank_dropout, "module_dropout": cfg.module_dropout,
+                   "target_modules": cfg.target_modules, "use_effective_conv2d": False, "exclude_modules": None,
+                   "init_weights": True if cfg.init == "kaiming-uniform" else cfg.init, "layers_to_transform": None,
+                   "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+        if cfg.method == "lokr":
+            lycoris.update(decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
+                           rank_dropout_scale=cfg.rank_dropout_scale)  # fmt: skip
+        return lycoris
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "target_modules": cfg.ia3_target_modules,
                 "feedforward_modules": cfg.feedforward_modules, "init_ia3_weights": True, "fan_in_fan_out": False,
@@ -170,10 +183,11 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "prompt_tuning_init": str | None, "prompt_tuning_init_text": str | None, "tokenizer_name_or_path": str | None,
     "base_model_name_or_path": str | None, "bias": str | None, "num_layers": int | None, "token_dim": int | None,
     "num_attention_heads": int | None, "projection_prng_key": int, "save_projection": bool,
-    "vera_dropout": float | None,
-    "d_initial": float, "hira_dropout": float | None, "init_weights": bool | str | None, "init_r": int,
-    "target_r": int, "tinit": int, "tfinal": int, "deltaT": int, "beta1": float, "beta2": float,
-    "orth_reg_weight": float, "total_step": int | None,
+    "vera_dropout": float | None, "d_initial": float, "hira_dropout": float | None, "init_weights": bool | str | None,
+    "init_r": int, "target_r": int, "tinit": int, "tfinal": int, "deltaT": int, "beta1": float, "beta2": float,
+    "orth_reg_weight": float, "total_step": int | None, "alpha": float, "rank_dropout": float | None,
+    "module_dropout": float | None, "decompose_both": bool | None, "decompose_factor": int | None,
+    "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None,
 }  # fmt: skip
 
 
@@ -225,6 +239,22 @@ def config_from_peft(d: dict, where) -> PeftConfig:
         return PeftConfig(method="hira", r=d["r"], target_modules=_targets(d["target_modules"]),
                           dropout=d.get("hira_dropout") or 0.0, init="gaussian" if init == "gaussian" else
                           "kaiming-uniform", base_model_name_or_path=base)  # fmt: skip
+    if method in ("loha", "lokr"):
+        init = d.get("init_weights", True)
+        if init is not True and not (method == "lokr" and init == "lycoris"):
+            expected = "true or 'lycoris'" if method == "lokr" else "true"
+            raise FtcoreError(f"{where}: init_weights={init!r} is not supported by ftcore (expected {expected})")
+        lycoris = dict(method=method, r=d["r"], alpha=d.get("alpha", 8), target_modules=_targets(d["target_modules"]),
+                       rank_dropout=d.get("rank_dropout") or 0.0, module_dropout=d.get("module_dropout") or 0.0,
+                       init="lycoris" if init == "lycoris" else "kaiming-uniform", base_model_name_or_path=base)
+        if method == "lokr":  # (use_effective_conv2d is about Conv2d layers only: PEFT ignores it on Linear)
+            factor = -1 if d.get("decompose_factor") is None else d["decompose_factor"]
+            if factor != -1 and factor < 1:  # PEFT splits every dimension as 1 x dim then; ftcore refuses the value
+                raise FtcoreError(f"{where}: decompose_factor={factor!r} is not supported by ftcore "
+                                  "(expected -1 or a positive integer)")  # fmt: skip
+            lycoris.update(decompose_both=bool(d.get("decompose_both")), decompose_factor=factor,
+                           rank_dropout_scale=bool(d.get("rank_dropout_scale")))  # fmt: skip
+        return PeftConfig(**lycoris)
     if method == "ia3":
         targets = _targets(d["target_modules"])
         return PeftConfig(method="ia3", ia3_target_modules=targets,
