@@ -78,7 +78,8 @@ def test_only_adapter_parameters_get_gradients(name):
     assert f"trainable params: {trainable_count:,}" in summary(model)
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr"])
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa", "vera", "hira",
+                                  "adalora"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -99,7 +100,8 @@ def test_dora_weight_norm_gets_no_gradient():
     assert (q.lora_magnitude_vector.grad - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr"])
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa", "vera", "hira",
+                                  "adalora"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""
