@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.delta import DeltaMerge
 
-class AdaLoraLinear(nn.Module):
+
+class AdaLoraLinear(DeltaMerge, nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -67,28 +69,6 @@ class AdaLoraLinear(nn.Module):
         xa = self.lora_dropout(x.to(self.lora_A.dtype))
         update = (xa @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / (self.ranknum + 1e-5)
         return (y + update).to(y.dtype)
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        if self.merged:
-            return self.weight.detach().clone()
-        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merged_bias(self):
-        return None if self.bias is None else self.bias.detach().clone()
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}

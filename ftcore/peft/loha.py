@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.delta import DeltaMerge
+
 
 class HadaWeight(torch.autograd.Function):
     """((w1a @ w1b) * (w2a @ w2b)) * scale, recomputing the two products in backward (PEFT's HadaWeight)."""
@@ -59,7 +61,7 @@ def module_dropped(p: float) -> bool:
     return p > 0 and bool(torch.rand(1) <= p)
 
 
-class LohaLinear(nn.Module):
+class LohaLinear(DeltaMerge, nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -97,28 +99,6 @@ class LohaLinear(nn.Module):
         if self.training and self.rank_dropout > 0:
             delta = row_dropout(delta, self.rank_dropout, renormalise=True)
         return (y + F.linear(x.to(delta.dtype), delta)).to(y.dtype)
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        if self.merged:
-            return self.weight.detach().clone()
-        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merged_bias(self):
-        return None if self.bias is None else self.bias.detach().clone()
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b, "hada_w2_a": self.hada_w2_a,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.delta import DeltaMerge
 from ftcore.peft.loha import module_dropped, row_dropout
 
 FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -86,7 +87,7 @@ def full_rank(out_features: int, in_features: int, decompose_both: bool, decompo
     return max(need, 1)
 
 
-class LokrLinear(nn.Module):
+class LokrLinear(DeltaMerge, nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  decompose_both: bool = False, decompose_factor: int = -1, rank_dropout_scale: bool = False):
         super().__init__()
@@ -146,28 +147,6 @@ class LokrLinear(nn.Module):
         if self.training and self.rank_dropout > 0:
             delta = row_dropout(delta, self.rank_dropout, renormalise=self.rank_dropout_scale)
         return (y + F.linear(x.to(delta.dtype), delta)).to(y.dtype)
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        if self.merged:
-            return self.weight.detach().clone()
-        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merged_bias(self):
-        return None if self.bias is None else self.bias.detach().clone()
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in FACTORS if getattr(self, name) is not None}

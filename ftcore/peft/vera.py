@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.delta import DeltaMerge
+
 
 class VeraProjections(nn.Module):
     """The shared frozen A [r, in_max] and B [out_max, r]."""
@@ -36,7 +38,7 @@ class VeraProjections(nn.Module):
             t.copy_(torch.empty(t.shape).uniform_(-bound, bound, generator=g))
 
 
-class VeraLinear(nn.Module):
+class VeraLinear(DeltaMerge, nn.Module):
     def __init__(self, base: nn.Linear, projections: VeraProjections, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -75,28 +77,6 @@ class VeraLinear(nn.Module):
         """diag(lambda_b) B diag(lambda_d) A  [out, in], float32."""
         a, b = self.projections()
         return (self.vera_lambda_b.unsqueeze(-1) * b.float()) @ (self.vera_lambda_d.unsqueeze(-1) * a.float())
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        if self.merged:
-            return self.weight.detach().clone()
-        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merged_bias(self):
-        return None if self.bias is None else self.bias.detach().clone()
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
