@@ -55,7 +55,7 @@ def step_costs(methods: list[str], rounds: int = 3) -> dict[str, float]:
 
     from ftcore import peft
     from ftcore.cli import DEMO_MODEL
-    from ftcore.config import OptimConfig, run_config
+    from ftcore.config import run_config
     from ftcore.formats.hf import load_pretrained
     from ftcore.train.optim import build_optimizer
 
@@ -66,19 +66,20 @@ def step_costs(methods: list[str], rounds: int = 3) -> dict[str, float]:
         for method in methods:
             overrides = METHODS.get(method, [])
             values = {"peft": {"method": method}, "optim": {}}
-            for o in overrides:
+            for o in overrides:  # the CLI overrides as config values: numbers parsed, the rest strings
                 key, value = o.split("=", 1)
                 group, _, name = key.partition(".")
-                if group == "peft" and not name:
-                    values["peft"]["method"] = value
-                elif group in values:
-                    values[group][name] = float(value) if name.startswith(("lora", "lr")) else value
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+                values[group][name or "method"] = value
             cfg = run_config(values)
             model, _ = load_pretrained(DEMO_MODEL)
             peft.apply(model, cfg.peft)
             peft.trainables_to_float32(model)
             model.train()
-            optimizer = build_optimizer(model, OptimConfig(**{**vars(cfg.optim)}))
+            optimizer = build_optimizer(model, cfg.optim)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ftcore import peft
+from ftcore.bench.batches import random_batches
 from ftcore.config import run_config
-from ftcore.data.collate import collate
 from ftcore.data.format import IGNORE
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
@@ -54,22 +54,7 @@ def lora_model(device, fused_kernels: bool = False, fused_lora: bool = False) ->
 
 def batches(n: int, B: int = 2, T: int = 32, seed: int = 0) -> list[dict]:
     """Packed rows of random documents, loss on the second half of each (static shape [B, T])."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        rows = []
-        for _ in range(B):
-            row, used = [], 0
-            while True:
-                k = int(torch.randint(4, 12, (1,), generator=g))
-                if used + k > T:
-                    break
-                ids = torch.randint(3, 97, (k,), generator=g).tolist()
-                row.append({"input_ids": ids, "labels": [IGNORE] * (k // 2) + ids[k // 2 :]})
-                used += k
-            rows.append(row)
-        out.append(collate(rows, pad_id=0, length=T, packed=True))
-    return out
+    return random_batches(97, B, T, n, seed)
 
 
 def eager_step(model, optimizer) -> EagerStep:

@@ -311,6 +311,7 @@ def save_sharded(ckpt_root, step: int, model: torch.nn.Module, optimizer, state:
     """Write checkpoint `step` with DCP from every rank: shards, per-rank RNG, rank 0's state.pt; atomic."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     rank = dist.get_rank()
     root = Path(ckpt_root)
@@ -320,16 +321,13 @@ def save_sharded(ckpt_root, step: int, model: torch.nn.Module, optimizer, state:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir()
     dist.barrier()
-    from safetensors import SafetensorError
-    from torch.distributed.checkpoint.api import CheckpointException
-
     cause = None
     try:
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp")
         save_torch(rng_state(every_gpu=False), tmp / f"rng_rank{rank}.pt")
         if rank == 0:
             save_torch({**state, "step": step, "world_size": dist.get_world_size()}, tmp / "state.pt")
-    except (OSError, RuntimeError, SafetensorError, CheckpointException) as e:
+    except (OSError, RuntimeError, CheckpointException) as e:  # DCP gathers the ranks' write errors
         cause = describe(e)
     causes = [None] * dist.get_world_size()
     dist.all_gather_object(causes, cause)  # every rank's files are complete, or every rank raises
