@@ -156,6 +156,8 @@ def test_one_of_message():
         ({"train": {"cuda_graph": True}, "data": {"static_shape": True}, "dist": {"backend": "ddp"}}, "single only"),
         ({"train": {"cuda_graph": True, "gradient_checkpointing": True}, "data": {"packing": True}},
          "gradient_checkpointing=false"),
+        ({"train": {"cuda_graph": True}, "data": {"static_shape": True}, "peft": {"method": "adalora"}},
+         "adalora's rank allocator masks on a host-side schedule"),
     ],
 )  # fmt: skip
 def test_cross_group_rules(d, message):

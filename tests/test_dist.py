@@ -44,7 +44,7 @@ METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
 DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp_prefix": ("fsdp", "prefix"),
              "ddp_lora": ("ddp", "lora"), "fsdp_pissa": ("fsdp", "pissa"), "fsdp_vera": ("fsdp", "vera"),
              "fsdp_hira": ("fsdp", "hira"), "fsdp_loha": ("fsdp", "loha"), "fsdp_lokr": ("fsdp", "lokr"),
-             "ddp_adalora": ("ddp", "adalora")}  # fmt: skip
+             "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora")}  # fmt: skip
 
 
 def single_cfg(tiny_dir, data_cache, run_dir, method, **extra):  # noqa: F811

@@ -1,4 +1,7 @@
-"""Every method trains under FSDP2 (fully_shard per block, then the root) with the unsharded loss and gradients."""
+"""Every method trains under FSDP2 (fully_shard per block, then the root) with the unsharded loss and gradients.
+
+AdaLoRA's loss also holds its orthogonality penalty, computed on the sharded A and B after the forward (as the
+training step does); its rank allocator then scores and masks the same triplets as the unsharded model."""
 
 import pytest
 import torch
@@ -8,17 +11,19 @@ import torch.nn.functional as F
 
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, apply
+from ftcore.peft.adalora import orth_regularizer, whole
 from ftcore.train.step import set_fast_paths
 
-METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "loha",
-           "lokr"]  # lora-fused: train.fused_lora under FSDP2
+# lora-fused: train.fused_lora under FSDP2
+METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "loha", "lokr", "adalora"]
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 OPTIONS = {"lora": LORA, "dora": LORA, "prefix": dict(num_virtual_tokens=3, prefix_projection=True),
            "prompt": dict(num_virtual_tokens=3), "pissa": {**LORA, "init": "pissa"}, "vera": dict(r=8, dropout=0.0),
            "hira": dict(r=4, dropout=0.0), "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-           "lokr": dict(r=2, alpha=4, decompose_both=True, decompose_factor=8)}  # fmt: skip
+           "lokr": dict(r=2, alpha=4, decompose_both=True, decompose_factor=8),
+           "adalora": dict(init_r=4, target_r=2, tinit=0, tfinal=0, deltaT=1, total_step=4, dropout=0.0)}  # fmt: skip
 
 
 def build(method):
@@ -40,6 +45,20 @@ def loss_of(model, rank):
     return F.cross_entropy(logits.reshape(-1, 97), tokens[:, 1:].reshape(-1))
 
 
+def penalty(model):
+    """AdaLoRA's orthogonality penalty (the same on every rank), 0 for the other methods."""
+    return 0.1 * orth_regularizer(list(model.adalora.layers.values())) if getattr(model, "adalora", None) else 0.0
+
+
+def allocate(model):
+    """One allocator step (after the gradients): the rank pattern it fixes and the masked E's, whole."""
+    if getattr(model, "adalora", None) is None:
+        return None, None
+    model.adalora.steps = 2  # a masking step of the cubic schedule: budget int(28 * 0.5^3 + 28) = 31 of 56
+    model.adalora.step()
+    return model.adalora.rank_pattern, [whole(m.lora_E.detach()) for m in model.adalora.layers.values()]
+
+
 def worker(rank, world, init_file):
     from torch.distributed.fsdp import fully_shard
 
@@ -47,17 +66,24 @@ def worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     for method in METHODS:
         ref = build(method)
-        sum(loss_of(ref, r) for r in range(world)).div(world).backward()  # the data-parallel mean, unsharded
+        # the data-parallel mean, unsharded
+        (sum(loss_of(ref, r) for r in range(world)).div(world) + penalty(ref)).backward()
         model = build(method)
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
         set_fast_paths(model, fused_kernels=False, loss_chunk_size=0, fused_lora=method == "lora-fused")
-        loss_of(model, rank).backward()
+        loss = loss_of(model, rank)
+        (loss + penalty(model)).backward()
         for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
             assert (p.grad is None) == (p_ref.grad is None), (method, name)
             if p.grad is not None:
                 assert (p.grad.full_tensor() - p_ref.grad).abs().max() < 1e-5, (method, name)
+        (pattern, e), (pattern_ref, e_ref) = allocate(model), allocate(ref)
+        assert pattern == pattern_ref, method
+        if e is not None:
+            assert sum(not k for kept in pattern.values() for k in kept) == 56 - 31  # 14 layers x 4 triplets, budget 31
+            assert all(torch.equal(a, b) for a, b in zip(e, e_ref)), method
     dist.destroy_process_group()
 
 

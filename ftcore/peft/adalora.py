@@ -18,11 +18,14 @@ RankAllocator.step scores each triplet (E_i, A_i, B_:,i) and keeps the best of a
                    fixed (rank_pattern) and re-applied after every later step
 
 The saved adapter holds only the kept triplets (A rows, E rows, B columns) and the rank_pattern, as PEFT's.
+Under FSDP2 the allocator gathers each adapter tensor and its gradient whole (they are small), so every rank
+keeps the same scores and mask, and masks its own shard of E.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ftcore.peft.delta import DeltaMerge
 
@@ -77,11 +80,29 @@ class AdaLoraLinear(DeltaMerge, nn.Module):
         return f"{self.in_features}, {self.out_features}, adalora, init_r={self.r}, merged={self.merged}"
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP2 shard (a collective: every rank calls it); a plain tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def zero_rows(e: torch.Tensor, drop: torch.Tensor):
+    """E[drop] = 0 for a bool mask over the whole E [r, 1]; on an FSDP2 shard, the rows this rank holds."""
+    if isinstance(e, DTensor):
+        mine = distribute_tensor(drop, e.device_mesh, e.placements, src_data_rank=None)  # no communication
+        e.to_local().masked_fill_(mine.to_local(), 0.0)
+    else:
+        e.masked_fill_(drop, 0.0)
+
+
 def orth_regularizer(layers: list[AdaLoraLinear]) -> torch.Tensor:
-    """Mean over every A and B of ||A A^T - I||_F and ||B^T B - I||_F (PEFT's AdaLoraModel.forward)."""
+    """Mean over every A and B of ||A A^T - I||_F and ||B^T B - I||_F (PEFT's AdaLoraModel.forward).
+
+    Under FSDP2 each A and B is gathered whole (differentiably: each rank's shard gets its rows' gradient)."""
     total, n = 0, 0
     for layer in layers:
-        for cov in (layer.lora_A @ layer.lora_A.T, layer.lora_B.T @ layer.lora_B):  # [r, r] each
+        a, b = whole(layer.lora_A), whole(layer.lora_B)  # [r, in], [out, r]
+        for cov in (a @ a.T, b.T @ b):  # [r, r] each
             total = total + torch.norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype), p="fro")
             n += 1
     return total / n
@@ -118,9 +139,10 @@ class RankAllocator:
     def update_importance(self):
         for name, layer in self.layers.items():
             for key, p in (("A", layer.lora_A), ("B", layer.lora_B), ("E", layer.lora_E)):
+                p, grad = whole(p.detach()), whole(p.grad)
                 if (name, key) not in self.ipt:
                     self.ipt[name, key], self.unc[name, key] = torch.zeros_like(p), torch.zeros_like(p)
-                ipt = (p * p.grad).abs()
+                ipt = (p * grad).abs()
                 self.ipt[name, key] = self.beta1 * self.ipt[name, key] + (1 - self.beta1) * ipt
                 spread = (ipt - self.ipt[name, key]).abs()  # against the updated average, as PEFT
                 self.unc[name, key] = self.beta2 * self.unc[name, key] + (1 - self.beta2) * spread
@@ -136,8 +158,9 @@ class RankAllocator:
         threshold = threshold.item()
         self.rank_pattern = {}
         for name, layer in self.layers.items():
-            layer.lora_E.masked_fill_(scores[name] <= threshold, 0.0)
-            self.rank_pattern[name] = (~(scores[name] <= threshold)).view(-1).tolist()
+            drop = scores[name] <= threshold  # [r, 1]
+            zero_rows(layer.lora_E, drop.to(layer.lora_E.device))
+            self.rank_pattern[name] = (~drop).view(-1).tolist()
 
     @torch.no_grad()
     def step(self):
@@ -153,8 +176,8 @@ class RankAllocator:
             self.ipt, self.unc = {}, {}
         else:
             for name, layer in self.layers.items():
-                kept = torch.tensor(self.rank_pattern[name], device=layer.lora_E.device).unsqueeze(-1)
-                layer.lora_E.masked_fill_(~kept, 0.0)
+                kept = torch.tensor(self.rank_pattern[name], device=layer.lora_E.device).unsqueeze(-1)  # [r, 1]
+                zero_rows(layer.lora_E, ~kept)
         self.steps += 1
 
     def state_dict(self) -> dict:

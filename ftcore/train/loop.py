@@ -188,8 +188,6 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
     base = cfg.peft.base_model_name_or_path or cfg.model.path
     method_step = None
     if cfg.peft.method == "adalora":
-        if world.backend == "fsdp" or cfg.train.cuda_graph:
-            raise FtcoreError("peft.method=adalora: not yet with dist=fsdp or train.cuda_graph (use single or ddp)")
         peft_cfg = replace(cfg.peft, base_model_name_or_path=base, total_step=cfg.peft.total_step or cfg.train.max_steps)
     else:
         peft_cfg = replace(cfg.peft, base_model_name_or_path=base)

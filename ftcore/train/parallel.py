@@ -195,6 +195,8 @@ def gather_model(model: nn.Module, world: World) -> nn.Module | None:
         module, _, leaf = name.rpartition(".")
         whole.get_submodule(module)._buffers[leaf] = buf.detach().to(world.device, copy=True)
     whole.reset_buffers(world.device)
+    if getattr(model, "adalora", None) is not None:  # the saved adapter keeps only the allocator's kept ranks
+        whole.adalora.rank_pattern = model.adalora.rank_pattern
     if getattr(model, "hf_config", None) is not None:
         whole.hf_config = model.hf_config
     return whole.to(world.device).train(model.training)
