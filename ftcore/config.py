@@ -79,7 +79,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     # LoRA+ (PEFT's create_loraplus_optimizer): lora_B and 1-d trainables learn at lr * ratio; 0 = off
     loraplus_lr_ratio: float = 0.0
-    loraplus_lr_embedding: float = 1e-6  # PEFT's group for LoRA on embeddings (ftcore adapts Linear layers only)
+    loraplus_lr_embedding: float = 1e-6  # LoRA+'s lr for the embedding's adapter (embed_tokens targeted)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

@@ -14,6 +14,9 @@ SPECS = {
              dict(kind="LoraConfig", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "lora_regex": (dict(method="lora", r=2, alpha=3, dropout=0.0, target_modules=r".*\.(k_proj|up_proj)|lm_head"),
                    dict(kind="LoraConfig", r=2, lora_alpha=3, target_modules=r".*\.(k_proj|up_proj)|lm_head")),
+    # LoRA on the token embedding too (lora_embedding_A/B; PEFT's Embedding layer)
+    "lora_embed": (dict(method="lora", r=4, alpha=8, dropout=0.0, target_modules=["embed_tokens", "q_proj", "v_proj"]),
+                   dict(kind="LoraConfig", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj"])),
     "rslora": (dict(method="lora", r=4, alpha=8, dropout=0.0, use_rslora=True, target_modules=ALL_LINEAR),
                dict(kind="LoraConfig", r=4, lora_alpha=8, use_rslora=True, target_modules=ALL_LINEAR)),
     "dora": (dict(method="dora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR),

@@ -62,11 +62,18 @@ def test_wrong_types_name_the_key(values, message):
 
 def test_unknown_target_module_lists_the_linear_modules():
     msg = error(apply, model(), PeftConfig(target_modules=["q_proj", "qkv_proj"]))
-    assert "'qkv_proj'" in msg
-    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head" in msg
+    assert msg.startswith("peft.target_modules: 'qkv_proj' matches no linear or embedding module of this model; ")
+    assert "embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head" in msg
     msg = error(apply, model(), PeftConfig(method="ia3", ia3_target_modules=r".*attn_c"))
     assert "peft.ia3_target_modules" in msg and "down_proj" in msg
     assert "invalid regex" in error(apply, model(), PeftConfig(target_modules="(q_proj"))
+
+
+@pytest.mark.parametrize("method,init", [("dora", "kaiming-uniform"), ("lora", "pissa"), ("lora", "olora")])
+def test_embedding_takes_plain_lora_only(method, init):
+    msg = error(apply, model(), PeftConfig(method=method, init=init, target_modules=["embed_tokens", "q_proj"]))
+    what = "peft.method=dora" if method == "dora" else f"peft.init={init!r}"
+    assert msg.startswith(f"{what}: embed_tokens is an embedding; it applies to linear layers only")
 
 
 def test_text_init_needs_a_tokenizer():

@@ -14,12 +14,13 @@ from ftcore.peft import PeftConfig, apply
 from ftcore.peft.adalora import orth_regularizer, whole
 from ftcore.train.step import set_fast_paths
 
-# lora-fused: train.fused_lora under FSDP2
-METHODS = ["lora", "lora-fused", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "loha", "lokr", "adalora"]
+# lora-fused: train.fused_lora under FSDP2; lora-embed: embed_tokens too (in the root's FSDP2 group)
+METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "loha",
+           "lokr", "adalora"]  # fmt: skip
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
-OPTIONS = {"lora": LORA, "dora": LORA, "prefix": dict(num_virtual_tokens=3, prefix_projection=True),
+OPTIONS = {"lora": LORA, "dora": LORA, "lora-embed": {**LORA, "target_modules": ["embed_tokens", "q_proj"]}, "prefix": dict(num_virtual_tokens=3, prefix_projection=True),
            "prompt": dict(num_virtual_tokens=3), "pissa": {**LORA, "init": "pissa"}, "vera": dict(r=8, dropout=0.0),
            "hira": dict(r=4, dropout=0.0), "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
            "lokr": dict(r=2, alpha=4, decompose_both=True, decompose_factor=8),
@@ -31,7 +32,7 @@ def build(method):
     model = Transformer(cfg)
     model.init_weights(std=0.08, generator=torch.Generator().manual_seed(0))
     name = method.removesuffix("-fused")
-    apply(model, PeftConfig(method="lora" if name == "pissa" else name, **OPTIONS.get(name, {})))
+    apply(model, PeftConfig(method="lora" if name in ("pissa", "lora-embed") else name, **OPTIONS.get(name, {})))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the no-op init, so that every adapter tensor matters
         for p in (p for p in model.parameters() if p.requires_grad):

@@ -1,10 +1,13 @@
 """LoRA/DoRA/IA3/VeRA/HiRA/LoHa/LoKr/AdaLoRA invariants: zero-init is a no-op, base names survive, merge/unmerge,
 init choices."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from peft_refs import ALL_LINEAR, randomize_
 
+from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, adapter_layers, apply, merge, merge_and_unload, unload, unmerge
 
@@ -13,6 +16,7 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
 METHODS = {
     "lora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"]),
     "rslora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, use_rslora=True, target_modules=ALL_LINEAR),
+    "lora_embed": PeftConfig(method="lora", r=4, alpha=8, use_rslora=True, target_modules=["embed_tokens", "v_proj"]),
     "gaussian": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, init="gaussian", target_modules=ALL_LINEAR),
     "dora": PeftConfig(method="dora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR + ["lm_head"]),
     "ia3": PeftConfig(method="ia3"),
@@ -54,7 +58,7 @@ def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
     keys = set(model.state_dict())
     assert base_keys <= keys  # `layers.0.self_attn.q_proj.weight` is still `...q_proj.weight`
     extra = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys - base_keys}
-    assert extra <= {"lora_A", "lora_B", "lora_magnitude_vector", "ia3_l", "vera_lambda_b", "vera_lambda_d", "hira_A",
+    assert extra <= {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l", "vera_lambda_b", "vera_lambda_d", "hira_A",
                      "hira_B", "lora_E", "ranknum", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
                      "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
     # a base checkpoint still loads into the adapted model, by the same names
@@ -124,12 +128,40 @@ def test_dora_with_dropout_trains_like_peft_formula():
     assert (y - expected).abs().max() < 1e-5
 
 
-def test_unload_restores_plain_linears():
-    model = apply(tiny_model(), METHODS["lora"])
+def test_embedding_lora_on_tied_weights_merges_only_by_export():
+    """With tie_word_embeddings the embedding's adapter changes the lookup, not lm_head: an in-place merge would
+    change both (an error), the merged export unties them."""
+    model = Transformer(replace(CFG, tie_word_embeddings=True))
+    model.init_weights(std=0.08, generator=torch.Generator().manual_seed(0))
+    apply(model.eval(), PeftConfig(method="lora", r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=4, std=0.1)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    with pytest.raises(FtcoreError, match=r"^peft.merge: embed_tokens shares its weight with lm_head"):
+        merge(model)
+    plain = merge_and_unload(model)
+    assert not plain.cfg.tie_word_embeddings and plain.lm_head.weight is not plain.embed_tokens.weight
+    with torch.no_grad():
+        assert (plain(tokens()) - model(tokens())).abs().max() < 1e-5
+        assert torch.equal(plain.lm_head.weight, model.lm_head.weight)
+
+
+def test_new_layers_take_the_models_mode():
+    """apply() on an eval model: the swapped-in layers are in eval mode too (their dropout is off)."""
+    model = apply(tiny_model(), PeftConfig(method="lora", r=4, alpha=8, dropout=0.5, target_modules=ALL_LINEAR))
+    randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=4, std=0.1)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(tokens()), model(tokens()))
+
+
+@pytest.mark.parametrize("name", ["lora", "lora_embed"])
+def test_unload_restores_plain_layers(name):
+    model = apply(tiny_model(), METHODS[name])
     with torch.no_grad():
         before = tiny_model()(tokens())
     unload(model)
     assert not adapter_layers(model) and model.peft_config is None
-    assert type(model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.layers[0].self_attn.v_proj) is torch.nn.Linear
+    assert type(model.embed_tokens) is torch.nn.Embedding
     with torch.no_grad():
         assert torch.equal(model(tokens()), before)

@@ -14,6 +14,7 @@ CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layer
 METHODS = {
     "lora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.1, target_modules=ALL_LINEAR + ["lm_head"]),
     "rslora": PeftConfig(method="lora", r=4, alpha=8, dropout=0.0, use_rslora=True, target_modules=["q_proj", "v_proj"]),
+    "lora_embed": PeftConfig(method="lora", r=4, alpha=8, dropout=0.1, target_modules=["embed_tokens", "q_proj"]),
     "dora": PeftConfig(method="dora", r=4, alpha=8, dropout=0.1, target_modules=ALL_LINEAR),
     "ia3": PeftConfig(method="ia3"),
     "pissa": PeftConfig(method="lora", r=4, alpha=8, dropout=0.1, init="pissa", target_modules=ALL_LINEAR),
@@ -78,8 +79,8 @@ def test_only_adapter_parameters_get_gradients(name):
     assert f"trainable params: {trainable_count:,}" in summary(model)
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa", "vera", "hira",
-                                  "adalora"])
+@pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
+                                  "vera", "hira", "adalora"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -100,8 +101,8 @@ def test_dora_weight_norm_gets_no_gradient():
     assert (q.lora_magnitude_vector.grad - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa", "vera", "hira",
-                                  "adalora"])
+@pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
+                                  "vera", "hira", "adalora"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""

@@ -7,7 +7,8 @@ merged_weight(), merged_bias(). Prefix and prompt tuning attach root modules at 
 
 Target matching is PEFT's, on PEFT's module keys (`model.layers.0.self_attn.q_proj`, `lm_head`):
 a list entry matches a key equal to it or ending in `.entry`; a string is a regex that must match
-the whole key. Stricter than PEFT: every list entry must match some linear layer.
+the whole key. Stricter than PEFT: every list entry must match some linear layer (LoRA: or the
+token embedding, `embed_tokens`).
 """
 
 import re
@@ -24,12 +25,13 @@ from ftcore.peft.ia3 import IA3Linear
 from ftcore.peft.loha import LohaLinear
 from ftcore.peft.lokr import LokrLinear
 from ftcore.peft.lora import LoraLinear
+from ftcore.peft.lora_embedding import LoraEmbedding
 from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
-ADAPTER_LAYERS = (LoraLinear, IA3Linear, VeraLinear, HiraLinear, LohaLinear, LokrLinear, AdaLoraLinear)
+ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, LohaLinear, LokrLinear, AdaLoraLinear)
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
 
 
@@ -38,8 +40,10 @@ def peft_key(name: str) -> str:
     return name if name == "lm_head" or name.startswith("lm_head.") else "model." + name
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(HOOKS)}
+def linear_modules(model: nn.Module, embeddings: bool = False) -> dict[str, nn.Module]:
+    """The base model's nn.Linear layers (and its nn.Embedding layers if `embeddings`), by name."""
+    kinds = (nn.Linear, nn.Embedding) if embeddings else nn.Linear
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not n.startswith(HOOKS)}
 
 
 def _matches(targets, key: str) -> bool:
@@ -48,11 +52,12 @@ def _matches(targets, key: str) -> bool:
     return any(key == t or key.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, targets, field: str = "target_modules") -> list[str]:
-    """Names of the linear layers matched by `targets` (a list of names or one regex)."""
-    linears = linear_modules(model)
+def find_targets(model: nn.Module, targets, field: str = "target_modules", embeddings: bool = False) -> list[str]:
+    """Names of the linear layers (and embeddings if `embeddings`) matched by `targets` (names or one regex)."""
+    linears = linear_modules(model, embeddings)
     short = list(dict.fromkeys(n.split(".")[-1] for n in linears))
-    known = f"linear modules: {', '.join(short)}"
+    kind = "linear or embedding module" if embeddings else "linear module"
+    known = f"{kind}s: {', '.join(short)}"
     if isinstance(targets, str):
         try:
             re.compile(targets)
@@ -61,10 +66,10 @@ def find_targets(model: nn.Module, targets, field: str = "target_modules") -> li
     else:
         for t in targets:
             if not any(_matches([t], peft_key(n)) for n in linears):
-                raise FtcoreError(f"peft.{field}: {t!r} matches no linear module of this model; {known}")
+                raise FtcoreError(f"peft.{field}: {t!r} matches no {kind} of this model; {known}")
     found = [n for n in linears if _matches(targets, peft_key(n))]
     if not found:
-        raise FtcoreError(f"peft.{field}: {targets!r} matches no linear module of this model; {known}")
+        raise FtcoreError(f"peft.{field}: {targets!r} matches no {kind} of this model; {known}")
     return found
 
 
@@ -95,14 +100,23 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         return model
     if cfg.method in ("lora", "dora"):
         principal = is_principal(cfg.init)
-        for name in find_targets(model, cfg.target_modules):
+        for name in find_targets(model, cfg.target_modules, embeddings=True):
+            base = model.get_submodule(name)
+            if isinstance(base, nn.Embedding):
+                if cfg.method == "dora" or principal:
+                    what = "peft.method=dora" if cfg.method == "dora" else f"peft.init={cfg.init!r}"
+                    raise FtcoreError(f"{what}: {name} is an embedding; it applies to linear layers only "
+                                      "(leave it out of peft.target_modules or use plain LoRA)")  # fmt: skip
+                layer = LoraEmbedding(base, cfg.r, cfg.alpha, cfg.use_rslora)
+                if init:
+                    layer.reset_parameters(gen)
+                _swap(model, name, layer)
+                continue
             if principal and name == "lm_head" and model.cfg.tie_word_embeddings:
                 raise FtcoreError(f"peft.init={cfg.init!r}: lm_head shares its weight with embed_tokens "
                                   "(tie_word_embeddings), so the residual would change the embeddings too; "
                                   "leave lm_head out of peft.target_modules")  # fmt: skip
-            layer = LoraLinear(
-                model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, dora=cfg.method == "dora"
-            )
+            layer = LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, dora=cfg.method == "dora")
             if init:
                 layer.reset_parameters(cfg.init, gen)
             _swap(model, name, layer)
@@ -172,6 +186,7 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         p.requires_grad_(False)
     for p in adapter_parameters(model):
         p.requires_grad_(True)
+    model.train(model.training)  # the new layers take the model's mode (an eval model's dropout stays off)
     model.peft_config = cfg
     return model
 
@@ -214,6 +229,11 @@ def _check_mergeable(model):
     method = getattr(getattr(model, "peft_config", None), "method", None)
     if method in ("prefix", "prompt"):
         raise FtcoreError(f"peft: {method} tuning adds virtual tokens and cannot be merged into the base weights")
+    tied = {"embed_tokens": "lm_head", "lm_head": "embed_tokens"} if model.cfg.tie_word_embeddings else {}
+    for name in adapter_layers(model):
+        if name in tied:
+            raise FtcoreError(f"peft.merge: {name} shares its weight with {tied[name]} (tie_word_embeddings), so "
+                              "merging in place would change both; merge_and_unload (export) unties them")
 
 
 def trainables_to_float32(model: nn.Module) -> nn.Module:
@@ -245,8 +265,12 @@ def unload(model: nn.Module) -> nn.Module:
         layer.unmerge()
         if hasattr(layer, "restore_base"):
             layer.restore_base()
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        plain.weight, plain.bias = layer.weight, layer.bias
+        if isinstance(layer, LoraEmbedding):
+            plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device="meta")
+            plain.weight = layer.weight
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            plain.weight, plain.bias = layer.weight, layer.bias
         _swap(model, name, plain)
     for hook in HOOKS:
         setattr(model, hook, None)

@@ -40,8 +40,8 @@ def merge_and_unload(model: Transformer) -> Transformer:
     """A plain Transformer computing what `model` computes with its adapter (the input is left as is)."""
     state = merged_state_dict(model)
     cfg, hf = model.cfg, dict(getattr(model, "hf_config", None) or {})
-    if cfg.tie_word_embeddings and "lm_head" in adapter_layers(model):
-        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)  # LoRA on a tied lm_head unties it
+    if cfg.tie_word_embeddings and {"lm_head", "embed_tokens"} & set(adapter_layers(model)):
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)  # an adapter on either tied side unties them
         hf["tie_word_embeddings"] = False
     with torch.device("meta"):
         plain = Transformer(cfg)

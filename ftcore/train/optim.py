@@ -48,23 +48,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def loraplus_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """PEFT's create_loraplus_optimizer groups, in its order: A (lr), embedding (loraplus_lr_embedding), B and
-    1-d tensors (lr * ratio; decayed), B without decay (biases; lr * ratio). lr_scale is each group's lr / lr."""
-    a, b, b_no_decay = [], [], []
+    """PEFT's create_loraplus_optimizer groups, in its order: A (lr), the embedding's A and B
+    (loraplus_lr_embedding), B and 1-d tensors (lr * ratio; decayed), B without decay (biases; lr * ratio).
+    lr_scale is each group's lr / lr."""
+    a, embedding, b, b_no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if "lora_B" in name or p.ndim == 1:
+        if "lora_embedding_" in name:  # LoraEmbedding's lora_embedding_A / _B
+            embedding.append(p)
+        elif "lora_B" in name or p.ndim == 1:
             (b_no_decay if "bias" in name else b).append(p)
         else:
             a.append(p)
-    if not any("lora_B" in n for n, p in model.named_parameters() if p.requires_grad):
+    if not any("lora_B" in n or "lora_embedding_B" in n for n, p in model.named_parameters() if p.requires_grad):
         raise FtcoreError(f"optim.loraplus_lr_ratio={cfg.loraplus_lr_ratio}: LoRA+ needs a LoRA adapter "
                           "(peft.method=lora or dora)")  # fmt: skip
     ratio, wd = cfg.loraplus_lr_ratio, cfg.weight_decay
     return [
         {"params": a, "weight_decay": wd, "lr_scale": 1.0},
-        {"params": [], "weight_decay": wd, "lr_scale": cfg.loraplus_lr_embedding / cfg.lr},  # no LoRA embeddings
+        {"params": embedding, "weight_decay": wd, "lr_scale": cfg.loraplus_lr_embedding / cfg.lr},
         {"params": b, "weight_decay": wd, "lr_scale": ratio},
         {"params": b_no_decay, "weight_decay": 0.0, "lr_scale": ratio},
     ]
