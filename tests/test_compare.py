@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_train import ROOT, data_cache, tiny_dir, tiny_run  # noqa: F401  (fixtures)
 
+import ftcore.compare.config
 import ftcore.compare.runner
 import ftcore.train.loop
 from ftcore import peft
@@ -153,6 +154,27 @@ def test_compare_two_methods_two_seeds_then_restart(tiny_dir, data_cache, tmp_pa
     assert "lora_s1_" in stdout.split(": resuming")[0].splitlines()[-1]
     assert "resumed from" in stdout and unfinished.is_file()
     assert len(read_csv(out / "runs.csv")) == 4  # the table is the current plan's
+
+
+def test_every_method_at_one_budget(tiny_dir, data_cache, tmp_path):  # noqa: F811
+    """compare.methods=[all]: one command trains every method ftcore has at one matched budget (1 seed, 2 steps)
+    and writes the tables and plots; each sized method's trainable count is within the budget."""
+    out, budget = tmp_path / "all", 20_000
+    stdout = compare_cli("compare.methods=[all]", "compare.seeds=[0]", f"compare.budget={budget}",
+                         f"model.path={tiny_dir}", f"data.cache_dir={data_cache}", f"hydra.run.dir={out}",
+                         *CLI_BASE, "train.max_steps=2", "train.eval_every=2", "eval.max_examples=2")  # fmt: skip
+    methods = list(ftcore.compare.config.COMPARABLE)
+    assert stdout.count(": finished") == len(methods), stdout
+    table = read_csv(out / "results.csv")
+    assert [r["arm"] for r in table] == methods
+    for row in table:
+        if row["knob"] and "over budget" not in row["note"]:
+            assert 0 < int(row["trainable_params"]) <= budget, row
+            assert row["budget"] == str(budget)
+    md = (out / "results.md").read_text()
+    assert all(f"| {m} |" in md for m in methods)
+    for png in ("val_loss.png", "metric_vs_params.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def fake_train(calls, losses):

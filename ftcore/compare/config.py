@@ -26,7 +26,7 @@ class VaryConfig:
 @dataclass
 class CompareConfig:
     name: str = "methods"  # names the default output directory comparisons/<name>_<task>
-    methods: list[str] = field(default_factory=lambda: ["lora", "ia3", "prompt"])  # any of COMPARABLE
+    methods: list[str] = field(default_factory=lambda: ["lora", "ia3", "prompt"])  # any of COMPARABLE; [all]: every one
     seeds: list[int] = field(default_factory=lambda: [0])  # train.seed and peft.seed of each run
     budget: int = 0  # trainable parameters each method's size knob is solved for; 0 = sizes as configured
     max_r: int = 512  # upper bound of the rank the solver may pick (LoRA/DoRA/VeRA/HiRA r, AdaLoRA init_r)
@@ -48,6 +48,8 @@ class CompareConfig:
 
     def __post_init__(self):
         one_of("compare.launch", self.launch, LAUNCHES)
+        if list(self.methods) == ["all"]:
+            self.methods = list(COMPARABLE)
         if not self.methods:
             raise invalid("compare.methods", self.methods, "at least one method")
         for m in self.methods:
