@@ -1,0 +1,78 @@
+"""Linear4bit: a frozen linear layer whose weight stays 4-bit (NF4/FP4) and is dequantized per call.
+
+    x [..., in] ─ @ dequantize(W)^T [in, out] (compute dtype) ─ + b ─> y [..., out]
+
+The weight gets no gradient; the input's gradient is grad_y @ dequantize(W), dequantized again in the
+backward, so autograd keeps only the 4-bit tensors between forward and backward (as bitsandbytes'
+MatMul4Bit), never a full-precision copy of W.
+
+Storage (the tensors FSDP2 shards along dim 0, one row of the weight per row of each):
+    packed [out, in / 2] uint8      two 4-bit codes per byte
+    absmax [out, in / block]        float32, or uint8 with double quantization
+    nested_absmax [ceil(out * in / block / 256)] float32 and offset [] float32: buffers, small, unsharded
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ftcore.errors import FtcoreError
+from ftcore.quant.fourbit import Quantized4bit, dequantize_4bit, quantize_4bit
+
+
+class Linear4bit(nn.Module):
+    def __init__(self, q: Quantized4bit, bias: torch.Tensor | None = None):
+        super().__init__()
+        out_features, in_features = q.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.block_size = q.quant_type, q.block_size
+        self.dtype = q.dtype  # the original weight's: what dequantized() and an export give by default
+        self.packed = nn.Parameter(q.packed.view(out_features, in_features // 2), requires_grad=False)
+        self.absmax = nn.Parameter(q.absmax.view(out_features, -1), requires_grad=False)
+        self.register_buffer("nested_absmax", q.nested_absmax)
+        self.register_buffer("offset", q.offset)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, quant_type: str = "nf4",
+                    block_size: int = 64, double_quant: bool = True, name: str = "weight") -> "Linear4bit":  # fmt: skip
+        """Quantize a [out, in] weight; each row must hold whole blocks (so that rows shard cleanly)."""
+        out_features, in_features = weight.shape
+        if in_features % block_size:
+            raise FtcoreError(f"{name}: model.quant_block_size={block_size} does not divide the row length "
+                              f"{in_features} of this [{out_features}, {in_features}] weight")  # fmt: skip
+        return cls(quantize_4bit(weight, quant_type, block_size, double_quant), bias)
+
+    def quantized(self) -> Quantized4bit:
+        """The weight as a Quantized4bit over this module's (possibly just gathered) tensors."""
+        return Quantized4bit(self.packed.reshape(-1), self.absmax.reshape(-1), (self.out_features, self.in_features),
+                             self.dtype, self.quant_type, self.block_size, self.nested_absmax,
+                             self.offset)  # fmt: skip
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] in `dtype` (default: the original weight's)."""
+        return dequantize_4bit(self.quantized(), dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the weight is dequantized to the input's dtype, or to autocast's when it is on
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        y = _Matmul4bit.apply(x.to(dtype), self, dtype)  # [..., out]
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.quant_type}, block={self.block_size}"
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """x @ W^T with W dequantized in forward and again in backward (nothing full-precision is saved)."""
+
+    @staticmethod
+    def forward(ctx, x, layer: Linear4bit, dtype):
+        ctx.layer, ctx.dtype = layer, dtype
+        return F.linear(x, layer.dequantized(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad @ ctx.layer.dequantized(ctx.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
