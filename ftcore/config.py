@@ -13,6 +13,7 @@ from ftcore.data.config import DataConfig
 from ftcore.dtypes import AUTOCAST, DTYPES
 from ftcore.errors import FtcoreError
 from ftcore.peft.config import PeftConfig
+from ftcore.quant.linear import QuantSpec
 from ftcore.schema import build, invalid, one_of
 
 PRECISIONS = ("fp32", *AUTOCAST)  # fp32 | bf16 | fp16
@@ -21,15 +22,26 @@ NONFINITE = ("stop", "skip")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 SPLITS = ("train", "validation", "test")
+QUANTIZE = ("none", "nf4", "fp4")
+QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit block sizes
 
 
 @dataclass
 class ModelSpec:
     path: str = DEMO_MODEL  # local dir, .gguf file, pkg://package/file or hub repo id
     dtype: str = "float32"  # dtype of the frozen base weights (trainable ones stay float32)
+    # QLoRA: the decoder's linear layers stored 4-bit (nf4 | fp4), quantized tensor by tensor while loading
+    quantize: str = "none"
+    quant_block_size: int = 64  # weights per absmax (bitsandbytes' blocksize)
+    double_quant: bool = True  # the absmax themselves in 8 bits, blocks of 256 (QLoRA's double quantization)
 
     def __post_init__(self):
         one_of("model.dtype", self.dtype, tuple(DTYPES))
+        one_of("model.quantize", self.quantize, QUANTIZE)
+        one_of("model.quant_block_size", self.quant_block_size, QUANT_BLOCK_SIZES)
+
+    def quant_spec(self) -> QuantSpec | None:
+        return None if self.quantize == "none" else QuantSpec(self.quantize, self.quant_block_size, self.double_quant)
 
 
 @dataclass
@@ -170,6 +182,9 @@ class RunConfig:
                               "only this rank's shards); use train.precision=bf16")  # fmt: skip
         if self.train.cuda_graph and (why := self.cuda_graph_conflict()):
             raise FtcoreError(f"train.cuda_graph: {why}")
+        if self.model.quantize != "none" and self.peft.method == "full":
+            raise FtcoreError(f"model.quantize={self.model.quantize}: full fine-tuning trains the base weights, "
+                              "which a quantized base keeps frozen in 4 bits; use a PEFT method or model.quantize=none")
 
     def cuda_graph_conflict(self) -> str | None:
         """Why train.cuda_graph cannot work with the other settings (the device is checked when train() starts)."""

@@ -16,6 +16,8 @@ VARIANTS = {
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
     "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    # rows of whole 64-blocks everywhere (model.quantize's default block), biases included
+    "llama_quant": ("LlamaConfig", dict(num_key_value_heads=2, intermediate_size=128, attention_bias=True)),
 }  # fmt: skip
 
 

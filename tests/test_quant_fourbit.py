@@ -33,6 +33,8 @@ def test_packed_bytes_absmax_and_dequantized_values_equal_bitsandbytes(quant_typ
     q = quantize_4bit(w, quant_type, block_size)
     assert q.packed.dtype == torch.uint8 and torch.equal(q.packed, ref.view(-1))
     assert torch.equal(q.absmax, state.absmax)
+    chunked = quantize_4bit(w, quant_type, block_size, chunk=3 * block_size)  # 3 blocks at a time: the same
+    assert torch.equal(chunked.packed, q.packed) and torch.equal(chunked.absmax, q.absmax)
     ours = dequantize_4bit(q)
     assert ours.dtype == dtype and ours.shape == w.shape
     assert torch.equal(ours.view(-1), bnb.dequantize_4bit(ref, state).view(-1))

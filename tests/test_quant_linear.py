@@ -6,13 +6,14 @@ import torch.nn.functional as F
 
 from ftcore.errors import FtcoreError
 from ftcore.quant import Linear4bit, dequantize_4bit, quantize_4bit
+from ftcore.quant.linear import QuantSpec
 
 
 def layer(dtype=torch.float32, quant_type="nf4", double_quant=True, bias=True):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(48, 128, generator=g) * 0.1).to(dtype)
     b = torch.randn(48, generator=g).to(dtype) if bias else None
-    return Linear4bit.from_weight(w, b, quant_type, 64, double_quant), w, b
+    return Linear4bit.from_weight(w, b, QuantSpec(quant_type, 64, double_quant)), w, b
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -63,14 +64,14 @@ def test_storage_shapes_shard_by_rows():
 def test_a_block_size_that_does_not_divide_the_row_names_the_tensor():
     with pytest.raises(FtcoreError, match=r"^layers.0.mlp.up_proj.weight: model.quant_block_size=64 does not divide "
                                           r"the row length 96 of this \[8, 96\] weight"):  # fmt: skip
-        Linear4bit.from_weight(torch.randn(8, 96), name="layers.0.mlp.up_proj.weight")
+        Linear4bit.from_weight(torch.randn(8, 96), None, QuantSpec("nf4", 64, True), "layers.0.mlp.up_proj.weight")
 
 
 def test_equals_bitsandbytes_matmul_4bit():
     bnb = pytest.importorskip("bitsandbytes")
     lin, w, b = layer(bias=False)
     qw, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
-    plain = Linear4bit.from_weight(w, None, "nf4", 64, double_quant=False)
+    plain = Linear4bit.from_weight(w, None, QuantSpec("nf4", 64, False))
     x = torch.randn(3, 128)
     ref = bnb.matmul_4bit(x, qw.t(), quant_state=state)
     assert (plain(x) - ref).abs().max() < 1e-5

@@ -16,6 +16,7 @@ import torch
 from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.model import ModelConfig, Transformer
+from ftcore.quant.linear import Linear4bit, QuantSpec
 from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
 
@@ -112,17 +113,20 @@ def _shard_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: Transformer, model_dir, dtype=torch.float32, device="cpu"):
+def load_weights(model: Transformer, model_dir, dtype=torch.float32, device="cpu", quant: QuantSpec | None = None):
     """Assign the checkpoint's tensors to a (meta-device) model with strict name and shape checks.
 
     Tensors already in `dtype` on CPU stay zero-copy mmap views; otherwise each is converted and
     its mmap pages released at once, so the peak stays near one copy of the weights.
+    quant: the decoder's linear weights become Linear4bit layers, each quantized as it is read (then its
+    pages are released), so the peak is the quantized model plus about one full-precision tensor.
     """
     model_dir = Path(model_dir)
     expected = {hf_name(n): p.shape for n, p in model.named_parameters()}  # tied lm_head appears once
+    quantized = set() if quant is None else {hf_name(f"{n}.weight") for n in decoder_linears(model)}
     files = [SafetensorsFile(f) for f in _shard_files(model_dir)]
     tied_head = model.cfg.tie_word_embeddings
-    state, seen = {}, set()
+    state, four_bit, seen = {}, {}, set()
     for st in files:
         for name in st.names():
             if tied_head and name == "lm_head.weight":
@@ -134,6 +138,11 @@ def load_weights(model: Transformer, model_dir, dtype=torch.float32, device="cpu
                     f"{st.path}: tensor {name!r} has shape {list(st.shape(name))}, expected {list(expected[name])}"
                 )
             t = st.get(name)
+            if name in quantized:
+                four_bit[our_name(name)] = Linear4bit.from_weight(t.to(device), None, quant, f"{st.path}: {name}", dtype)
+                st.release(name)
+                seen.add(name)
+                continue
             if t.dtype != dtype or torch.device(device).type != "cpu":
                 t = t.to(device=device, dtype=dtype, copy=True)
                 st.release(name)
@@ -143,10 +152,21 @@ def load_weights(model: Transformer, model_dir, dtype=torch.float32, device="cpu
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FtcoreError(f"{model_dir}: checkpoint is missing tensor {missing[0]!r}{more}")
+    for weight_name, layer in four_bit.items():  # swap each nn.Linear for its 4-bit layer, with its bias
+        module = weight_name.removesuffix(".weight")
+        bias = state.pop(f"{module}.bias", None)
+        layer.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        parent, _, leaf = module.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, layer)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.reset_buffers(torch.device(device))
     return model
+
+
+def decoder_linears(model: Transformer) -> list[str]:
+    """The decoder blocks' nn.Linear layers (what model.quantize stores 4-bit; embeddings and lm_head stay)."""
+    return [n for n, m in model.named_modules() if n.startswith("layers.") and isinstance(m, torch.nn.Linear)]
 
 
 def resolve(path_or_repo_id) -> Path:
@@ -194,20 +214,20 @@ def build_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
-def load_model(path_or_repo_id, dtype=torch.float32, device="cpu") -> Transformer:
+def load_model(path_or_repo_id, dtype=torch.float32, device="cpu", quant: QuantSpec | None = None) -> Transformer:
     model_dir = resolve(path_or_repo_id)
     cfg, hf = read_config(model_dir)
-    model = load_weights(build_model(cfg), model_dir, dtype, device)
+    model = load_weights(build_model(cfg), model_dir, dtype, device, quant)
     model.hf_config = hf  # kept so a save writes back the same config.json
     return model
 
 
-def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu"):
+def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", quant: QuantSpec | None = None):
     """Load (model, tokenizer) from a local directory, a .gguf file, `pkg://...` or a hub repo id."""
     from ftcore.formats.tokenizer import Tokenizer
 
     model_dir = resolve(path_or_repo_id)
-    return load_model(model_dir, dtype, device), Tokenizer.from_dir(model_dir)
+    return load_model(model_dir, dtype, device, quant), Tokenizer.from_dir(model_dir)
 
 
 def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 4 << 30):

@@ -101,15 +101,23 @@ class Quantized4bit:
         return self.nested_absmax is not None
 
 
-def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
-                  double_quant: bool = False) -> Quantized4bit:  # fmt: skip
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False,
+                  chunk: int = 1 << 20) -> Quantized4bit:  # fmt: skip
     """QLoRA's blockwise 4-bit quantization of a float tensor (bitsandbytes' quantize_4bit and its
-    compress_statistics=True for double_quant)."""
-    absmax, scaled = _blockwise_absmax(w.reshape(-1).float(), block_size)
-    if scaled.numel() % 2:  # an odd count: the last byte's low nibble holds the code of 0.0
-        scaled = torch.cat([scaled, scaled.new_zeros(1)])
-    index = _nearest(scaled, code4(quant_type, w.device)).to(torch.uint8)  # [n (+1)]
-    packed = (index[0::2] << 4) | index[1::2]  # [ceil(n / 2)]
+    compress_statistics=True for double_quant). Works through `chunk` values at a time (rounded to whole
+    blocks), so the float32 temporaries stay small whatever the tensor's size."""
+    flat = w.reshape(-1)
+    step = max(block_size, chunk // block_size * block_size)
+    code = code4(quant_type, w.device)
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), step):
+        part_absmax, scaled = _blockwise_absmax(flat[start : start + step].float(), block_size)
+        if scaled.numel() % 2:  # an odd count (only in the last chunk): the low nibble holds the code of 0.0
+            scaled = torch.cat([scaled, scaled.new_zeros(1)])
+        index = _nearest(scaled, code).to(torch.uint8)
+        packed.append((index[0::2] << 4) | index[1::2])
+        absmax.append(part_absmax)
+    packed, absmax = torch.cat(packed), torch.cat(absmax)  # [ceil(n / 2)], [blocks]
     q = Quantized4bit(packed, absmax, tuple(w.shape), w.dtype, quant_type, block_size)
     if double_quant:
         q.offset = absmax.mean()

@@ -12,12 +12,23 @@ Storage (the tensors FSDP2 shards along dim 0, one row of the weight per row of 
     nested_absmax [ceil(out * in / block / 256)] float32 and offset [] float32: buffers, small, unsharded
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ftcore.errors import FtcoreError
 from ftcore.quant.fourbit import Quantized4bit, dequantize_4bit, quantize_4bit
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a base is quantized (from ModelSpec's model.quantize, model.quant_block_size, model.double_quant)."""
+
+    quant_type: str  # nf4 | fp4
+    block_size: int
+    double_quant: bool
 
 
 class Linear4bit(nn.Module):
@@ -34,14 +45,18 @@ class Linear4bit(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, quant_type: str = "nf4",
-                    block_size: int = 64, double_quant: bool = True, name: str = "weight") -> "Linear4bit":  # fmt: skip
-        """Quantize a [out, in] weight; each row must hold whole blocks (so that rows shard cleanly)."""
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, name: str = "weight",
+                    dtype: torch.dtype | None = None) -> "Linear4bit":  # fmt: skip
+        """Quantize a [out, in] weight; each row must hold whole blocks (so that rows shard cleanly).
+        dtype: what dequantized() gives by default (the weight's own dtype if None)."""
         out_features, in_features = weight.shape
-        if in_features % block_size:
-            raise FtcoreError(f"{name}: model.quant_block_size={block_size} does not divide the row length "
+        if in_features % spec.block_size:
+            raise FtcoreError(f"{name}: model.quant_block_size={spec.block_size} does not divide the row length "
                               f"{in_features} of this [{out_features}, {in_features}] weight")  # fmt: skip
-        return cls(quantize_4bit(weight, quant_type, block_size, double_quant), bias)
+        q = quantize_4bit(weight, spec.quant_type, spec.block_size, spec.double_quant)
+        if dtype is not None:
+            q.dtype = dtype
+        return cls(q, bias)
 
     def quantized(self) -> Quantized4bit:
         """The weight as a Quantized4bit over this module's (possibly just gathered) tensors."""

@@ -1,0 +1,98 @@
+"""model.quantize: loading a checkpoint with its decoder linears quantized to 4 bits, against transformers +
+bitsandbytes' BitsAndBytesConfig(load_in_4bit=True) on the same checkpoint."""
+
+import copy
+
+import pytest
+import torch
+from hf_models import make_hf_checkpoint
+
+from ftcore.config import run_config
+from ftcore.errors import FtcoreError
+from ftcore.formats.hf import load_model
+from ftcore.quant import Linear4bit
+from ftcore.quant.linear import QuantSpec
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant") / "llama"
+    return path, make_hf_checkpoint("llama_quant", path)
+
+
+def hf_4bit(path, quant_type):
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
+                                                             dtype=torch.float32).eval()  # fmt: skip
+
+
+def bnb_state(layer: Linear4bit):
+    """bitsandbytes' QuantState for our layer's tensors (double quantization)."""
+    from ftcore.quant.fourbit import NESTED_BLOCK, code4, dynamic_map
+
+    nested = bnb.functional.QuantState(absmax=layer.nested_absmax, code=dynamic_map(), blocksize=NESTED_BLOCK,
+                                       dtype=torch.float32)  # fmt: skip
+    return bnb.functional.QuantState(absmax=layer.absmax.view(-1), shape=torch.Size([layer.out_features, layer.in_features]),
+                                     code=code4(layer.quant_type), blocksize=layer.block_size,
+                                     quant_type=layer.quant_type, dtype=layer.dtype, offset=layer.offset, state2=nested)  # fmt: skip
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantized_base_equals_transformers_bitsandbytes(checkpoint, quant_type):
+    path, ref = checkpoint
+    hf = hf_4bit(path, quant_type)
+    ours = load_model(path, quant=QuantSpec(quant_type, 64, True)).eval()
+    dequantized = copy.deepcopy(ref)  # "dequantize, then HF": bitsandbytes' dequantization in a plain fp32 model
+    layers = {n: m for n, m in hf.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        mine = ours.get_submodule(name.removeprefix("model."))
+        assert isinstance(mine, Linear4bit)
+        assert torch.equal(mine.packed.view(-1), layer.weight.data.view(-1)), name  # the same 4-bit codes
+        theirs = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        codes_differ = mine.absmax.view(-1) != layer.weight.quant_state.absmax
+        # bitsandbytes' CPU search may take a neighbouring 8-bit absmax code (test_quant_fourbit.py): here 3 of
+        # the 1,536 codes, at most one per layer
+        assert codes_differ.sum() <= 1, name
+        if not codes_differ.any():
+            assert torch.equal(mine.dequantized(), theirs), name
+        weight = bnb.functional.dequantize_4bit(mine.packed.view(-1, 1), bnb_state(mine))  # ours, their dequantizer
+        assert torch.equal(weight, mine.dequantized())
+        dequantized.get_submodule(name).weight.data.copy_(weight)
+    tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours(tokens)
+        assert (logits - dequantized(tokens).logits).abs().max() < 1e-4
+        # bitsandbytes' own CPU 4-bit matmul runs at lower precision: within 5e-2 of ours (measured ~2e-2)
+        assert (logits - hf(tokens).logits).abs().max() < 5e-2
+        assert (logits - ref(tokens).logits).abs().max() > 1e-2  # and quantization did change them
+
+
+def test_only_decoder_linears_are_quantized_and_biases_kept(checkpoint):
+    path, _ = checkpoint
+    model = load_model(path, dtype=torch.bfloat16, quant=QuantSpec("nf4", 64, False))
+    q = model.layers[0].self_attn.q_proj
+    assert isinstance(q, Linear4bit) and q.bias.dtype == torch.bfloat16 and not q.bias.requires_grad
+    assert q.dequantized().dtype == torch.bfloat16
+    assert type(model.embed_tokens) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(not p.is_meta for p in model.parameters()) and all(not b.is_meta for b in model.buffers())
+    for m in (m for m in model.modules() if isinstance(m, Linear4bit)):  # half a byte per weight, one absmax per 64
+        assert m.packed.numel() == m.in_features * m.out_features // 2 and m.absmax.numel() * 64 == 2 * m.packed.numel()
+
+
+def test_bad_quantization_settings_fail_with_one_line(checkpoint, tmp_path):
+    path, _ = checkpoint
+    with pytest.raises(FtcoreError, match=r"model.safetensors: model.layers.0.mlp.gate_proj.weight: "
+                                          r"model.quant_block_size=128 does not divide the row length 64"):  # fmt: skip
+        load_model(path, quant=QuantSpec("nf4", 128, True))
+    with pytest.raises(FtcoreError, match=r"^model.quantize='int3': expected one of none, nf4, fp4$"):
+        run_config({"model": {"quantize": "int3"}})
+    with pytest.raises(FtcoreError, match=r"^model.quant_block_size=48: expected one of 32, 64, 128"):
+        run_config({"model": {"quantize": "nf4", "quant_block_size": 48}})
+    with pytest.raises(FtcoreError, match=r"^model.quantize=nf4: full fine-tuning trains the base weights"):
+        run_config({"model": {"quantize": "nf4"}, "peft": {"method": "full"}})
