@@ -44,6 +44,13 @@ SPECS = {
              dict(kind="HiraConfig", r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "hira_gaussian": (dict(method="hira", r=2, dropout=0.0, init="gaussian", target_modules=ALL_LINEAR),
                       dict(kind="HiraConfig", r=2, init_weights="gaussian", target_modules=ALL_LINEAR)),
+    "hra": (dict(method="hra", r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+            dict(kind="HRAConfig", r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    # Gram-Schmidt, odd r (PEFT's init_weights=True is then random too), lm_head by regex
+    "hra_gs": (dict(method="hra", r=3, apply_GS=True, target_modules=r".*\.(k_proj|o_proj|up_proj)|lm_head"),
+               dict(kind="HRAConfig", r=3, apply_GS=True, target_modules=r".*\.(k_proj|o_proj|up_proj)|lm_head")),
+    "hra_random": (dict(method="hra", r=2, init="random", target_modules=ALL_LINEAR),
+                   dict(kind="HRAConfig", r=2, init_weights=False, target_modules=ALL_LINEAR)),
     "loha": (dict(method="loha", r=4, alpha=8, rank_dropout=0.2, module_dropout=0.1,
                   target_modules=["q_proj", "v_proj", "down_proj"]),
              dict(kind="LoHaConfig", r=4, alpha=8, rank_dropout=0.2, module_dropout=0.1,

@@ -41,6 +41,7 @@ PEFT = {
     "full": {"method": "full"},
     "vera": {"method": "vera", "r": 64, "target_modules": ALL_LINEAR},
     "hira": {"method": "hira", "r": 8, "target_modules": ALL_LINEAR},
+    "hra": {"method": "hra", "r": 8, "target_modules": ALL_LINEAR},
     "adalora": {"method": "adalora", "init_r": 12, "target_r": 8, "target_modules": ALL_LINEAR},
 }
 CLI_BASE = ["train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "train.eval_batches=1",
@@ -91,7 +92,8 @@ def test_budget_solving_is_exact():
     assert (s.size, s.trainable) == (100, outs + 30 * 7 * 100)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "hra",
+                                    "adalora"])
 def test_meta_count_equals_a_real_model(method):
     model = Transformer(TINY)
     model.init_weights(generator=torch.Generator().manual_seed(0))

@@ -25,6 +25,8 @@ CASES = [
     ("dora", "llama_untied_bias", dict(method="dora", r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR)),
     ("ia3", "qwen2", dict(method="ia3", ia3_target_modules=["k_proj", "v_proj", "down_proj"])),
     ("lora_tied_head", "llama_tied", dict(method="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"])),
+    ("hra", "llama_untied_bias", dict(method="hra", r=4, target_modules=ALL_LINEAR + ["lm_head"])),
+    ("hra_gs", "qwen2", dict(method="hra", r=3, apply_GS=True, target_modules=ALL_LINEAR)),
     ("loha", "qwen2", dict(method="loha", r=4, alpha=64, target_modules=ALL_LINEAR + ["lm_head"])),
     ("lokr", "llama_untied_bias", dict(method="lokr", r=2, alpha=16, decompose_both=True, decompose_factor=8,
                                        target_modules=ALL_LINEAR)),

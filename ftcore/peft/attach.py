@@ -21,6 +21,7 @@ from ftcore.peft.adalora import AdaLoraLinear, RankAllocator
 from ftcore.peft.config import PeftConfig, is_principal
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
+from ftcore.peft.hra import HraLinear
 from ftcore.peft.ia3 import IA3Linear
 from ftcore.peft.loha import LohaLinear
 from ftcore.peft.lokr import LokrLinear
@@ -31,7 +32,8 @@ from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
-ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, LohaLinear, LokrLinear, AdaLoraLinear)
+ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
+                  AdaLoraLinear)  # fmt: skip
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
 
 
@@ -138,6 +140,12 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
             if init:
                 layer.reset_parameters(cfg.init, gen)
             _swap(model, name, layer)
+    elif cfg.method == "hra":
+        for name in find_targets(model, cfg.target_modules):
+            layer = HraLinear(model.get_submodule(name), cfg.r, cfg.apply_GS)
+            if init:
+                layer.reset_parameters(cfg.init, gen)
+            _swap(model, name, layer)
     elif cfg.method == "adalora":
         layers = {}
         for name in find_targets(model, cfg.target_modules):
@@ -209,7 +217,7 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA) into the base weights in place
+    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA) into the base weights in place
     (forward then uses the base path only)."""
     _check_mergeable(model)
     for m in adapter_layers(model).values():
