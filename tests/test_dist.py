@@ -35,7 +35,7 @@ METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
            "prefix": {"peft__method": "prefix", "peft__num_virtual_tokens": 4},
            "pissa": {"peft__init": "pissa", **NO_DROPOUT}, "vera": {"peft__method": "vera", "peft__r": 8, **NO_DROPOUT},
            "hira": {"peft__method": "hira", "peft__r": 4, **NO_DROPOUT},
-           "hra": {"peft__method": "hra", "peft__r": 4},
+           "hra": {"peft__method": "hra", "peft__r": 4}, "ln_tuning": {"peft__method": "ln_tuning"},
            "adalora": {"peft__method": "adalora", "peft__init_r": 4, "peft__target_r": 2, "peft__tinit": 1,
                        "peft__tfinal": 2, **NO_DROPOUT},
            "loha": {"peft__method": "loha", "peft__r": 4, "peft__alpha": 8},
@@ -44,7 +44,7 @@ METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
 # name -> (dist backend, method); the FSDP runs also checkpoint activations (they must compose with fully_shard)
 DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp_prefix": ("fsdp", "prefix"),
              "ddp_lora": ("ddp", "lora"), "fsdp_pissa": ("fsdp", "pissa"), "fsdp_vera": ("fsdp", "vera"),
-             "fsdp_hira": ("fsdp", "hira"), "fsdp_hra": ("fsdp", "hra"),
+             "fsdp_hira": ("fsdp", "hira"), "fsdp_hra": ("fsdp", "hra"), "fsdp_ln_tuning": ("fsdp", "ln_tuning"),
              "fsdp_loha": ("fsdp", "loha"), "fsdp_lokr": ("fsdp", "lokr"),
              "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora")}  # fmt: skip
 

@@ -16,7 +16,7 @@ from ftcore.train.step import set_fast_paths
 
 # lora-fused: train.fused_lora under FSDP2; lora-embed: embed_tokens too (in the root's FSDP2 group)
 METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "hra", "hra-gs",
-           "loha", "lokr", "adalora"]  # fmt: skip
+           "loha", "lokr", "adalora", "ln_tuning"]  # fmt: skip
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])

@@ -18,6 +18,7 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
                                         Capped where every factor is full (a larger r only lowers alpha / r)
     num_virtual_tokens   prefix, prompt
     (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
+    (fixed size)         ln_tuning      one weight [D] per targeted norm (vary ln_tuning_target_modules)
 """
 
 from dataclasses import dataclass

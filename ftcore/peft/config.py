@@ -8,7 +8,8 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from ftcore.schema import invalid, one_of
 
-METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "hra", "loha", "lokr", "adalora")
+METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "hra", "loha", "lokr", "adalora",
+           "ln_tuning")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
@@ -31,6 +32,7 @@ METHOD_OPTIONS = {
     "apply_GS": ("hra",),
     "projection_prng_key": ("vera",), "save_projection": ("vera",),
     "d_initial": ("vera",), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
+    "ln_tuning_target_modules": ("ln_tuning",),
     "rank_dropout": ("loha", "lokr"), "module_dropout": ("loha", "lokr"), "decompose_both": ("lokr",),
     "decompose_factor": ("lokr",), "rank_dropout_scale": ("lokr",),
     "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
@@ -40,6 +42,8 @@ METHOD_OPTIONS = {
 }  # fmt: skip
 PROMPT_INITS = ("random", "sample_vocab", "text")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LN tuning: PEFT's default targets for Llama (and Mistral, Gemma); its Qwen2/Qwen3 default is post_attention_layernorm
+ALL_NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 
 
 @dataclass
@@ -82,6 +86,8 @@ class PeftConfig:
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
+    # LN tuning: the RMSNorm layers whose (copied) weight trains, PEFT's target_modules (names or one regex)
+    ln_tuning_target_modules: list[str] | str = field(default_factory=lambda: list(ALL_NORMS))
     # prefix / prompt tuning
     num_virtual_tokens: int = 20
     prefix_projection: bool = False  # reparameterize the prefix by a 2-layer MLP (folded away when saved)
@@ -108,14 +114,15 @@ class PeftConfig:
             raise invalid("peft.alpha", self.alpha, "a positive number")
         if not 0.0 <= self.dropout < 1.0:
             raise invalid("peft.dropout", self.dropout, "a probability in [0, 1)")
-        for key in ("target_modules", "ia3_target_modules", "feedforward_modules"):
+        for key in ("target_modules", "ia3_target_modules", "feedforward_modules", "ln_tuning_target_modules"):
             value = getattr(self, key)
             if isinstance(value, str) and not value:
                 raise invalid(f"peft.{key}", value, "a list of module names or one regex")
             if not isinstance(value, str) and not all(value):
                 raise invalid(f"peft.{key}", value, "module names (non-empty strings)")
-        if not self.target_modules:
-            raise invalid("peft.target_modules", self.target_modules, "at least one module name")
+        for key in ("target_modules", "ln_tuning_target_modules"):
+            if not getattr(self, key):
+                raise invalid(f"peft.{key}", getattr(self, key), "at least one module name")
         if self.method in LYCORIS_INITS:
             one_of("peft.init", self.init, LYCORIS_INITS[self.method])
         elif self.method == "hra":

@@ -7,6 +7,7 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
     base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   [out]      (DoRA)
     base_model.model.model.layers.0.mlp.down_proj.ia3_l                  [1, in] / [out, 1] (IA3)
     base_model.model.model.layers.0.self_attn.q_proj.hra_u               [in, r] (HRA)
+    base_model.model.model.layers.0.input_layernorm.ln_tuning_layers.weight  [D] (LN tuning: the tuned copy)
     base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a           [out, r] (LoHa: w1_a, w1_b, w2_a, w2_b)
     base_model.model.model.layers.0.self_attn.q_proj.lokr_w1             [a, c] (LoKr: w1 or w1_a/w1_b, w2 or w2_a/w2_b)
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
@@ -30,7 +31,8 @@ from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
-              "HIRA": "hira", "HRA": "hra", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora"}
+              "HIRA": "hira", "HRA": "hra", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora",
+              "LN_TUNING": "ln_tuning"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -111,6 +113,9 @@ def peft_config_dict(model: nn.Module) -> dict:
             lycoris.update(decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
                            rank_dropout_scale=cfg.rank_dropout_scale)  # fmt: skip
         return lycoris
+    if cfg.method == "ln_tuning":
+        return {**common, "peft_type": "LN_TUNING", "target_modules": cfg.ln_tuning_target_modules,
+                "exclude_modules": None}
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "target_modules": cfg.ia3_target_modules,
                 "feedforward_modules": cfg.feedforward_modules, "init_ia3_weights": True, "fan_in_fan_out": False,
@@ -268,6 +273,9 @@ def config_from_peft(d: dict, where) -> PeftConfig:
             lycoris.update(decompose_both=bool(d.get("decompose_both")), decompose_factor=factor,
                            rank_dropout_scale=bool(d.get("rank_dropout_scale")))  # fmt: skip
         return PeftConfig(**lycoris)
+    if method == "ln_tuning":
+        return PeftConfig(method="ln_tuning", ln_tuning_target_modules=_targets(d["target_modules"]),
+                          base_model_name_or_path=base)
     if method == "ia3":
         targets = _targets(d["target_modules"])
         return PeftConfig(method="ia3", ia3_target_modules=targets,
