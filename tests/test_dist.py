@@ -162,7 +162,9 @@ def test_export_gathers_every_shard(runs, name):
     # (a lone slice would differ by O(1)). LoHa the same, more (W1a, W1b, W2a get no gradient at the first step, as
     # W2b starts at 0): one entry (layers.1 v_proj hada_w1_b) already differs by 1.9e-5 between batch 4 x 1 and
     # 2 x 2 in one process, and by 1.6e-4 under FSDP2, the other 16383 within 1e-5 (the loss curve within 1e-5).
-    assert diff < {"full": 1e-4, "vera": 1e-4, "loha": 1e-3}.get(DIST_RUNS[name][1], TOL)
+    # HRA too: one process with batch 1 x accumulation 4 instead of 2 x 2 already differs by 1.2e-5 in 2 of the 512
+    # entries of layers.1 down_proj's hra_u (each rank's micro-batch here is 1), as much as FSDP2 does.
+    assert diff < {"full": 1e-4, "vera": 1e-4, "loha": 1e-3, "hra": 1e-4}.get(DIST_RUNS[name][1], TOL)
     report = json.loads((runs[name] / "eval.json").read_text())
     assert report["n"] == 4 and report["step"] == 6
 
