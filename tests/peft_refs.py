@@ -44,6 +44,19 @@ SPECS = {
              dict(kind="HiraConfig", r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "hira_gaussian": (dict(method="hira", r=2, dropout=0.0, init="gaussian", target_modules=ALL_LINEAR),
                       dict(kind="HiraConfig", r=2, init_weights="gaussian", target_modules=ALL_LINEAR)),
+    "hra": (dict(method="hra", r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+            dict(kind="HRAConfig", r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    # Gram-Schmidt, odd r (PEFT's init_weights=True is then random too), lm_head by regex
+    "hra_gs": (dict(method="hra", r=3, apply_GS=True, target_modules=r".*\.(k_proj|o_proj|up_proj)|lm_head"),
+               dict(kind="HRAConfig", r=3, apply_GS=True, target_modules=r".*\.(k_proj|o_proj|up_proj)|lm_head")),
+    "hra_random": (dict(method="hra", r=2, init="random", target_modules=ALL_LINEAR),
+                   dict(kind="HRAConfig", r=2, init_weights=False, target_modules=ALL_LINEAR)),
+    # LN tuning: PEFT's Llama default (every RMSNorm), a list, a regex
+    "ln_tuning": (dict(method="ln_tuning"), dict(kind="LNTuningConfig")),
+    "ln_tuning_list": (dict(method="ln_tuning", ln_tuning_target_modules=["input_layernorm", "norm"]),
+                       dict(kind="LNTuningConfig", target_modules=["input_layernorm", "norm"])),
+    "ln_tuning_regex": (dict(method="ln_tuning", ln_tuning_target_modules=r"model\.layers\.1\..*layernorm"),
+                        dict(kind="LNTuningConfig", target_modules=r"model\.layers\.1\..*layernorm")),
     "loha": (dict(method="loha", r=4, alpha=8, rank_dropout=0.2, module_dropout=0.1,
                   target_modules=["q_proj", "v_proj", "down_proj"]),
              dict(kind="LoHaConfig", r=4, alpha=8, rank_dropout=0.2, module_dropout=0.1,
@@ -107,13 +120,14 @@ def our_config(spec: str, tokenizer_dir=None):
 
 @torch.no_grad()
 def randomize_(params, seed: int = 0, std: float = 0.3):
-    """Non-trivial adapter values: IA3 and DoRA scales 1 + N(0, std), everything else ~ N(0, std)."""
+    """Non-trivial adapter values: IA3 and DoRA scales (and LN tuning's norm weights) 1 + N(0, std), everything else
+    ~ N(0, std)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in params:
         noise = torch.randn(p.shape, generator=g)
         if "ia3_l" in name:
             p.copy_(1 + std * noise)
-        elif "lora_magnitude_vector" in name:
+        elif "lora_magnitude_vector" in name or "ln_tuning_layers" in name:
             p.mul_(1 + std * noise)
         else:
             p.copy_(std * noise)

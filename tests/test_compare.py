@@ -42,6 +42,8 @@ PEFT = {
     "full": {"method": "full"},
     "vera": {"method": "vera", "r": 64, "target_modules": ALL_LINEAR},
     "hira": {"method": "hira", "r": 8, "target_modules": ALL_LINEAR},
+    "hra": {"method": "hra", "r": 8, "target_modules": ALL_LINEAR},
+    "ln_tuning": {"method": "ln_tuning"},
     "adalora": {"method": "adalora", "init_r": 12, "target_r": 8, "target_modules": ALL_LINEAR},
 }
 CLI_BASE = ["train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "train.eval_batches=1",
@@ -78,6 +80,9 @@ def test_budget_solving_is_exact():
     # fixed sizes; a budget below the smallest size
     assert solve_budget(SMOLLM2, PEFT["ia3"], 1_000_000, 512).trainable == 30 * (192 + 192 + 1536)
     assert solve_budget(SMOLLM2, PEFT["full"], 1, 512).trainable == 134_515_008
+    # LN tuning: one weight [576] per RMSNorm (2 per block and the final norm), no knob
+    s = solve_budget(SMOLLM2, PEFT["ln_tuning"], 1_000_000, 512)
+    assert (s.knob, s.size, s.trainable) == (None, None, (2 * 30 + 1) * 576)
     s = solve_budget(SMOLLM2, PEFT["lora"], 1000, max_size=512)
     assert (s.size, s.note) == (1, "over budget at the smallest r=1")
     # budget 0 keeps the configured size
@@ -92,7 +97,8 @@ def test_budget_solving_is_exact():
     assert (s.size, s.trainable) == (100, outs + 30 * 7 * 100)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "hra",
+                                    "adalora", "ln_tuning"])
 def test_meta_count_equals_a_real_model(method):
     model = Transformer(TINY)
     model.init_weights(generator=torch.Generator().manual_seed(0))

@@ -129,7 +129,7 @@ def test_config_from_hydra_style_mapping():
     assert build(PeftConfig, dataclasses.asdict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("method", ["vera", "hira", "adalora"])
+@pytest.mark.parametrize("method", ["vera", "hira", "hra", "adalora"])
 def test_new_methods_name_the_key_of_a_bad_setting(method):
     size = "peft.init_r" if method == "adalora" else "peft.r"
     assert size in error(PeftConfig, method=method, **{size.removeprefix("peft."): 0})

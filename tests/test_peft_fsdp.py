@@ -15,14 +15,15 @@ from ftcore.peft.adalora import orth_regularizer, whole
 from ftcore.train.step import set_fast_paths
 
 # lora-fused: train.fused_lora under FSDP2; lora-embed: embed_tokens too (in the root's FSDP2 group)
-METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "loha",
-           "lokr", "adalora"]  # fmt: skip
+METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "hra", "hra-gs",
+           "loha", "lokr", "adalora", "ln_tuning"]  # fmt: skip
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 OPTIONS = {"lora": LORA, "dora": LORA, "lora-embed": {**LORA, "target_modules": ["embed_tokens", "q_proj"]}, "prefix": dict(num_virtual_tokens=3, prefix_projection=True),
            "prompt": dict(num_virtual_tokens=3), "pissa": {**LORA, "init": "pissa"}, "vera": dict(r=8, dropout=0.0),
-           "hira": dict(r=4, dropout=0.0), "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+           "hira": dict(r=4, dropout=0.0), "hra": dict(r=4, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
+           "hra-gs": dict(r=3, apply_GS=True), "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
            "lokr": dict(r=2, alpha=4, decompose_both=True, decompose_factor=8),
            "adalora": dict(init_r=4, target_r=2, tinit=0, tfinal=0, deltaT=1, total_step=4, dropout=0.0)}  # fmt: skip
 
@@ -32,7 +33,8 @@ def build(method):
     model = Transformer(cfg)
     model.init_weights(std=0.08, generator=torch.Generator().manual_seed(0))
     name = method.removesuffix("-fused")
-    apply(model, PeftConfig(method="lora" if name in ("pissa", "lora-embed") else name, **OPTIONS.get(name, {})))
+    kind = {"pissa": "lora", "lora-embed": "lora", "hra-gs": "hra"}.get(name, name)
+    apply(model, PeftConfig(method=kind, **OPTIONS.get(name, {})))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the no-op init, so that every adapter tensor matters
         for p in (p for p in model.parameters() if p.requires_grad):

@@ -20,6 +20,9 @@ METHODS = {
     "pissa": PeftConfig(method="lora", r=4, alpha=8, dropout=0.1, init="pissa", target_modules=ALL_LINEAR),
     "vera": PeftConfig(method="vera", r=8, dropout=0.1, target_modules=ALL_LINEAR),
     "hira": PeftConfig(method="hira", r=4, dropout=0.1, target_modules=ALL_LINEAR),
+    "hra": PeftConfig(method="hra", r=4, target_modules=ALL_LINEAR + ["lm_head"]),
+    "hra_gs": PeftConfig(method="hra", r=3, apply_GS=True, target_modules=ALL_LINEAR),
+    "ln_tuning": PeftConfig(method="ln_tuning"),
     "adalora": PeftConfig(method="adalora", init_r=4, target_r=2, dropout=0.1, target_modules=ALL_LINEAR),
     "loha": PeftConfig(method="loha", r=4, alpha=8, rank_dropout=0.1, target_modules=ALL_LINEAR + ["lm_head"]),
     "lokr": PeftConfig(method="lokr", r=4, alpha=8, rank_dropout=0.1, rank_dropout_scale=True,
@@ -67,7 +70,8 @@ def test_only_adapter_parameters_get_gradients(name):
         assert "layers.1.mlp.up_proj.weight" in trainable and "norm.weight" in trainable
     else:
         assert {id(p) for n, p in model.named_parameters() if n in trainable} == {id(p) for p in adapter_parameters(model)}
-        assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "hada_w", "lokr_w", "_encoder.")) for n in trainable)
+        assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "hra_u", "ln_tuning_layers.",
+                                        "hada_w", "lokr_w", "_encoder.")) for n in trainable)  # fmt: skip
     _, grads = loss_and_grads(model, ckpt=False)
     for n, grad in grads.items():
         if n in trainable:
@@ -80,7 +84,7 @@ def test_only_adapter_parameters_get_gradients(name):
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
-                                  "vera", "hira", "adalora"])
+                                  "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -102,7 +106,7 @@ def test_dora_weight_norm_gets_no_gradient():
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
-                                  "vera", "hira", "adalora"])
+                                  "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""

@@ -18,6 +18,7 @@ from ftcore.config import run_config
 from ftcore.errors import NonFiniteLoss
 from ftcore.formats.hf import save_pretrained
 from ftcore.model import ModelConfig, Transformer
+from ftcore.peft import count_parameters, load_with_adapter
 from ftcore.train import train
 from ftcore.train.log import read_metrics
 
@@ -217,6 +218,21 @@ def test_multirun_sweep(tiny_dir, data_cache, tmp_path):
     for method in ("lora", "ia3"):
         assert json.loads((tmp_path / method / "final" / "adapter_config.json").read_text())["peft_type"] == method.upper()
         assert len(losses(tmp_path / method)) == 2
+
+
+def test_cli_hra_and_ln_tuning(tiny_dir, data_cache, tmp_path):
+    """peft=hra / peft=ln_tuning (conf/peft/*.yaml) train through the CLI; the adapters load back on their base."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "peft=hra,ln_tuning", f"model.path={tiny_dir}",
+           "train.max_steps=2", "train.eval_every=0", "train.batch_size=4", "eval.baseline=false", "eval.max_examples=2",
+           "eval.max_new_tokens=2", "logger.wandb.mode=disabled", "logger.progress=false", f"data.cache_dir={data_cache}",
+           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${peft.method}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for method, peft_type, trainable in (("hra", "HRA", 2 * 8 * (6 * 64 + 128)), ("ln_tuning", "LN_TUNING", 5 * 64)):
+        config = json.loads((tmp_path / method / "final" / "adapter_config.json").read_text())
+        assert config["peft_type"] == peft_type and len(losses(tmp_path / method)) == 2
+        model, _ = load_with_adapter(tmp_path / method / "final")
+        assert model.peft_config.method == method and count_parameters(model)[0] == trainable
 
 
 @pytest.mark.slow

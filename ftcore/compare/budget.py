@@ -9,6 +9,7 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
     r                    lora, dora     DoRA adds a fixed magnitude vector per adapted layer
     r                    vera           sum over layers of out + r (the shared random matrices are frozen)
     r                    hira           r * (in + out) per layer, like LoRA
+    r                    hra            r * in per layer (hra_u [in, r])
     init_r               adalora        init_r * (in + out + 1) per layer (the ranks reallocated are within it)
     r                    loha           2 r * (in + out) per layer
     r                    lokr           not affine: each Kronecker factor is r (rows + cols) while low-rank, then
@@ -17,6 +18,7 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
                                         Capped where every factor is full (a larger r only lowers alpha / r)
     num_virtual_tokens   prefix, prompt
     (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
+    (fixed size)         ln_tuning      one weight [D] per targeted norm (vary ln_tuning_target_modules)
 """
 
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from ftcore.formats.hf import build_model
 from ftcore.model import ModelConfig
 from ftcore.peft.lokr import LokrLinear, full_rank
 
-KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "adalora": "init_r", "loha": "r", "lokr": "r",
+KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "hra": "r", "adalora": "init_r", "loha": "r", "lokr": "r",
          "prefix": "num_virtual_tokens",
          "prompt": "num_virtual_tokens"}
 

@@ -8,7 +8,7 @@ merged_weight(), merged_bias(). Prefix and prompt tuning attach root modules at 
 Target matching is PEFT's, on PEFT's module keys (`model.layers.0.self_attn.q_proj`, `lm_head`):
 a list entry matches a key equal to it or ending in `.entry`; a string is a regex that must match
 the whole key. Stricter than PEFT: every list entry must match some linear layer (LoRA: or the
-token embedding, `embed_tokens`).
+token embedding, `embed_tokens`; LN tuning: some RMSNorm layer, and nothing but norms).
 """
 
 import re
@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 from ftcore.errors import FtcoreError
+from ftcore.model.decoder import RMSNorm
 from ftcore.peft.adalora import AdaLoraLinear, RankAllocator
 from ftcore.peft.config import PeftConfig, is_principal
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
+from ftcore.peft.hra import HraLinear
 from ftcore.peft.ia3 import IA3Linear
+from ftcore.peft.ln_tuning import LnTuningNorm
 from ftcore.peft.loha import LohaLinear
 from ftcore.peft.lokr import LokrLinear
 from ftcore.peft.lora import LoraLinear
@@ -31,7 +34,8 @@ from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
-ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, LohaLinear, LokrLinear, AdaLoraLinear)
+ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
+                  AdaLoraLinear, LnTuningNorm)  # fmt: skip
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
 
 
@@ -46,17 +50,25 @@ def linear_modules(model: nn.Module, embeddings: bool = False) -> dict[str, nn.M
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not n.startswith(HOOKS)}
 
 
+def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The base model's RMSNorm layers (input_layernorm, post_attention_layernorm, norm), by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, RMSNorm) and not n.startswith(HOOKS)
+            and not n.endswith(".ln_tuning_layers")}  # fmt: skip
+
+
 def _matches(targets, key: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
     return any(key == t or key.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, targets, field: str = "target_modules", embeddings: bool = False) -> list[str]:
-    """Names of the linear layers (and embeddings if `embeddings`) matched by `targets` (names or one regex)."""
-    linears = linear_modules(model, embeddings)
-    short = list(dict.fromkeys(n.split(".")[-1] for n in linears))
-    kind = "linear or embedding module" if embeddings else "linear module"
+def find_targets(model: nn.Module, targets, field: str = "target_modules", embeddings: bool = False,
+                 norms: bool = False) -> list[str]:  # fmt: skip
+    """Names of the linear layers (and embeddings if `embeddings`; the RMSNorm layers instead if `norms`) matched by
+    `targets` (names or one regex)."""
+    candidates = norm_modules(model) if norms else linear_modules(model, embeddings)
+    short = list(dict.fromkeys(n.split(".")[-1] for n in candidates))
+    kind = "norm module" if norms else "linear or embedding module" if embeddings else "linear module"
     known = f"{kind}s: {', '.join(short)}"
     if isinstance(targets, str):
         try:
@@ -65,11 +77,17 @@ def find_targets(model: nn.Module, targets, field: str = "target_modules", embed
             raise FtcoreError(f"peft.{field}: invalid regex {targets!r} ({e})") from None
     else:
         for t in targets:
-            if not any(_matches([t], peft_key(n)) for n in linears):
+            if not any(_matches([t], peft_key(n)) for n in candidates):
                 raise FtcoreError(f"peft.{field}: {t!r} matches no {kind} of this model; {known}")
-    found = [n for n in linears if _matches(targets, peft_key(n))]
+    found = [n for n in candidates if _matches(targets, peft_key(n))]
     if not found:
         raise FtcoreError(f"peft.{field}: {targets!r} matches no {kind} of this model; {known}")
+    if norms:  # PEFT would wrap (and train a copy of) any module the targets match: refuse what is not a norm
+        other = [n for n in dict(model.named_modules()) if n and n not in candidates and not n.startswith(HOOKS)
+                 and _matches(targets, peft_key(n))]  # fmt: skip
+        if other:
+            raise FtcoreError(f"peft.{field}: {targets!r} also matches {peft_key(other[0])}, which is not a norm "
+                              f"(LN tuning tunes norm layers only); {known}")  # fmt: skip
     return found
 
 
@@ -138,6 +156,12 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
             if init:
                 layer.reset_parameters(cfg.init, gen)
             _swap(model, name, layer)
+    elif cfg.method == "hra":
+        for name in find_targets(model, cfg.target_modules):
+            layer = HraLinear(model.get_submodule(name), cfg.r, cfg.apply_GS)
+            if init:
+                layer.reset_parameters(cfg.init, gen)
+            _swap(model, name, layer)
     elif cfg.method == "adalora":
         layers = {}
         for name in find_targets(model, cfg.target_modules):
@@ -159,6 +183,9 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
             if init:
                 layer.reset_parameters(cfg.init, gen)
             _swap(model, name, layer)
+    elif cfg.method == "ln_tuning":
+        for name in find_targets(model, cfg.ln_tuning_target_modules, "ln_tuning_target_modules", norms=True):
+            _swap(model, name, LnTuningNorm(model.get_submodule(name)))  # the copy starts at the base weight
     elif cfg.method == "ia3":
         for name in find_targets(model, cfg.ia3_target_modules, "ia3_target_modules"):
             _swap(model, name, IA3Linear(model.get_submodule(name), is_feedforward(cfg.feedforward_modules, name)))
@@ -209,8 +236,8 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA) into the base weights in place
-    (forward then uses the base path only)."""
+    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA; LN tuning's copies) into the
+    base weights in place (forward then uses the base path only)."""
     _check_mergeable(model)
     for m in adapter_layers(model).values():
         m.merge()
@@ -260,12 +287,16 @@ def summary(model: nn.Module) -> str:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove the attached method without merging: plain nn.Linear layers with the current base weights."""
+    """Remove the attached method without merging: plain nn.Linear (nn.Embedding, RMSNorm) layers with the current
+    base weights."""
     for name, layer in adapter_layers(model).items():
         layer.unmerge()
         if hasattr(layer, "restore_base"):
             layer.restore_base()
-        if isinstance(layer, LoraEmbedding):
+        if isinstance(layer, LnTuningNorm):
+            plain = RMSNorm(layer.dim, layer.eps)
+            plain.weight, plain.fused_kernels = layer.weight, layer.fused_kernels
+        elif isinstance(layer, LoraEmbedding):
             plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device="meta")
             plain.weight = layer.weight
         else:

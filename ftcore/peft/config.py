@@ -8,12 +8,15 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from ftcore.schema import invalid, one_of
 
-METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "loha", "lokr", "adalora")
+METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "hra", "loha", "lokr", "adalora",
+           "ln_tuning")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
 # LoHa / LoKr: PEFT's init_weights=True (one factor at zero) / LoKr's "lycoris" (the other factor at zero)
 LYCORIS_INITS = {"loha": ("kaiming-uniform",), "lokr": ("kaiming-uniform", "lycoris")}
+# HRA: PEFT's init_weights=True (symmetric pairs of equal columns for even r: the identity) / False ("random")
+HRA_INITS = ("kaiming-uniform", "random")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -22,12 +25,14 @@ def is_principal(init: str) -> bool:
     return init == "pissa" or init == "olora" or PISSA_NITER.fullmatch(init) is not None
 # The options that belong to some methods only: set on another method (away from the default) they are an error.
 METHOD_OPTIONS = {
-    "r": ("lora", "dora", "vera", "hira", "loha", "lokr"), "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
+    "r": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr"), "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
     "dropout": ("lora", "dora", "vera", "hira", "adalora"),
-    "target_modules": ("lora", "dora", "vera", "hira", "loha", "lokr", "adalora"),
-    "use_rslora": ("lora", "dora"), "init": ("lora", "dora", "hira", "loha", "lokr"),
+    "target_modules": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "adalora"),
+    "use_rslora": ("lora", "dora"), "init": ("lora", "dora", "hira", "hra", "loha", "lokr"),
+    "apply_GS": ("hra",),
     "projection_prng_key": ("vera",), "save_projection": ("vera",),
     "d_initial": ("vera",), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
+    "ln_tuning_target_modules": ("ln_tuning",),
     "rank_dropout": ("loha", "lokr"), "module_dropout": ("loha", "lokr"), "decompose_both": ("lokr",),
     "decompose_factor": ("lokr",), "rank_dropout_scale": ("lokr",),
     "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
@@ -37,6 +42,8 @@ METHOD_OPTIONS = {
 }  # fmt: skip
 PROMPT_INITS = ("random", "sample_vocab", "text")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LN tuning: PEFT's default targets for Llama (and Mistral, Gemma); its Qwen2/Qwen3 default is post_attention_layernorm
+ALL_NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 
 
 @dataclass
@@ -49,7 +56,8 @@ class PeftConfig:
     target_modules: list[str] | str = field(default_factory=lambda: list(ALL_LINEAR))  # names, or one regex
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     init: str = "kaiming-uniform"  # kaiming-uniform (PEFT's default) | gaussian | pissa | pissa_niter_<N> | olora
-    # (hira: kaiming-uniform | gaussian; loha: kaiming-uniform; lokr: kaiming-uniform | lycoris)
+    # (hira: kaiming-uniform | gaussian; loha: kaiming-uniform; lokr: kaiming-uniform | lycoris;
+    #  hra: kaiming-uniform (PEFT's init_weights=True) | random (init_weights=False))
     # VeRA: frozen random A [r, max in] and B [max out, r] shared by all layers, drawn from projection_prng_key;
     # per layer the trainable scales lambda_d [r] (starting at d_initial) and lambda_b [out] (starting at 0)
     projection_prng_key: int = 0
@@ -66,6 +74,8 @@ class PeftConfig:
     beta2: float = 0.85  # smoothing of its uncertainty
     orth_reg_weight: float = 0.5  # the orthogonality penalty on the loss
     total_step: int = 0  # 0 = train.max_steps
+    # HRA: W R with R = r Householder reflections of the columns of hra_u [in, r] (r, target_modules, init above)
+    apply_GS: bool = False  # noqa: N815 - PEFT's name: R = I - 2 Q Q^T with Q the Gram-Schmidt of hra_u
     # LoHa / LoKr (LyCORIS; r, alpha, target_modules, init as above; no input dropout). Training mode only:
     rank_dropout: float = 0.0  # drop rows (output features) of the update dW
     module_dropout: float = 0.0  # skip a layer's whole update
@@ -76,6 +86,8 @@ class PeftConfig:
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
+    # LN tuning: the RMSNorm layers whose (copied) weight trains, PEFT's target_modules (names or one regex)
+    ln_tuning_target_modules: list[str] | str = field(default_factory=lambda: list(ALL_NORMS))
     # prefix / prompt tuning
     num_virtual_tokens: int = 20
     prefix_projection: bool = False  # reparameterize the prefix by a 2-layer MLP (folded away when saved)
@@ -102,16 +114,19 @@ class PeftConfig:
             raise invalid("peft.alpha", self.alpha, "a positive number")
         if not 0.0 <= self.dropout < 1.0:
             raise invalid("peft.dropout", self.dropout, "a probability in [0, 1)")
-        for key in ("target_modules", "ia3_target_modules", "feedforward_modules"):
+        for key in ("target_modules", "ia3_target_modules", "feedforward_modules", "ln_tuning_target_modules"):
             value = getattr(self, key)
             if isinstance(value, str) and not value:
                 raise invalid(f"peft.{key}", value, "a list of module names or one regex")
             if not isinstance(value, str) and not all(value):
                 raise invalid(f"peft.{key}", value, "module names (non-empty strings)")
-        if not self.target_modules:
-            raise invalid("peft.target_modules", self.target_modules, "at least one module name")
+        for key in ("target_modules", "ln_tuning_target_modules"):
+            if not getattr(self, key):
+                raise invalid(f"peft.{key}", getattr(self, key), "at least one module name")
         if self.method in LYCORIS_INITS:
             one_of("peft.init", self.init, LYCORIS_INITS[self.method])
+        elif self.method == "hra":
+            one_of("peft.init", self.init, HRA_INITS)
         elif not PISSA_NITER.fullmatch(self.init):
             one_of("peft.init", self.init, LORA_INITS)
         if self.method == "hira" and self.init not in ("kaiming-uniform", "gaussian"):

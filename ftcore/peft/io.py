@@ -6,6 +6,8 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight       [out, r]
     base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   [out]      (DoRA)
     base_model.model.model.layers.0.mlp.down_proj.ia3_l                  [1, in] / [out, 1] (IA3)
+    base_model.model.model.layers.0.self_attn.q_proj.hra_u               [in, r] (HRA)
+    base_model.model.model.layers.0.input_layernorm.ln_tuning_layers.weight  [D] (LN tuning: the tuned copy)
     base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a           [out, r] (LoHa: w1_a, w1_b, w2_a, w2_b)
     base_model.model.model.layers.0.self_attn.q_proj.lokr_w1             [a, c] (LoKr: w1 or w1_a/w1_b, w2 or w2_a/w2_b)
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
@@ -29,7 +31,8 @@ from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
-              "HIRA": "hira", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora"}
+              "HIRA": "hira", "HRA": "hra", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora",
+              "LN_TUNING": "ln_tuning"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -95,6 +98,10 @@ def peft_config_dict(model: nn.Module) -> dict:
                 "hira_dropout": cfg.dropout, "init_weights": True if cfg.init == "kaiming-uniform" else "gaussian",
                 "fan_in_fan_out": False, "exclude_modules": None, "layers_to_transform": None,
                 "layers_pattern": None, "rank_pattern": {}}
+    if cfg.method == "hra":
+        return {**common, "peft_type": "HRA", "r": cfg.r, "apply_GS": cfg.apply_GS,
+                "target_modules": cfg.target_modules, "init_weights": cfg.init == "kaiming-uniform", "bias": "none",
+                "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}  # fmt: skip
     if cfg.method in ("loha", "lokr"):
         alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
         lycoris = {**common, "peft_type": cfg.method.upper(), "r": cfg.r, "alpha": alpha,
@@ -106,6 +113,9 @@ def peft_config_dict(model: nn.Module) -> dict:
             lycoris.update(decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
                            rank_dropout_scale=cfg.rank_dropout_scale)  # fmt: skip
         return lycoris
+    if cfg.method == "ln_tuning":
+        return {**common, "peft_type": "LN_TUNING", "target_modules": cfg.ln_tuning_target_modules,
+                "exclude_modules": None}
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "target_modules": cfg.ia3_target_modules,
                 "feedforward_modules": cfg.feedforward_modules, "init_ia3_weights": True, "fan_in_fan_out": False,
@@ -187,7 +197,7 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "init_r": int, "target_r": int, "tinit": int, "tfinal": int, "deltaT": int, "beta1": float, "beta2": float,
     "orth_reg_weight": float, "total_step": int | None, "alpha": float, "rank_dropout": float | None,
     "module_dropout": float | None, "decompose_both": bool | None, "decompose_factor": int | None,
-    "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None,
+    "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None, "apply_GS": bool | None,
 }  # fmt: skip
 
 
@@ -239,6 +249,14 @@ def config_from_peft(d: dict, where) -> PeftConfig:
         return PeftConfig(method="hira", r=d["r"], target_modules=_targets(d["target_modules"]),
                           dropout=d.get("hira_dropout") or 0.0, init="gaussian" if init == "gaussian" else
                           "kaiming-uniform", base_model_name_or_path=base)  # fmt: skip
+    if method == "hra":
+        init = d.get("init_weights", True)
+        if not isinstance(init, bool):
+            raise FtcoreError(f"{where}: init_weights={init!r} is not supported by ftcore for HRA "
+                              "(expected true or false)")  # fmt: skip
+        return PeftConfig(method="hra", r=d.get("r", 8), apply_GS=bool(d.get("apply_GS")),
+                          target_modules=_targets(d["target_modules"]), init="kaiming-uniform" if init else "random",
+                          base_model_name_or_path=base)  # fmt: skip
     if method in ("loha", "lokr"):
         init = d.get("init_weights", True)
         if init is not True and not (method == "lokr" and init == "lycoris"):
@@ -255,6 +273,9 @@ def config_from_peft(d: dict, where) -> PeftConfig:
             lycoris.update(decompose_both=bool(d.get("decompose_both")), decompose_factor=factor,
                            rank_dropout_scale=bool(d.get("rank_dropout_scale")))  # fmt: skip
         return PeftConfig(**lycoris)
+    if method == "ln_tuning":
+        return PeftConfig(method="ln_tuning", ln_tuning_target_modules=_targets(d["target_modules"]),
+                          base_model_name_or_path=base)
     if method == "ia3":
         targets = _targets(d["target_modules"])
         return PeftConfig(method="ia3", ia3_target_modules=targets,

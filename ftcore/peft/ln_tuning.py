@@ -1,0 +1,60 @@
+"""LN tuning (HF PEFT's LNTuningConfig, peft_type LN_TUNING): train copies of selected RMSNorm layers.
+
+Like PEFT, each targeted norm keeps its frozen base weight and gets a trainable copy (`ln_tuning_layers`, PEFT's
+deep copy of the layer) that the forward uses instead:
+
+    y = g' ⊙ x / sqrt(mean(x^2) + eps)     g' = ln_tuning_layers.weight [D] (starts equal to the base g)
+    merged: g <- g' (PEFT swaps the copy in), unmerged: g restored
+
+Saved as `...input_layernorm.ln_tuning_layers.weight` [D]. The copy is float32 whatever the base dtype; the
+forward casts it to the input's dtype (a bf16 base keeps a bf16 residual stream, as PEFT's bf16 copy does).
+Base Parameters keep their names (`layers.0.input_layernorm.weight`).
+"""
+
+import torch
+from torch import nn
+
+from ftcore.model import ops
+from ftcore.model.decoder import RMSNorm
+
+
+class LnTuningNorm(RMSNorm):
+    def __init__(self, base: RMSNorm):
+        nn.Module.__init__(self)  # RMSNorm's own __init__ would make a new weight
+        self.eps, self.fused_kernels = base.eps, base.fused_kernels
+        self.weight = base.weight  # [D], frozen
+        self.dim = base.weight.shape[0]
+        self.ln_tuning_layers = RMSNorm(self.dim, base.eps)  # PEFT's copy of the layer
+        self.ln_tuning_layers.weight = nn.Parameter(base.weight.detach().float().clone())  # [D], float32
+        self.ln_tuning_layers.fused_kernels = base.fused_kernels
+        self.merged = False
+        self._unmerged_weight = None  # merge() keeps the base weight to restore it exactly
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return ops.rms_norm(x, self.weight, self.eps, self.fused_kernels)
+        w = self.ln_tuning_layers.weight
+        return ops.rms_norm(x, w if w.dtype == x.dtype else w.to(x.dtype), self.eps, self.fused_kernels)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        return self.ln_tuning_layers.weight.detach().to(self.weight.dtype).clone()
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self._unmerged_weight = self.weight.detach().clone()
+            self.weight.copy_(self.merged_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.copy_(self._unmerged_weight)
+            self._unmerged_weight, self.merged = None, False
+
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        return {"ln_tuning_layers.weight": self.ln_tuning_layers.weight}
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, ln_tuning, merged={self.merged}"
