@@ -13,8 +13,9 @@ peft = pytest.importorskip("peft")
 
 CASES = [(spec, "llama_gqa_llama3") for spec in SPECS]
 CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix", "vera", "hira", "loha",
-                                                   "lokr")]  # biases, n_kv = 1
-CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "loha", "lokr_decompose", "adalora")]
+                                                   "lokr", "oft", "coft")]  # biases, n_kv = 1
+CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "loha", "lokr_decompose", "adalora", "oft", "oft_r_cayley",
+                                       "oft_share", "coft")]
 CASES += [("lora_embed", "llama_tied")]  # the embedding's adapter acts on the lookup only, lm_head keeps the base
 
 
