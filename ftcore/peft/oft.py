@@ -11,8 +11,8 @@ The input is rotated by a block-diagonal matrix of n_b blocks of size b (n_b b =
 PEFT sizes a layer by exactly one of r (n_b) and oft_block_size (b); a value that does not divide `in` moves
 to the nearest divisor (ties to the smaller; b >= in becomes in), with a warning, as PEFT. oft_R.weight is
 [n_b, b (b - 1) / 2] (block_share: [1, ...], one block repeated). Init (init_weights=True): zeros, R = I.
-COFT (coft=True): before each use the vectors are projected in place (no grad) so that every block's
-||Q_i||_F <= eps / sqrt(rows of oft_R.weight). module_dropout is recorded but, as in PEFT 0.21.2's Linear
+COFT (coft=True): at each forward the vectors are projected in place (no grad; PEFT's behaviour) so that every
+block's ||Q_i||_F <= eps / sqrt(rows of oft_R.weight); merges use a projected copy and leave the vectors as they are. module_dropout is recorded but, as in PEFT 0.21.2's Linear
 (which builds its MultiplicativeDropoutLayer and never calls it), has no effect.
 The rotation is computed in the adapter's dtype (float32), the rotated input cast back to the input's dtype.
 Base Parameters keep their names, as in lora.py; every forward reads the parameters anew (FSDP2's unsharded).
@@ -120,11 +120,14 @@ class OftLinear(nn.Module):
         else:
             w.copy_(self.project(w, w.shape[0]))
 
-    def blocks(self) -> torch.Tensor:
-        """R_i [rows, b, b] from oft_R.weight (projected first with coft), in its dtype, differentiable."""
-        if self.coft:
-            self.project_()
+    def blocks(self, write: bool = True) -> torch.Tensor:
+        """R_i [rows, b, b] from oft_R.weight, in its dtype, differentiable. With coft the vectors are projected
+        first: in place (PEFT's forward), or on a copy with write=False (merges and exports leave the model as is)."""
         w = self.oft_R.weight
+        if self.coft and write:
+            self.project_()
+        elif self.coft:
+            w = self.project(w.detach(), w.shape[0])
         q = self.skew(w)
         b, n = self.block_size, w.shape[0]
         if self.use_cayley_neumann:
@@ -143,11 +146,13 @@ class OftLinear(nn.Module):
                     r.add_(power)
             return r
         eye = torch.eye(b, device=w.device).unsqueeze(0).expand(n, b, b)
-        return torch.linalg.solve(eye + q, eye - q, left=False).to(w.dtype)
+        # PEFT's torch.linalg.solve without its host-side singularity check (I + Q is invertible for a skew Q;
+        # no sync, so a CUDA graph can capture it): the same solution
+        return torch.linalg.solve_ex(eye + q, eye - q, left=False)[0].to(w.dtype)
 
-    def all_blocks(self) -> torch.Tensor:
+    def all_blocks(self, write: bool = True) -> torch.Tensor:
         """[n_blocks, b, b]: the shared block repeated with block_share."""
-        rot = self.blocks()
+        rot = self.blocks(write)
         return rot.repeat(self.r, 1, 1) if self.block_share else rot
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +172,7 @@ class OftLinear(nn.Module):
     @torch.no_grad()
     def _apply_blocks(self, weight: torch.Tensor, inverse: bool) -> torch.Tensor:
         """weight [out, in] -> weight blockdiag(R)^T (or blockdiag(R)^-T), float32, block by block."""
-        rot = self.all_blocks().float()
+        rot = self.all_blocks(write=False).float()
         if inverse:
             rot = torch.linalg.inv(rot)
         w = weight.float().reshape(self.out_features, self.r, self.block_size)
