@@ -20,7 +20,7 @@ from ftcore.peft.io import config_from_peft
 from ftcore.peft.oft import OftLinear, adjust, resolve
 
 peft = pytest.importorskip("peft")
-from peft.tuners.oft.layer import OFTLayer, OFTRotationModule  # noqa: E402
+from peft.tuners.oft.layer import OFTLayer, OFTRotationModule
 
 OFT = [s for s in SPECS if "oft" in s]
 

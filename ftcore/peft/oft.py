@@ -12,8 +12,10 @@ PEFT sizes a layer by exactly one of r (n_b) and oft_block_size (b); a value tha
 to the nearest divisor (ties to the smaller; b >= in becomes in), with a warning, as PEFT. oft_R.weight is
 [n_b, b (b - 1) / 2] (block_share: [1, ...], one block repeated). Init (init_weights=True): zeros, R = I.
 COFT (coft=True): at each forward the vectors are projected in place (no grad; PEFT's behaviour) so that every
-block's ||Q_i||_F <= eps / sqrt(rows of oft_R.weight); merges use a projected copy and leave the vectors as they are. module_dropout is recorded but, as in PEFT 0.21.2's Linear
-(which builds its MultiplicativeDropoutLayer and never calls it), has no effect.
+block's ||Q_i||_F <= eps / sqrt(rows of oft_R.weight); merges use a projected copy and leave the vectors as they
+are. Under FSDP2 the forward projects the gathered copy only; OftStep projects the stored shards after each update.
+module_dropout is recorded but, as in PEFT 0.21.2's Linear (which builds its MultiplicativeDropoutLayer and never
+calls it), has no effect.
 The rotation is computed in the adapter's dtype (float32), the rotated input cast back to the input's dtype.
 Base Parameters keep their names, as in lora.py; every forward reads the parameters anew (FSDP2's unsharded).
 """
