@@ -79,6 +79,22 @@ SPECS = {
                          target_modules=["q_proj", "k_proj", "down_proj"]),
                     dict(kind="LoKrConfig", r=8, alpha=2, decompose_factor=4, module_dropout=0.5,
                          target_modules=["q_proj", "k_proj", "down_proj"])),
+    # OFT: block 8 (q/v [8, 28]; down_proj's in 96: [12, 28]); Cayley-Neumann, PEFT's default
+    "oft": (dict(method="oft", oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+            dict(kind="OFTConfig", oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    # sized by r (4 blocks of 16; down_proj 4 x 24), the exact Cayley transform, lm_head (in 64) too
+    "oft_r_cayley": (dict(method="oft", r=4, oft_block_size=0, use_cayley_neumann=False,
+                          target_modules=["k_proj", "o_proj", "down_proj", "lm_head"]),
+                     dict(kind="OFTConfig", r=4, oft_block_size=0, use_cayley_neumann=False,
+                          target_modules=["k_proj", "o_proj", "down_proj", "lm_head"])),
+    # one shared block; block 12 moves to a divisor (64: 8, the tie to the smaller; 96: 12); 3 Neumann terms
+    "oft_share": (dict(method="oft", oft_block_size=12, block_share=True, num_cayley_neumann_terms=3,
+                       target_modules=ALL_LINEAR),
+                  dict(kind="OFTConfig", oft_block_size=12, block_share=True, num_cayley_neumann_terms=3,
+                       target_modules=ALL_LINEAR)),
+    # COFT: the random vectors are projected (in place) into the eps ball at the first forward
+    "coft": (dict(method="oft", oft_block_size=16, coft=True, eps=0.5, target_modules=["q_proj", "up_proj"]),
+             dict(kind="OFTConfig", oft_block_size=16, coft=True, eps=0.5, target_modules=["q_proj", "up_proj"])),
     "ia3": (dict(method="ia3"),
             dict(kind="IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "ia3_regex": (dict(method="ia3", ia3_target_modules=r".*\.(q_proj|o_proj|gate_proj)", feedforward_modules=r".*o_proj"),

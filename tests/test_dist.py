@@ -40,13 +40,15 @@ METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
                        "peft__tfinal": 2, **NO_DROPOUT},
            "loha": {"peft__method": "loha", "peft__r": 4, "peft__alpha": 8},
            "lokr": {"peft__method": "lokr", "peft__r": 2, "peft__alpha": 4, "peft__decompose_both": True,
-                    "peft__decompose_factor": 8}}  # fmt: skip
+                    "peft__decompose_factor": 8},
+           # COFT's projection binds from the first updates: FSDP2's stored shards must stay projected (OftStep)
+           "oft": {"peft__method": "oft", "peft__oft_block_size": 16, "peft__coft": True, "peft__eps": 0.02}}  # fmt: skip
 # name -> (dist backend, method); the FSDP runs also checkpoint activations (they must compose with fully_shard)
 DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp_prefix": ("fsdp", "prefix"),
              "ddp_lora": ("ddp", "lora"), "fsdp_pissa": ("fsdp", "pissa"), "fsdp_vera": ("fsdp", "vera"),
              "fsdp_hira": ("fsdp", "hira"), "fsdp_hra": ("fsdp", "hra"), "fsdp_ln_tuning": ("fsdp", "ln_tuning"),
              "fsdp_loha": ("fsdp", "loha"), "fsdp_lokr": ("fsdp", "lokr"),
-             "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora")}  # fmt: skip
+             "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora"), "fsdp_oft": ("fsdp", "oft")}  # fmt: skip
 
 
 def single_cfg(tiny_dir, data_cache, run_dir, method, **extra):  # noqa: F811

@@ -40,6 +40,8 @@ def test_unknown_method_lists_the_supported_ones():
     (dict(method="prompt", prompt_init="text", tokenizer_path="x"), "peft.init_text"),
     (dict(num_virtual_tokens=0), "peft.num_virtual_tokens"), (dict(target_modules=[]), "peft.target_modules"),
     (dict(feedforward_modules=["up_proj"]), "peft.feedforward_modules"),
+    (dict(method="oft", r=4), "peft.r"), (dict(method="oft", oft_block_size=0, r=0), "peft.oft_block_size"),
+    (dict(method="oft", eps=-1.0), "peft.eps"), (dict(method="oft", num_cayley_neumann_terms=0), "peft.num_cayley_neumann_terms"),
 ])  # fmt: skip
 def test_bad_values_name_the_key(kwargs, key):
     assert error(PeftConfig, **kwargs).startswith(key + "=")

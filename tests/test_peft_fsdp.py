@@ -1,7 +1,9 @@
 """Every method trains under FSDP2 (fully_shard per block, then the root) with the unsharded loss and gradients.
 
 AdaLoRA's loss also holds its orthogonality penalty, computed on the sharded A and B after the forward (as the
-training step does); its rank allocator then scores and masks the same triplets as the unsharded model."""
+training step does); its rank allocator then scores and masks the same triplets as the unsharded model.
+COFT projects the gathered copy in its forward, so the stored shards are projected by project_shards (the training
+step's OftStep), after which they equal the one-process parameters that the forward projected in place."""
 
 import pytest
 import torch
@@ -12,11 +14,12 @@ import torch.nn.functional as F
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import PeftConfig, apply
 from ftcore.peft.adalora import orth_regularizer, whole
+from ftcore.peft.oft import project_shards
 from ftcore.train.step import set_fast_paths
 
 # lora-fused: train.fused_lora under FSDP2; lora-embed: embed_tokens too (in the root's FSDP2 group)
 METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "hra", "hra-gs",
-           "loha", "lokr", "adalora", "ln_tuning"]  # fmt: skip
+           "loha", "lokr", "adalora", "ln_tuning", "oft", "coft"]  # fmt: skip
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -25,7 +28,12 @@ OPTIONS = {"lora": LORA, "dora": LORA, "lora-embed": {**LORA, "target_modules": 
            "hira": dict(r=4, dropout=0.0), "hra": dict(r=4, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
            "hra-gs": dict(r=3, apply_GS=True), "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
            "lokr": dict(r=2, alpha=4, decompose_both=True, decompose_factor=8),
-           "adalora": dict(init_r=4, target_r=2, tinit=0, tfinal=0, deltaT=1, total_step=4, dropout=0.0)}  # fmt: skip
+           "adalora": dict(init_r=4, target_r=2, tinit=0, tfinal=0, deltaT=1, total_step=4, dropout=0.0),
+           "oft": dict(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
+           # one shared block ([1, 120]: one rank's shard is empty); lm_head is in the root's FSDP2 group
+           "coft": dict(oft_block_size=16, coft=True, eps=0.2, block_share=True,
+                        target_modules=["q_proj", "up_proj", "lm_head"])}  # fmt: skip
+METHOD = {"pissa": "lora", "lora-embed": "lora", "hra-gs": "hra", "coft": "oft"}
 
 
 def build(method):
@@ -33,8 +41,7 @@ def build(method):
     model = Transformer(cfg)
     model.init_weights(std=0.08, generator=torch.Generator().manual_seed(0))
     name = method.removesuffix("-fused")
-    kind = {"pissa": "lora", "lora-embed": "lora", "hra-gs": "hra"}.get(name, name)
-    apply(model, PeftConfig(method=kind, **OPTIONS.get(name, {})))
+    apply(model, PeftConfig(method=METHOD.get(name, name), **OPTIONS.get(name, {})))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the no-op init, so that every adapter tensor matters
         for p in (p for p in model.parameters() if p.requires_grad):
@@ -82,6 +89,13 @@ def worker(rank, world, init_file):
             assert (p.grad is None) == (p_ref.grad is None), (method, name)
             if p.grad is not None:
                 assert (p.grad.full_tensor() - p_ref.grad).abs().max() < 1e-5, (method, name)
+        if method == "coft":
+            sharded = dict(model.named_parameters())
+            moved = max((sharded[n].full_tensor() - p).abs().max() for n, p in ref.named_parameters() if "oft_R" in n)
+            assert moved > 1e-2  # the forward projected the gathered copies, not the shards
+            project_shards(model)
+            for name, p in ref.named_parameters():
+                assert (sharded[name].full_tensor() - p).abs().max() < 1e-6, name
         (pattern, e), (pattern_ref, e_ref) = allocate(model), allocate(ref)
         assert pattern == pattern_ref, method
         if e is not None:

@@ -1,4 +1,4 @@
-"""LoRA/DoRA/IA3/VeRA/HiRA/HRA/LoHa/LoKr/AdaLoRA/LN tuning invariants: zero-init is a no-op, base names survive,
+"""LoRA/DoRA/IA3/VeRA/HiRA/HRA/LoHa/LoKr/AdaLoRA/OFT/LN tuning invariants: zero-init is a no-op, base names survive,
 merge/unmerge, init choices."""
 
 from dataclasses import replace
@@ -33,6 +33,11 @@ METHODS = {
     "lokr": PeftConfig(method="lokr", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"]),
     "lokr_lycoris": PeftConfig(method="lokr", r=2, alpha=4, decompose_both=True, decompose_factor=8, init="lycoris",
                                rank_dropout=0.5, target_modules=ALL_LINEAR + ["lm_head"]),
+    "oft": PeftConfig(method="oft", oft_block_size=8, target_modules=ALL_LINEAR + ["lm_head"]),
+    "oft_cayley": PeftConfig(method="oft", r=4, oft_block_size=0, use_cayley_neumann=False, target_modules=ALL_LINEAR),
+    # the projection binds (the random vectors are far outside the eps ball), one shared block per layer
+    "coft_share": PeftConfig(method="oft", oft_block_size=16, coft=True, eps=0.3, block_share=True,
+                             target_modules=ALL_LINEAR + ["lm_head"]),
     "ia3_all": PeftConfig(method="ia3", ia3_target_modules=ALL_LINEAR, feedforward_modules=["down_proj", "o_proj"]),
 }
 
@@ -68,7 +73,7 @@ def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
     extra = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys - base_keys}
     assert extra <= {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l", "vera_lambda_b", "vera_lambda_d", "hira_A",
                      "hira_B", "lora_E", "ranknum", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
-                     "hra_u", "ln_tuning_layers", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+                     "hra_u", "ln_tuning_layers", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "oft_R"}
     # a base checkpoint still loads into the adapted model, by the same names
     fresh = tiny_model(seed=1).state_dict()
     missing, unexpected = model.load_state_dict(fresh, strict=False)
@@ -79,10 +84,11 @@ def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
 def test_merge_unmerge(name):
     model = apply(tiny_model(), METHODS[name])
     randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=4, std=0.1)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         base = tiny_model()(tokens())
-        unmerged = model(tokens())
+        unmerged = model(tokens())  # (COFT projects its vectors in place here, as PEFT)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
         plain = merge_and_unload(model)(tokens())  # a separate plain model; `model` is untouched
         merge(model)
         merged = model(tokens())

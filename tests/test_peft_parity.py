@@ -13,9 +13,10 @@ peft = pytest.importorskip("peft")
 
 CASES = [(spec, "llama_gqa_llama3") for spec in SPECS]
 CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix", "vera", "hira", "hra", "hra_gs",
-                                                   "loha", "lokr", "ln_tuning")]  # biases, n_kv = 1
-CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "hra", "hra_gs", "loha", "lokr_decompose",
-                                        "adalora", "ln_tuning", "ln_tuning_list", "ln_tuning_regex")]
+                                                   "loha", "lokr", "ln_tuning", "oft", "coft")]  # biases, n_kv = 1
+CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "hra", "hra_gs", "loha", "lokr_decompose", "adalora",
+                                       "ln_tuning", "ln_tuning_list", "ln_tuning_regex", "oft", "oft_r_cayley", "oft_share",
+                                       "coft")]
 CASES += [("lora_embed", "llama_tied")]  # the embedding's adapter acts on the lookup only, lm_head keeps the base
 
 

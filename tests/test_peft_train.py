@@ -29,6 +29,10 @@ METHODS = {
                        target_modules=ALL_LINEAR + ["lm_head"]),
     "lokr_decompose": PeftConfig(method="lokr", r=2, alpha=4, decompose_both=True, decompose_factor=8, init="lycoris",
                                  target_modules=ALL_LINEAR),
+    "oft": PeftConfig(method="oft", oft_block_size=8, target_modules=ALL_LINEAR + ["lm_head"]),
+    "oft_cayley": PeftConfig(method="oft", r=4, oft_block_size=0, use_cayley_neumann=False, target_modules=ALL_LINEAR),
+    "coft_share": PeftConfig(method="oft", oft_block_size=16, coft=True, eps=0.3, block_share=True,
+                             target_modules=ALL_LINEAR),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),
     "prefix_proj": PeftConfig(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
     "prompt": PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
@@ -71,7 +75,7 @@ def test_only_adapter_parameters_get_gradients(name):
     else:
         assert {id(p) for n, p in model.named_parameters() if n in trainable} == {id(p) for p in adapter_parameters(model)}
         assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "hra_u", "ln_tuning_layers.",
-                                        "hada_w", "lokr_w", "_encoder.")) for n in trainable)  # fmt: skip
+                                        "hada_w", "lokr_w", "oft_R.", "_encoder.")) for n in trainable)  # fmt: skip
     _, grads = loss_and_grads(model, ckpt=False)
     for n, grad in grads.items():
         if n in trainable:
@@ -84,7 +88,8 @@ def test_only_adapter_parameters_get_gradients(name):
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
-                                  "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning"])
+                                  "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning", "oft", "oft_cayley",
+                                  "coft_share"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -106,7 +111,8 @@ def test_dora_weight_norm_gets_no_gradient():
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
-                                  "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning"])
+                                  "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning", "oft", "oft_cayley",
+                                  "coft_share"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""

@@ -16,20 +16,27 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
                                         fixed once r >= max(rows, cols) / 2 (the count can even drop there); the
                                         binary search then finds an r within the budget, not always the largest.
                                         Capped where every factor is full (a larger r only lowers alpha / r)
+    oft_block_size       oft            per layer n_blocks * b (b - 1) / 2 = in (b - 1) / 2 (block_share: b (b - 1) / 2),
+                                        rising with b; b moves to the nearest divisor of each layer's in (PEFT's
+                                        rule), so the count is a non-decreasing step function of the knob (binary
+                                        search) and stops growing at b = the largest in. r (the number of blocks)
+                                        would make it fall instead, so it is not the knob; r is kept at 0
     num_virtual_tokens   prefix, prompt
     (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
     (fixed size)         ln_tuning      one weight [D] per targeted norm (vary ln_tuning_target_modules)
 """
 
+import warnings
 from dataclasses import dataclass
 
 from ftcore import peft
 from ftcore.formats.hf import build_model
 from ftcore.model import ModelConfig
 from ftcore.peft.lokr import LokrLinear, full_rank
+from ftcore.peft.oft import OftLinear
 
 KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "hra": "r", "adalora": "init_r", "loha": "r", "lokr": "r",
-         "prefix": "num_virtual_tokens",
+         "oft": "oft_block_size", "prefix": "num_virtual_tokens",
          "prompt": "num_virtual_tokens"}
 
 
@@ -47,7 +54,9 @@ class Sized:
 def count_trainable(model_cfg: ModelConfig, peft_settings: dict) -> int:
     """Trainable parameters of the method applied to the model (built on the meta device)."""
     model = build_model(model_cfg)
-    peft.apply(model, peft_settings, init=False)
+    with warnings.catch_warnings():  # OFT's block sizes moved to a divisor: the count already says what it is
+        warnings.filterwarnings("ignore", message=r"Invalid `(oft_block_size|r)`")
+        peft.apply(model, peft_settings, init=False)
     return peft.count_parameters(model)[0]
 
 
@@ -59,6 +68,13 @@ def lokr_full_rank(model_cfg: ModelConfig, peft_settings: dict) -> int:
                for m in model.modules() if isinstance(m, LokrLinear))  # fmt: skip
 
 
+def oft_widest(model_cfg: ModelConfig, peft_settings: dict) -> int:
+    """OFT: the block size from which every adapted layer is one block (the largest in_features)."""
+    model = build_model(model_cfg)
+    peft.apply(model, {**peft_settings, "r": 0, "oft_block_size": 1}, init=False)  # (1 divides every size)
+    return max(m.in_features for m in model.modules() if isinstance(m, OftLinear))
+
+
 def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_size: int) -> Sized:
     """The largest knob value (1..max_size) whose trainable count is <= budget; budget 0 keeps the settings."""
     settings = dict(peft_settings)
@@ -68,6 +84,9 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
         return Sized(settings, knob, size, count_trainable(model_cfg, settings))
 
     cap_note = f"capped at {knob}={max_size} (compare.max_{'virtual_tokens' if knob == 'num_virtual_tokens' else 'r'})"
+    if settings["method"] == "oft" and (widest := oft_widest(model_cfg, settings)) < max_size:
+        max_size = widest
+        cap_note = f"capped at oft_block_size={widest}: one block per layer from there (the count stops growing)"
     if settings["method"] == "lokr" and (full := lokr_full_rank(model_cfg, settings)) < max_size:
         max_size = full
         cap_note = f"capped at r={full}: every LoKr factor is a full matrix from there (more r only lowers alpha / r)"
@@ -99,6 +118,8 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
 def sized(settings: dict, knob: str, size: int) -> dict:
     """The settings with the knob at `size`; AdaLoRA's target_r stays below its init_r."""
     out = {**settings, knob: size}
+    if knob == "oft_block_size":
+        out["r"] = 0  # sized by the block size alone
     if knob == "init_r":
         out["target_r"] = min(out.get("target_r", 8), size - 1)
     return out

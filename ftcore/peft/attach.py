@@ -12,6 +12,7 @@ token embedding, `embed_tokens`; LN tuning: some RMSNorm layer, and nothing but 
 """
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -29,13 +30,14 @@ from ftcore.peft.loha import LohaLinear
 from ftcore.peft.lokr import LokrLinear
 from ftcore.peft.lora import LoraLinear
 from ftcore.peft.lora_embedding import LoraEmbedding
+from ftcore.peft.oft import OftLinear
 from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
 ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
-                  AdaLoraLinear, LnTuningNorm)  # fmt: skip
+                  AdaLoraLinear, LnTuningNorm, OftLinear)  # fmt: skip
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
 
 
@@ -186,6 +188,16 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
     elif cfg.method == "ln_tuning":
         for name in find_targets(model, cfg.ln_tuning_target_modules, "ln_tuning_target_modules", norms=True):
             _swap(model, name, LnTuningNorm(model.get_submodule(name)))  # the copy starts at the base weight
+    elif cfg.method == "oft":
+        if cfg.module_dropout:
+            warnings.warn(f"peft.module_dropout={cfg.module_dropout}: recorded, but HF PEFT 0.21.2's OFT Linear layers "
+                          "never apply it, so neither does ftcore", stacklevel=2)  # fmt: skip
+        for name in find_targets(model, cfg.target_modules):
+            layer = OftLinear(model.get_submodule(name), cfg.r, cfg.oft_block_size, cfg.coft, cfg.eps, cfg.block_share,
+                              cfg.use_cayley_neumann, cfg.num_cayley_neumann_terms, cfg.module_dropout)  # fmt: skip
+            if init:
+                layer.reset_parameters(gen)
+            _swap(model, name, layer)
     elif cfg.method == "ia3":
         for name in find_targets(model, cfg.ia3_target_modules, "ia3_target_modules"):
             _swap(model, name, IA3Linear(model.get_submodule(name), is_feedforward(cfg.feedforward_modules, name)))
@@ -236,8 +248,8 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA; LN tuning's copies) into the
-    base weights in place (forward then uses the base path only)."""
+    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA, OFT; LN tuning's copies) into
+    the base weights in place (forward then uses the base path only)."""
     _check_mergeable(model)
     for m in adapter_layers(model).values():
         m.merge()

@@ -9,7 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from ftcore.schema import invalid, one_of
 
 METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "hra", "loha", "lokr", "adalora",
-           "ln_tuning")
+           "oft", "ln_tuning")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
@@ -25,16 +25,19 @@ def is_principal(init: str) -> bool:
     return init == "pissa" or init == "olora" or PISSA_NITER.fullmatch(init) is not None
 # The options that belong to some methods only: set on another method (away from the default) they are an error.
 METHOD_OPTIONS = {
-    "r": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr"), "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
+    "r": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "oft"),
+    "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
     "dropout": ("lora", "dora", "vera", "hira", "adalora"),
-    "target_modules": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "adalora"),
+    "target_modules": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "adalora", "oft"),
     "use_rslora": ("lora", "dora"), "init": ("lora", "dora", "hira", "hra", "loha", "lokr"),
     "apply_GS": ("hra",),
     "projection_prng_key": ("vera",), "save_projection": ("vera",),
     "d_initial": ("vera",), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
     "ln_tuning_target_modules": ("ln_tuning",),
-    "rank_dropout": ("loha", "lokr"), "module_dropout": ("loha", "lokr"), "decompose_both": ("lokr",),
+    "rank_dropout": ("loha", "lokr"), "module_dropout": ("loha", "lokr", "oft"), "decompose_both": ("lokr",),
     "decompose_factor": ("lokr",), "rank_dropout_scale": ("lokr",),
+    **dict.fromkeys(("oft_block_size", "coft", "eps", "block_share", "use_cayley_neumann", "num_cayley_neumann_terms"),
+                    ("oft",)),
     "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
     "prompt_init": ("prompt",), "init_text": ("prompt",), "tokenizer_path": ("prompt",), "freeze": ("full",),
     **dict.fromkeys(("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
@@ -83,6 +86,16 @@ class PeftConfig:
     decompose_both: bool = False  # W1 low-rank too (W2 is whenever r < max(b, d) / 2)
     decompose_factor: int = -1  # a, c = this factor where it divides; -1: the divisor nearest the square root
     rank_dropout_scale: bool = False  # divide the rank-dropout mask by its mean (LoHa always does)
+    # OFT (oft.py; PEFT's names and defaults): the input rotated by a block-diagonal orthogonal matrix, sized by
+    # exactly one of r (the number of blocks) and oft_block_size (their size); 0 = unset. r left at its default
+    # (16, LoRA's) counts as unset while oft_block_size is set, so PeftConfig(method="oft") is PEFT's block 32.
+    # module_dropout is accepted and, as in PEFT 0.21.2's Linear layers, has no effect.
+    oft_block_size: int = 32
+    coft: bool = False  # constrained OFT: each block's skew matrix kept within eps / sqrt(n_blocks)
+    eps: float = 6e-5
+    block_share: bool = False  # one block, repeated (oft_R.weight [1, b (b - 1) / 2])
+    use_cayley_neumann: bool = True  # R = I + 2Q + 2Q^2 + ... (num_cayley_neumann_terms); False: (I - Q)(I + Q)^-1
+    num_cayley_neumann_terms: int = 5
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
@@ -108,7 +121,9 @@ class PeftConfig:
                 if owners and self.method not in owners and getattr(self, f.name) != _default(f):
                     expected = f"it unset: it is an option of {', '.join(owners)}, not of {self.method}"
                     raise invalid(f"peft.{f.name}", getattr(self, f.name), expected)
-        if self.r <= 0:
+        if self.method == "oft":
+            self._resolve_oft()
+        elif self.r <= 0:
             raise invalid("peft.r", self.r, "a positive integer")
         if self.alpha <= 0:
             raise invalid("peft.alpha", self.alpha, "a positive number")
@@ -169,5 +184,27 @@ class PeftConfig:
             raise invalid("peft.init_text", self.init_text, "the text to start from with prompt_init='text'")
 
 
+    def _resolve_oft(self):
+        """PEFT's rule: exactly one of r / oft_block_size non-zero; r at its (LoRA) default counts as 0."""
+        if self.oft_block_size < 0:
+            raise invalid("peft.oft_block_size", self.oft_block_size, "a block size >= 0 (0: size by peft.r)")
+        if self.r < 0:
+            raise invalid("peft.r", self.r, "a number of blocks >= 0 (0: size by peft.oft_block_size)")
+        if self.oft_block_size and self.r == _R_DEFAULT:
+            self.r = 0
+        if not self.r and not self.oft_block_size:
+            raise invalid("peft.oft_block_size", 0, "a positive block size, or peft.r > 0 (the number of blocks)")
+        if self.r and self.oft_block_size:
+            raise invalid("peft.r", self.r, f"0 with peft.oft_block_size={self.oft_block_size} (OFT is sized by one "
+                          "of them: set peft.oft_block_size=0 to size it by r)")  # fmt: skip
+        if not self.eps > 0 or self.eps == float("inf"):
+            raise invalid("peft.eps", self.eps, "a positive finite number")
+        if self.num_cayley_neumann_terms < 1:
+            raise invalid("peft.num_cayley_neumann_terms", self.num_cayley_neumann_terms, "a positive integer")
+
+
 def _default(f):
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+_R_DEFAULT = next(_default(f) for f in fields(PeftConfig) if f.name == "r")

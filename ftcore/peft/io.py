@@ -10,6 +10,7 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
     base_model.model.model.layers.0.input_layernorm.ln_tuning_layers.weight  [D] (LN tuning: the tuned copy)
     base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a           [out, r] (LoHa: w1_a, w1_b, w2_a, w2_b)
     base_model.model.model.layers.0.self_attn.q_proj.lokr_w1             [a, c] (LoKr: w1 or w1_a/w1_b, w2 or w2_a/w2_b)
+    base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight        [n_blocks or 1, b (b - 1) / 2] (OFT)
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
 """
 
@@ -31,7 +32,7 @@ from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
-              "HIRA": "hira", "HRA": "hra", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora",
+              "HIRA": "hira", "HRA": "hra", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora", "OFT": "oft",
               "LN_TUNING": "ln_tuning"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
@@ -116,6 +117,14 @@ def peft_config_dict(model: nn.Module) -> dict:
     if cfg.method == "ln_tuning":
         return {**common, "peft_type": "LN_TUNING", "target_modules": cfg.ln_tuning_target_modules,
                 "exclude_modules": None}
+    if cfg.method == "oft":
+        # peft_version: PEFT warns on a Cayley-Neumann adapter that records none (from before PEFT 0.18's change)
+        return {**common, "peft_type": "OFT", "peft_version": "0.21.2", "r": cfg.r,
+                "oft_block_size": cfg.oft_block_size, "module_dropout": cfg.module_dropout,
+                "target_modules": cfg.target_modules, "fan_in_fan_out": False, "bias": "none", "exclude_modules": None,
+                "init_weights": True, "layers_to_transform": None, "layers_pattern": None, "coft": cfg.coft,
+                "eps": cfg.eps, "block_share": cfg.block_share, "use_cayley_neumann": cfg.use_cayley_neumann,
+                "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms}  # fmt: skip
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "target_modules": cfg.ia3_target_modules,
                 "feedforward_modules": cfg.feedforward_modules, "init_ia3_weights": True, "fan_in_fan_out": False,
@@ -198,6 +207,8 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "orth_reg_weight": float, "total_step": int | None, "alpha": float, "rank_dropout": float | None,
     "module_dropout": float | None, "decompose_both": bool | None, "decompose_factor": int | None,
     "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None, "apply_GS": bool | None,
+    "oft_block_size": int, "coft": bool | None, "eps": float | None, "block_share": bool | None,
+    "use_cayley_neumann": bool | None, "num_cayley_neumann_terms": int | None,
 }  # fmt: skip
 
 
@@ -276,6 +287,18 @@ def config_from_peft(d: dict, where) -> PeftConfig:
     if method == "ln_tuning":
         return PeftConfig(method="ln_tuning", ln_tuning_target_modules=_targets(d["target_modules"]),
                           base_model_name_or_path=base)
+    if method == "oft":
+        if d.get("init_weights", True) is not True:
+            raise FtcoreError(f"{where}: init_weights={d['init_weights']!r} is not supported by ftcore (expected true)")
+        if "oft_block_size" not in d:  # PEFT's own check: the format before PEFT 0.14 (no longer loadable there)
+            raise FtcoreError(f"{where}: no oft_block_size: an OFT adapter from before PEFT 0.14, in a format PEFT "
+                              "0.21 no longer loads either (retrain it)")  # fmt: skip
+        return PeftConfig(method="oft", r=d.get("r", 0), oft_block_size=d["oft_block_size"],
+                          module_dropout=d.get("module_dropout") or 0.0, target_modules=_targets(d["target_modules"]),
+                          coft=bool(d.get("coft")), eps=_or(d.get("eps"), 6e-5), block_share=bool(d.get("block_share")),
+                          use_cayley_neumann=_or(d.get("use_cayley_neumann"), True),
+                          num_cayley_neumann_terms=_or(d.get("num_cayley_neumann_terms"), 5),
+                          base_model_name_or_path=base)  # fmt: skip
     if method == "ia3":
         targets = _targets(d["target_modules"])
         return PeftConfig(method="ia3", ia3_target_modules=targets,
@@ -289,6 +312,11 @@ def config_from_peft(d: dict, where) -> PeftConfig:
     return PeftConfig(method="prompt", num_virtual_tokens=d["num_virtual_tokens"], prompt_init=init,
                       init_text=d.get("prompt_tuning_init_text") or "",
                       tokenizer_path=d.get("tokenizer_name_or_path") or "", base_model_name_or_path=base)
+
+
+def _or(value, default):
+    """PEFT's default for a key that is absent or null."""
+    return default if value is None else value
 
 
 def _targets(t):

@@ -35,6 +35,7 @@ from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
 from ftcore.formats.hf import load_pretrained, save_pretrained
 from ftcore.peft.adalora import AdaLoraStep
+from ftcore.peft.oft import OftStep
 from ftcore.train import checkpoint
 from ftcore.train.flops import peak_flops, train_flops_per_token
 from ftcore.train.log import RunLogger, read_metrics, rewrite_metrics
@@ -202,6 +203,8 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
         enable_activation_checkpointing(model)
     model.train()
     train_model = parallelize(model, world, cfg.train.precision)  # FSDP2 shards `model` in place; DDP wraps it
+    if cfg.peft.method == "oft" and cfg.peft.coft:  # FSDP2: keep the stored shards projected (oft.project_shards)
+        method_step = OftStep(model)
     sampler = Sampler(
         data.train.lengths, cfg.train.batch_size, grad_accum=cfg.train.grad_accum, world_size=world.size,
         rank=world.rank, seed=cfg.data.seed + cfg.train.seed, bucketing=cfg.data.bucketing and not cfg.data.packing,

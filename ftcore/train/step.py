@@ -70,7 +70,8 @@ class EagerStep:
                  train_model: nn.Module | None = None, method=None):  # fmt: skip
         """model: the (possibly FSDP2-sharded) Transformer; train_model: what forward runs on (DDP's wrapper);
         method: what a PEFT method adds to the step (AdaLoRA's AdaLoraStep: regularizer() joins the loss of
-        the last micro-batch once per step, after_step() runs after the update, before the gradients go)."""
+        the last micro-batch once per step, after_step() runs after the update, before the gradients go; COFT's
+        OftStep projects the FSDP2 shards after the update)."""
         self.model, self.train_model, self.method = model, train_model or model, method
         self.optimizer, self.world, self.grad_clip = optimizer, world, grad_clip
         self.device = world.device
