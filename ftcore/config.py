@@ -185,6 +185,9 @@ class RunConfig:
         if self.model.quantize != "none" and self.peft.method == "full":
             raise FtcoreError(f"model.quantize={self.model.quantize}: full fine-tuning trains the base weights, "
                               "which a quantized base keeps frozen in 4 bits; use a PEFT method or model.quantize=none")
+        if self.model.quantize != "none" and self.dist.backend == "fsdp":
+            raise FtcoreError(f"model.quantize={self.model.quantize}: not yet with dist=fsdp (sharding the 4-bit "
+                              "weights is not implemented); use dist=ddp or dist=single")
 
     def cuda_graph_conflict(self) -> str | None:
         """Why train.cuda_graph cannot work with the other settings (the device is checked when train() starts)."""

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from hf_models import make_hf_checkpoint
+from test_train import data_cache, tiny_dir  # noqa: F401  (fixtures)
 
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
@@ -96,3 +97,21 @@ def test_bad_quantization_settings_fail_with_one_line(checkpoint, tmp_path):
         run_config({"model": {"quantize": "nf4", "quant_block_size": 48}})
     with pytest.raises(FtcoreError, match=r"^model.quantize=nf4: full fine-tuning trains the base weights"):
         run_config({"model": {"quantize": "nf4"}, "peft": {"method": "full"}})
+
+
+def test_training_over_a_quantized_base(tiny_dir, data_cache, tmp_path):  # noqa: F811
+    """train() with model.quantize=nf4 loads the base 4-bit; prompt tuning trains over it (the loss falls, the
+    linears stay Linear4bit); a method that adapts the linear layers is refused with one line, not run wrongly."""
+    from test_train import losses, tiny_run
+
+    from ftcore.train import train
+
+    cfg = tiny_run(tiny_dir, data_cache, tmp_path / "prompt", peft__method="prompt", peft__num_virtual_tokens=4,
+                   model__quantize="nf4", train__max_steps=12, optim__lr=3e-2)  # fmt: skip
+    train(run_config(cfg))
+    curve = losses(tmp_path / "prompt")
+    assert len(curve) == 12 and sum(curve[-3:]) < sum(curve[:3])
+    adapter = tmp_path / "prompt" / "final" / "adapter_model.safetensors"
+    assert adapter.is_file()
+    with pytest.raises(FtcoreError, match=r"^peft.method=lora: not yet over a 4-bit base \(model.quantize\)"):
+        train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "lora", model__quantize="nf4")))

@@ -34,11 +34,13 @@ from ftcore.peft.oft import OftLinear
 from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.vera import VeraLinear, VeraProjections
+from ftcore.quant.linear import Linear4bit
 from ftcore.schema import build
 
 ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
                   AdaLoraLinear, LnTuningNorm, OftLinear)  # fmt: skip
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
+OVER_4BIT = ("none", "prefix", "prompt", "ln_tuning")  # the methods that leave the (4-bit) linear layers alone
 
 
 def peft_key(name: str) -> str:
@@ -113,6 +115,9 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         cfg = build(PeftConfig, cfg, "peft.")
     if getattr(model, "peft_config", None) is not None and model.peft_config.method != "none":
         raise FtcoreError(f"peft: the model already has a {model.peft_config.method!r} adapter attached")
+    if cfg.method not in OVER_4BIT and any(isinstance(m, Linear4bit) for m in model.modules()):
+        raise FtcoreError(f"peft.method={cfg.method}: not yet over a 4-bit base (model.quantize); over one, "
+                          f"ftcore trains {', '.join(OVER_4BIT[1:])}")  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.method == "full":
         apply_full(model, cfg.freeze)

@@ -157,7 +157,8 @@ def setup(cfg: RunConfig, stop: "StopSignal") -> Run:
 def load(run: Run):
     """The base model and tokenizer, the tokenized splits and their batchers."""
     cfg, world = run.cfg, run.world
-    model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=world.device)
+    model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=world.device,
+                                       quant=cfg.model.quant_spec())
     splits, data_report = build_datasets(cfg.data, tokenizer)
     if run.rank0:
         (run.run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
