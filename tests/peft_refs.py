@@ -66,6 +66,13 @@ SPECS = {
                          target_modules=["q_proj", "k_proj", "down_proj"]),
                     dict(kind="LoKrConfig", r=8, alpha=2, decompose_factor=4, module_dropout=0.5,
                          target_modules=["q_proj", "k_proj", "down_proj"])),
+    # Lily: q/v/down each a group (one A per 2 layers, 3 experts); the regex groups by shape (k/v [32, 64], up [96, 64])
+    "lily": (dict(method="lily", r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj"]),
+             dict(kind="LilyConfig", r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "lily_regex": (dict(method="lily", r=3, num_B=2, scaling=0.5, init_weights=False,
+                        target_modules=r".*\.(k_proj|v_proj|up_proj)|lm_head"),
+                   dict(kind="LilyConfig", r=3, num_B=2, scaling=0.5, init_weights=False,
+                        target_modules=r".*\.(k_proj|v_proj|up_proj)|lm_head")),
     "ia3": (dict(method="ia3"),
             dict(kind="IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "ia3_regex": (dict(method="ia3", ia3_target_modules=r".*\.(q_proj|o_proj|gate_proj)", feedforward_modules=r".*o_proj"),

@@ -42,6 +42,7 @@ PEFT = {
     "vera": {"method": "vera", "r": 64, "target_modules": ALL_LINEAR},
     "hira": {"method": "hira", "r": 8, "target_modules": ALL_LINEAR},
     "adalora": {"method": "adalora", "init_r": 12, "target_r": 8, "target_modules": ALL_LINEAR},
+    "lily": {"method": "lily", "r": 32, "stride_A": 3, "num_B": 4, "target_modules": ALL_LINEAR},
 }
 CLI_BASE = ["train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "train.eval_batches=1",
             "eval.max_examples=4", "eval.max_new_tokens=3", "eval.batch_size=8", "logger.wandb.mode=disabled",
@@ -89,9 +90,14 @@ def test_budget_solving_is_exact():
     outs = 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576)
     s = solve_budget(SMOLLM2, PEFT["vera"], outs + 30 * 7 * 100, 512)
     assert (s.size, s.trainable) == (100, outs + 30 * 7 * 100)
+    # Lily: per r, 10 shared A's (30 layers / stride 3) of each entry's `in`, one B of num_B x `out` per entry,
+    # and a [num_B, r] router per layer
+    per_r = 10 * (576 * 6 + 1536) + 4 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) + 30 * 7 * 4
+    s = solve_budget(SMOLLM2, PEFT["lily"], 1_000_000, 512)
+    assert (s.knob, s.size, s.trainable) == ("r", 13, 13 * per_r) and 14 * per_r > 1_000_000
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "adalora", "lily"])
 def test_meta_count_equals_a_real_model(method):
     model = Transformer(TINY)
     model.init_weights(generator=torch.Generator().manual_seed(0))

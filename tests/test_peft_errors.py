@@ -129,7 +129,7 @@ def test_config_from_hydra_style_mapping():
     assert build(PeftConfig, dataclasses.asdict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("method", ["vera", "hira", "adalora"])
+@pytest.mark.parametrize("method", ["vera", "hira", "adalora", "lily"])
 def test_new_methods_name_the_key_of_a_bad_setting(method):
     size = "peft.init_r" if method == "adalora" else "peft.r"
     assert size in error(PeftConfig, method=method, **{size.removeprefix("peft."): 0})
@@ -137,5 +137,24 @@ def test_new_methods_name_the_key_of_a_bad_setting(method):
     assert msg.startswith("peft.target_modules: 'qkv_proj' matches no linear module of this model")
     msg = error(PeftConfig, method=method, use_rslora=True)
     assert msg == f"peft.use_rslora=True: expected it unset: it is an option of lora, dora, not of {method}"
-    if method != "adalora":
+    if method not in ("adalora", "lily"):
         assert "peft.init" in error(PeftConfig, method=method, init="xavier")
+
+
+def test_lily_settings_and_files(tmp_path):
+    assert error(PeftConfig, method="lily", stride_A=0).startswith("peft.stride_A=0: expected a positive integer")
+    assert error(PeftConfig, method="lily", num_B=1).startswith("peft.num_B=1: expected an integer >= 2")
+    assert error(PeftConfig, method="lora", num_B=4).startswith("peft.num_B=4: expected it unset: it is an option of lily")
+    # a layer matched by two entries: PEFT's grouping would depend on a set's order
+    msg = error(apply, model(), PeftConfig(method="lily", target_modules=["q_proj", "self_attn.q_proj"]))
+    assert msg.startswith("peft.target_modules: model.layers.0.self_attn.q_proj ends with 2 entries (q_proj, self_attn")
+    lily = apply(model(), PeftConfig(method="lily", r=2, stride_A=2, target_modules=["v_proj"]))
+    assert "cannot be merged" in error(merge, lily)
+    save_adapter(lily, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lily_A.weight"  # layer 0's A, saved under layer 1 too
+    save_file({**tensors, key: tensors[key] + 1}, tmp_path / "adapter_model.safetensors")
+    msg = error(load_adapter, model(), tmp_path)
+    assert key in msg and "layers.0.self_attn.v_proj.lily_A.weight" in msg and "one shared tensor" in msg

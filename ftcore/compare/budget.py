@@ -15,6 +15,8 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
                                         fixed once r >= max(rows, cols) / 2 (the count can even drop there); the
                                         binary search then finds an r within the budget, not always the largest.
                                         Capped where every factor is full (a larger r only lowers alpha / r)
+    r                    lily           r * (sum over target entries of ceil(layers / stride_A) in + num_B out
+                                        + layers * num_B): the shared A's and B's once, a router per layer
     num_virtual_tokens   prefix, prompt
     (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
 """
@@ -27,7 +29,7 @@ from ftcore.model import ModelConfig
 from ftcore.peft.lokr import LokrLinear, full_rank
 
 KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "adalora": "init_r", "loha": "r", "lokr": "r",
-         "prefix": "num_virtual_tokens",
+         "lily": "r", "prefix": "num_virtual_tokens",
          "prompt": "num_virtual_tokens"}
 
 

@@ -8,7 +8,8 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from ftcore.schema import invalid, one_of
 
-METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "loha", "lokr", "adalora")
+METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "loha", "lokr", "adalora",
+           "lily")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
@@ -22,12 +23,12 @@ def is_principal(init: str) -> bool:
     return init == "pissa" or init == "olora" or PISSA_NITER.fullmatch(init) is not None
 # The options that belong to some methods only: set on another method (away from the default) they are an error.
 METHOD_OPTIONS = {
-    "r": ("lora", "dora", "vera", "hira", "loha", "lokr"), "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
+    "r": ("lora", "dora", "vera", "hira", "loha", "lokr", "lily"), "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
     "dropout": ("lora", "dora", "vera", "hira", "adalora"),
-    "target_modules": ("lora", "dora", "vera", "hira", "loha", "lokr", "adalora"),
+    "target_modules": ("lora", "dora", "vera", "hira", "loha", "lokr", "adalora", "lily"),
     "use_rslora": ("lora", "dora"), "init": ("lora", "dora", "hira", "loha", "lokr"),
     "projection_prng_key": ("vera",), "save_projection": ("vera",),
-    "d_initial": ("vera",), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
+    "d_initial": ("vera",), **dict.fromkeys(("stride_A", "num_B", "scaling", "init_weights"), ("lily",)), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
     "rank_dropout": ("loha", "lokr"), "module_dropout": ("loha", "lokr"), "decompose_both": ("lokr",),
     "decompose_factor": ("lokr",), "rank_dropout_scale": ("lokr",),
     "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
@@ -73,6 +74,12 @@ class PeftConfig:
     decompose_both: bool = False  # W1 low-rank too (W2 is whenever r < max(b, d) / 2)
     decompose_factor: int = -1  # a, c = this factor where it divides; -1: the divisor nearest the square root
     rank_dropout_scale: bool = False  # divide the rank-dropout mask by its mean (LoHa always does)
+    # Lily (PEFT's names; r, target_modules as above; lily.py): per target entry, one shared A [r, in] per block of
+    # stride_A consecutive layers and one shared B of num_B experts [num_B * r, out] that a per-layer router mixes
+    stride_A: int = 1  # noqa: N815 - PEFT's name
+    num_B: int = 2  # noqa: N815 - PEFT's name (>= 2: the router needs two experts to learn anything)
+    scaling: float = 1.0  # the update's plain multiplier (no alpha / r)
+    init_weights: bool = True  # B starts at zero (the base model); False: kaiming-uniform like A
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
@@ -133,6 +140,10 @@ class PeftConfig:
         if self.total_step and self.tinit >= self.total_step - self.tfinal:
             raise invalid("peft.tinit", self.tinit, f"< total_step - tfinal = {self.total_step - self.tfinal} "
                           "(no steps would be left to reallocate the ranks)")  # fmt: skip
+        if self.stride_A < 1:
+            raise invalid("peft.stride_A", self.stride_A, "a positive integer (1: every layer its own A)")
+        if self.num_B < 2:
+            raise invalid("peft.num_B", self.num_B, "an integer >= 2 (the router mixes at least two B experts)")
         if self.d_initial == 0 and self.method == "vera":
             raise invalid("peft.d_initial", self.d_initial, "a non-zero number (lambda_b then gets no gradient)")
         for key in ("rank_dropout", "module_dropout"):

@@ -8,6 +8,9 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
     base_model.model.model.layers.0.mlp.down_proj.ia3_l                  [1, in] / [out, 1] (IA3)
     base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a           [out, r] (LoHa: w1_a, w1_b, w2_a, w2_b)
     base_model.model.model.layers.0.self_attn.q_proj.lokr_w1             [a, c] (LoKr: w1 or w1_a/w1_b, w2 or w2_a/w2_b)
+    base_model.model.model.layers.0.self_attn.q_proj.lily_A.weight       [r, in] (Lily: also lily_B.weight
+                                        [num_B * r, out], lily_router.weight [num_B, r]; the shared A and B under
+                                        every layer that uses them, as PEFT saves them)
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
 """
 
@@ -29,7 +32,8 @@ from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
-              "HIRA": "hira", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora"}
+              "HIRA": "hira", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora",
+              "LILY": "lily"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -80,6 +84,10 @@ def peft_config_dict(model: nn.Module) -> dict:
                 "projection_prng_key": cfg.projection_prng_key, "save_projection": cfg.save_projection,
                 "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial, "fan_in_fan_out": False, "bias": "none",
                 "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
+    if cfg.method == "lily":
+        return {**common, "peft_type": "LILY", "r": cfg.r, "stride_A": cfg.stride_A, "num_B": cfg.num_B,
+                "scaling": cfg.scaling, "target_modules": cfg.target_modules, "init_weights": cfg.init_weights,
+                "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}
     if cfg.method == "adalora":
         pattern = getattr(getattr(model, "adalora", None), "rank_pattern", None)
         alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
@@ -131,7 +139,10 @@ def save_adapter(model: nn.Module, out_dir) -> Path:
     Unlike PEFT, a DoRA magnitude is kept: W + s B'A' equals the trained W_res + s BA, so its norm is the same.
     """
     out_dir = Path(out_dir)
-    state = {k: v.detach().float() for k, v in adapter_state(model).items()}
+    state, seen = {}, set()
+    for k, v in adapter_state(model).items():  # a tensor shared by layers (Lily) is written under each, as PEFT
+        state[k] = v.detach().float().clone() if id(v) in seen else v.detach().float()
+        seen.add(id(v))
     config = peft_config_dict(model)
     principal = {n: layer for n, layer in adapter_layers(model).items() if getattr(layer, "principal", False)}
     pattern = getattr(getattr(model, "adalora", None), "rank_pattern", None)
@@ -187,7 +198,8 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "init_r": int, "target_r": int, "tinit": int, "tfinal": int, "deltaT": int, "beta1": float, "beta2": float,
     "orth_reg_weight": float, "total_step": int | None, "alpha": float, "rank_dropout": float | None,
     "module_dropout": float | None, "decompose_both": bool | None, "decompose_factor": int | None,
-    "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None,
+    "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None, "stride_A": int, "num_B": int,
+    "scaling": float,
 }  # fmt: skip
 
 
@@ -221,6 +233,13 @@ def config_from_peft(d: dict, where) -> PeftConfig:
                           projection_prng_key=d.get("projection_prng_key", 0),
                           save_projection=d.get("save_projection", True), dropout=d.get("vera_dropout") or 0.0,
                           d_initial=d.get("d_initial", 0.1), base_model_name_or_path=base)  # fmt: skip
+    if method == "lily":
+        init = d.get("init_weights", True)
+        if not isinstance(init, bool):
+            raise FtcoreError(f"{where}: init_weights={init!r} is not supported for Lily (expected true or false)")
+        return PeftConfig(method="lily", r=d.get("r", 32), stride_A=d.get("stride_A", 1), num_B=d.get("num_B", 2),
+                          scaling=d.get("scaling", 1.0), init_weights=init, target_modules=_targets(d["target_modules"]),
+                          base_model_name_or_path=base)  # fmt: skip
     if method == "adalora":
         if d.get("init_lora_weights", True) is not True or d.get("use_dora") or d.get("use_rslora"):
             raise FtcoreError(f"{where}: init_lora_weights, use_dora and use_rslora must be unset for AdaLoRA "
@@ -338,6 +357,13 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         if missing:
             raise FtcoreError(f"{weights_path}: missing tensor {missing[0]!r}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        shared = {}  # a tensor several keys load into (Lily's shared A and B): every copy must agree
+        for key, file_key in names.items():
+            target = expected.get(key, optional.get(key))
+            if id(target) in shared and not torch.equal(st.get(file_key), st.get(shared[id(target)])):
+                raise FtcoreError(f"{weights_path}: {file_key!r} differs from {shared[id(target)]!r}, but both are "
+                                  "one shared tensor of this adapter")  # fmt: skip
+            shared.setdefault(id(target), file_key)
         with torch.no_grad():
             for key, file_key in names.items():
                 if key == "prompt_embeddings" and cfg.method == "prefix":
