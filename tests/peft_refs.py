@@ -81,6 +81,13 @@ SPECS = {
                dict(kind="PrefixTuningConfig", num_virtual_tokens=3)),
     "prefix_proj": (dict(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
                     dict(kind="PrefixTuningConfig", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),
+    # P-tuning: PEFT saves (and ftcore writes) the encoder's output; both load it as fixed soft tokens
+    "ptuning_mlp": (dict(method="ptuning", num_virtual_tokens=3, encoder_hidden_size=16),
+                    dict(kind="PromptEncoderConfig", num_virtual_tokens=3, encoder_hidden_size=16)),
+    "ptuning_lstm": (dict(method="ptuning", num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                          encoder_hidden_size=8, encoder_num_layers=2, encoder_dropout=0.1),
+                     dict(kind="PromptEncoderConfig", num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                          encoder_hidden_size=8, encoder_num_layers=2, encoder_dropout=0.1)),
     "prompt_random": (dict(method="prompt", num_virtual_tokens=4),
                       dict(kind="PromptTuningConfig", num_virtual_tokens=4)),
     "prompt_vocab": (dict(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
@@ -96,7 +103,7 @@ def peft_config(spec: str, tokenizer_dir=None):
 
     kwargs = dict(SPECS[spec][1])
     kind = kwargs.pop("kind")
-    if kind in ("PrefixTuningConfig", "PromptTuningConfig"):
+    if kind in ("PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig"):
         kwargs["task_type"] = "CAUSAL_LM"
     if kwargs.get("prompt_tuning_init") == "TEXT":
         kwargs["tokenizer_name_or_path"] = str(tokenizer_dir)

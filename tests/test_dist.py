@@ -40,7 +40,8 @@ METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
            "loha": {"peft__method": "loha", "peft__r": 4, "peft__alpha": 8},
            "lokr": {"peft__method": "lokr", "peft__r": 2, "peft__alpha": 4, "peft__decompose_both": True,
                     "peft__decompose_factor": 8},
-           "lily": {"peft__method": "lily", "peft__r": 4, "peft__stride_A": 2, "peft__num_B": 3}}  # fmt: skip
+           "lily": {"peft__method": "lily", "peft__r": 4, "peft__stride_A": 2, "peft__num_B": 3},
+           "ptuning": {"peft__method": "ptuning", "peft__num_virtual_tokens": 4, "peft__encoder_hidden_size": 16}}  # fmt: skip
 # Lily's router averages over every token of a micro-batch, so its 1-process reference takes the 2-process runs'
 # micro-batches of one example: batch 1 x accumulation 4 (and 4 validation batches of 1)
 SINGLE = {"lily": {"train__batch_size": 1, "train__grad_accum": 4, "train__eval_batches": 4}}
@@ -48,7 +49,8 @@ SINGLE = {"lily": {"train__batch_size": 1, "train__grad_accum": 4, "train__eval_
 DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp_prefix": ("fsdp", "prefix"),
              "ddp_lora": ("ddp", "lora"), "fsdp_pissa": ("fsdp", "pissa"), "fsdp_vera": ("fsdp", "vera"),
              "fsdp_hira": ("fsdp", "hira"), "fsdp_loha": ("fsdp", "loha"), "fsdp_lokr": ("fsdp", "lokr"),
-             "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora"), "fsdp_lily": ("fsdp", "lily")}  # fmt: skip
+             "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora"), "fsdp_lily": ("fsdp", "lily"),
+             "fsdp_ptuning": ("fsdp", "ptuning")}  # fmt: skip
 
 
 def single_cfg(tiny_dir, data_cache, run_dir, method, **extra):  # noqa: F811

@@ -8,7 +8,7 @@ import torch
 
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
-from ftcore.peft import PeftConfig, adapter_layers, apply, load_adapter, merge, save_adapter
+from ftcore.peft import PeftConfig, adapter_layers, apply, load_adapter, merge, merge_and_unload, save_adapter
 from ftcore.schema import build
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4)
@@ -118,6 +118,8 @@ def test_misuse():
     full = apply(model(), PeftConfig(method="full"))
     assert "full fine-tuning" in error(save_adapter, full, "/tmp/unused")
     assert "prefix tuning" in error(merge, apply(model(), PeftConfig(method="prefix")))
+    assert error(merge, apply(model(), PeftConfig(method="ptuning"))).startswith("peft: p-tuning adds virtual tokens")
+    assert "p-tuning adds virtual tokens" in error(merge_and_unload, apply(model(), PeftConfig(method="ptuning")))
     assert "already has" in error(apply, apply(model(), PeftConfig()), PeftConfig())
 
 
@@ -158,3 +160,19 @@ def test_lily_settings_and_files(tmp_path):
     save_file({**tensors, key: tensors[key] + 1}, tmp_path / "adapter_model.safetensors")
     msg = error(load_adapter, model(), tmp_path)
     assert key in msg and "layers.0.self_attn.v_proj.lily_A.weight" in msg and "one shared tensor" in msg
+
+
+def test_ptuning_settings_and_files(tmp_path):
+    msg = error(PeftConfig, method="ptuning", encoder_reparameterization_type="GRU")
+    assert msg.startswith("peft.encoder_reparameterization_type='GRU': expected one of MLP, LSTM")
+    assert error(PeftConfig, method="ptuning", encoder_hidden_size=-1).startswith("peft.encoder_hidden_size=-1")
+    lstm = dict(method="ptuning", encoder_reparameterization_type="LSTM")
+    assert error(PeftConfig, **lstm, encoder_num_layers=0).startswith("peft.encoder_num_layers=0")
+    assert error(PeftConfig, **lstm, encoder_dropout=1.0).startswith("peft.encoder_dropout=1.0")
+    msg = error(PeftConfig, method="ptuning", encoder_num_layers=3)  # the MLP's layers are fixed (PEFT ignores it)
+    assert msg.startswith("peft.encoder_num_layers=3: expected 2: it is an option of the LSTM encoder")
+    assert error(PeftConfig, method="prompt", encoder_hidden_size=8).startswith("peft.encoder_hidden_size=8: expected "
+                                                                                 "it unset: it is an option of ptuning")
+    save_adapter(apply(model(), PeftConfig(method="ptuning", num_virtual_tokens=2, encoder_hidden_size=8)), tmp_path)
+    msg = error(load_adapter, model(hidden_size=32), tmp_path)
+    assert "token_dim=64" in msg and "32" in msg

@@ -16,7 +16,7 @@ from ftcore.train.step import set_fast_paths
 
 # lora-fused: train.fused_lora under FSDP2; lora-embed: embed_tokens too (in the root's FSDP2 group)
 METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "loha",
-           "lokr", "adalora", "lily"]  # fmt: skip
+           "lokr", "adalora", "lily", "ptuning", "ptuning-lstm"]  # fmt: skip
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -24,6 +24,8 @@ OPTIONS = {"lora": LORA, "dora": LORA, "lora-embed": {**LORA, "target_modules": 
            "prompt": dict(num_virtual_tokens=3), "pissa": {**LORA, "init": "pissa"}, "vera": dict(r=8, dropout=0.0),
            "hira": dict(r=4, dropout=0.0), "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
            "lokr": dict(r=2, alpha=4, decompose_both=True, decompose_factor=8),
+           "ptuning": dict(num_virtual_tokens=3, encoder_hidden_size=16),
+           "ptuning-lstm": dict(num_virtual_tokens=3, encoder_reparameterization_type="LSTM", encoder_hidden_size=8),
            "lily": dict(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
            "adalora": dict(init_r=4, target_r=2, tinit=0, tfinal=0, deltaT=1, total_step=4, dropout=0.0)}  # fmt: skip
 
@@ -33,7 +35,8 @@ def build(method):
     model = Transformer(cfg)
     model.init_weights(std=0.08, generator=torch.Generator().manual_seed(0))
     name = method.removesuffix("-fused")
-    apply(model, PeftConfig(method="lora" if name in ("pissa", "lora-embed") else name, **OPTIONS.get(name, {})))
+    method = {"pissa": "lora", "lora-embed": "lora", "ptuning-lstm": "ptuning"}.get(name, name)
+    apply(model, PeftConfig(method=method, **OPTIONS.get(name, {})))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the no-op init, so that every adapter tensor matters
         for p in (p for p in model.parameters() if p.requires_grad):

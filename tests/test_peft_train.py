@@ -30,6 +30,9 @@ METHODS = {
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),
     "prefix_proj": PeftConfig(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
     "prompt": PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
+    "ptuning_mlp": PeftConfig(method="ptuning", num_virtual_tokens=3, encoder_hidden_size=16),
+    "ptuning_lstm": PeftConfig(method="ptuning", num_virtual_tokens=3, encoder_reparameterization_type="LSTM",
+                               encoder_hidden_size=8, encoder_num_layers=2, encoder_dropout=0.1),
     "full_frozen": PeftConfig(method="full", freeze=["embed_tokens.*", "layers.0.*"]),
 }
 
@@ -82,7 +85,7 @@ def test_only_adapter_parameters_get_gradients(name):
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
-                                  "vera", "hira", "adalora", "lily"])
+                                  "vera", "hira", "adalora", "lily", "ptuning_mlp", "ptuning_lstm"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -104,7 +107,7 @@ def test_dora_weight_norm_gets_no_gradient():
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
-                                  "vera", "hira", "adalora", "lily"])
+                                  "vera", "hira", "adalora", "lily", "ptuning_mlp", "ptuning_lstm"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""

@@ -18,6 +18,9 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
     r                    lily           r * (sum over target entries of ceil(layers / stride_A) in + num_B out
                                         + layers * num_B): the shared A's and B's once, a router per layer
     num_virtual_tokens   prefix, prompt
+    encoder_hidden_size  ptuning        the encoder's H, which holds most of its count (MLP: P D + H^2 + 2 H D + 2 H
+                                        + D; quadratic, so the binary search finds it); P stays as configured.
+                                        Capped by compare.max_r. The saved adapter is only its output, P x D
     (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
 """
 
@@ -30,7 +33,7 @@ from ftcore.peft.lokr import LokrLinear, full_rank
 
 KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "adalora": "init_r", "loha": "r", "lokr": "r",
          "lily": "r", "prefix": "num_virtual_tokens",
-         "prompt": "num_virtual_tokens"}
+         "prompt": "num_virtual_tokens", "ptuning": "encoder_hidden_size"}
 
 
 @dataclass

@@ -10,8 +10,8 @@
 
 One file per method: lora.py (LoRA, rsLoRA, DoRA; lora_init.py: PiSSA and OLoRA inits), vera.py, hira.py,
 loha.py, lokr.py, adalora.py (with its rank allocator), lily.py (shared projectors; not mergeable), ia3.py,
-prefix.py, prompt.py, full.py; attach.py (apply, targets, merge), io.py (PEFT format), export.py (merged model). LoRA+ is a choice of optimizer groups
-(train/optim.py).
+prefix.py, prompt.py, ptuning.py (P-tuning's encoder, on the prompt hook), full.py; attach.py (apply, targets,
+merge), io.py (PEFT format), export.py (merged model). LoRA+ is a choice of optimizer groups (train/optim.py).
 """
 
 from ftcore.peft.attach import (

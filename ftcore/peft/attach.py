@@ -3,8 +3,9 @@
 Adapted layers are swapped in place (`setattr(parent, name, LoraLinear(old))`) and keep the base
 Parameters under their names, so `layers.0.self_attn.q_proj.weight` is still a key of the model.
 Adapter layers share one small protocol: adapter_tensors() (PEFT's names), merge(), unmerge(),
-merged_weight(), merged_bias(). Prefix and prompt tuning attach root modules at the model's hooks, as do
-VeRA and Lily for the tensors their layers share (`vera_projections`, `lily_projectors`).
+merged_weight(), merged_bias(). Prefix and prompt tuning (and P-tuning, on the prompt hook) attach root modules
+at the model's hooks, as do VeRA and Lily for the tensors their layers share (`vera_projections`,
+`lily_projectors`).
 
 Target matching is PEFT's, on PEFT's module keys (`model.layers.0.self_attn.q_proj`, `lm_head`):
 a list entry matches a key equal to it or ending in `.entry`; a string is a regex that must match
@@ -30,11 +31,13 @@ from ftcore.peft.lora import LoraLinear
 from ftcore.peft.lora_embedding import LoraEmbedding
 from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
+from ftcore.peft.ptuning import PTuningEncoder
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
 ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, LohaLinear, LokrLinear, AdaLoraLinear,
                   LilyLinear)
+VIRTUAL_TOKENS = {"prefix": "prefix tuning", "prompt": "prompt tuning", "ptuning": "p-tuning"}  # not mergeable
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections", "lily_projectors")  # root modules a method attaches
 
 
@@ -187,6 +190,13 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         if init:
             enc.reset_parameters(gen)
         model.prefix_encoder = enc
+    elif cfg.method == "ptuning":
+        enc = PTuningEncoder(cfg.num_virtual_tokens, model.cfg.hidden_size, cfg.encoder_reparameterization_type,
+                             cfg.encoder_hidden_size, cfg.encoder_num_layers, cfg.encoder_dropout,
+                             model.embed_tokens.weight.device)  # fmt: skip
+        if init:
+            enc.reset_parameters(gen)
+        model.prompt_encoder = enc
     elif cfg.method == "prompt":
         embed = model.embed_tokens
         enc = PromptEncoder(cfg.num_virtual_tokens, model.cfg.hidden_size, embed.weight.device)
@@ -247,8 +257,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _check_mergeable(model):
     method = getattr(getattr(model, "peft_config", None), "method", None)
-    if method in ("prefix", "prompt"):
-        raise FtcoreError(f"peft: {method} tuning adds virtual tokens and cannot be merged into the base weights")
+    if method in VIRTUAL_TOKENS:
+        raise FtcoreError(f"peft: {VIRTUAL_TOKENS[method]} adds virtual tokens and cannot be merged into the base weights")
     if method == "lily":
         next(iter(adapter_layers(model).values())).merge()  # its one-line refusal
     tied = {"embed_tokens": "lm_head", "lm_head": "embed_tokens"} if model.cfg.tie_word_embeddings else {}

@@ -9,7 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from ftcore.schema import invalid, one_of
 
 METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "loha", "lokr", "adalora",
-           "lily")
+           "lily", "ptuning")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
@@ -31,12 +31,15 @@ METHOD_OPTIONS = {
     "d_initial": ("vera",), **dict.fromkeys(("stride_A", "num_B", "scaling", "init_weights"), ("lily",)), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
     "rank_dropout": ("loha", "lokr"), "module_dropout": ("loha", "lokr"), "decompose_both": ("lokr",),
     "decompose_factor": ("lokr",), "rank_dropout_scale": ("lokr",),
-    "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
+    "num_virtual_tokens": ("prefix", "prompt", "ptuning"),
+    **dict.fromkeys(("encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"),
+                    ("ptuning",)), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
     "prompt_init": ("prompt",), "init_text": ("prompt",), "tokenizer_path": ("prompt",), "freeze": ("full",),
     **dict.fromkeys(("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                      "total_step"), ("adalora",)),
 }  # fmt: skip
 PROMPT_INITS = ("random", "sample_vocab", "text")
+PTUNING_ENCODERS = ("MLP", "LSTM")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -90,6 +93,11 @@ class PeftConfig:
     prompt_init: str = "random"  # random | sample_vocab | text (then set init_text)
     init_text: str = ""
     tokenizer_path: str = ""  # prompt_init="text" without a tokenizer object; saved as tokenizer_name_or_path
+    # P-tuning (PEFT's names; ptuning.py): the soft tokens are an encoder's output, from an embedding [P, D]
+    encoder_reparameterization_type: str = "MLP"  # MLP (3 linear layers) | LSTM (bidirectional, then 2 linear)
+    encoder_hidden_size: int = 0  # H; 0 = the model's hidden size (PEFT has no usable default: None fails there)
+    encoder_num_layers: int = 2  # LSTM layers (the MLP always has 3 linear layers: PEFT ignores it there)
+    encoder_dropout: float = 0.0  # between LSTM layers (the MLP has none)
     # full fine-tuning: parameters whose names match one of these globs stay frozen ("embed_tokens.*")
     freeze: list[str] = field(default_factory=list)
     seed: int = 0  # adapter initialization
@@ -161,6 +169,18 @@ class PeftConfig:
         if self.prefix_hidden_size < 0:
             raise invalid("peft.prefix_hidden_size", self.prefix_hidden_size, ">= 0 (0 = PEFT's default)")
         one_of("peft.prompt_init", self.prompt_init, PROMPT_INITS)
+        one_of("peft.encoder_reparameterization_type", self.encoder_reparameterization_type, PTUNING_ENCODERS)
+        if self.encoder_hidden_size < 0:
+            raise invalid("peft.encoder_hidden_size", self.encoder_hidden_size, ">= 0 (0 = the model's hidden size)")
+        if self.encoder_num_layers < 1:
+            raise invalid("peft.encoder_num_layers", self.encoder_num_layers, "a positive integer")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise invalid("peft.encoder_dropout", self.encoder_dropout, "a probability in [0, 1)")
+        if self.encoder_reparameterization_type == "MLP":  # PEFT ignores them (with a warning): refuse instead
+            for key, default in (("encoder_num_layers", 2), ("encoder_dropout", 0.0)):
+                if getattr(self, key) != default:
+                    raise invalid(f"peft.{key}", getattr(self, key), f"{default}: it is an option of the LSTM "
+                                  "encoder (peft.encoder_reparameterization_type=LSTM), the MLP has fixed layers")
         if self.method == "prompt" and self.prompt_init == "text" and not self.init_text:
             raise invalid("peft.init_text", self.init_text, "the text to start from with prompt_init='text'")
 

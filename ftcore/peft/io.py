@@ -12,6 +12,7 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
                                         [num_B * r, out], lily_router.weight [num_B, r]; the shared A and B under
                                         every layer that uses them, as PEFT saves them)
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
+                                        (P-tuning: its encoder's output [P, D], loaded back as fixed soft tokens)
 """
 
 import json
@@ -31,7 +32,7 @@ from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning", "VERA": "vera",
               "HIRA": "hira", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora",
               "LILY": "lily"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -50,6 +51,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": model.prefix_encoder.flat()}
     if method == "prompt":
         return {"prompt_embeddings": model.prompt_encoder.embedding.weight}
+    if method == "ptuning":  # the encoder's output, as PEFT saves it (get_prompt_embedding_to_save)
+        return {"prompt_embeddings": model.prompt_encoder.output()}
     state = {f"base_model.model.{peft_key(name)}.{suffix}": t
              for name, layer in adapter_layers(model).items() for suffix, t in layer.adapter_tensors().items()}
     if method == "vera" and model.peft_config.save_projection:  # the shared matrices, once
@@ -125,6 +128,12 @@ def peft_config_dict(model: nn.Module) -> dict:
         return {**prompt_learning, "peft_type": "PREFIX_TUNING", "token_dim": token_dim,
                 "num_attention_heads": mcfg.num_kv_heads, "prefix_projection": cfg.prefix_projection,
                 "encoder_hidden_size": cfg.prefix_hidden_size or token_dim, "init_weights": None}
+    if cfg.method == "ptuning":
+        return {**prompt_learning, "peft_type": "P_TUNING", "token_dim": mcfg.hidden_size,
+                "num_attention_heads": mcfg.num_heads,
+                "encoder_reparameterization_type": cfg.encoder_reparameterization_type,
+                "encoder_hidden_size": cfg.encoder_hidden_size or mcfg.hidden_size,
+                "encoder_num_layers": cfg.encoder_num_layers, "encoder_dropout": cfg.encoder_dropout}
     return {**prompt_learning, "peft_type": "PROMPT_TUNING", "token_dim": mcfg.hidden_size,
             "num_attention_heads": mcfg.num_heads, "prompt_tuning_init": PROMPT_INITS[cfg.prompt_init],
             "prompt_tuning_init_text": cfg.init_text or None,
@@ -199,7 +208,8 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "orth_reg_weight": float, "total_step": int | None, "alpha": float, "rank_dropout": float | None,
     "module_dropout": float | None, "decompose_both": bool | None, "decompose_factor": int | None,
     "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None, "stride_A": int, "num_B": int,
-    "scaling": float,
+    "scaling": float, "encoder_reparameterization_type": str, "encoder_hidden_size": int | None,
+    "encoder_num_layers": int | None, "encoder_dropout": float | None,
 }  # fmt: skip
 
 
@@ -283,6 +293,18 @@ def config_from_peft(d: dict, where) -> PeftConfig:
     if method == "prefix":
         # The saved prefix is already projected (PEFT folds the MLP when saving), so load it unprojected.
         return PeftConfig(method="prefix", num_virtual_tokens=d["num_virtual_tokens"], base_model_name_or_path=base)
+    if method == "ptuning":
+        # The saved soft tokens are the encoder's output: they load as fixed embeddings (load_fixed), whatever the
+        # encoder was; its settings are kept for the record (PEFT ignores the MLP's layers and dropout: so do we).
+        kind = str(d.get("encoder_reparameterization_type") or "MLP").upper()
+        if kind not in ("MLP", "LSTM"):
+            raise FtcoreError(f"{where}: encoder_reparameterization_type={kind!r} is not supported (expected MLP or LSTM)")
+        lstm = kind == "LSTM"
+        return PeftConfig(method="ptuning", num_virtual_tokens=d["num_virtual_tokens"],
+                          encoder_reparameterization_type=kind, encoder_hidden_size=d.get("encoder_hidden_size") or 0,
+                          encoder_num_layers=(d.get("encoder_num_layers") or 2) if lstm else 2,
+                          encoder_dropout=(d.get("encoder_dropout") or 0.0) if lstm else 0.0,
+                          base_model_name_or_path=base)  # fmt: skip
     init = {v: k for k, v in PROMPT_INITS.items()}.get(str(d.get("prompt_tuning_init", "RANDOM")).upper(), "random")
     return PeftConfig(method="prompt", num_virtual_tokens=d["num_virtual_tokens"], prompt_init=init,
                       init_text=d.get("prompt_tuning_init_text") or "",
@@ -299,7 +321,7 @@ def _check_shape_fields(d: dict, model, where):
     expected = {"num_layers": c.num_layers}
     if d["peft_type"] == "PREFIX_TUNING":
         expected.update(token_dim=c.num_kv_heads * c.head_dim, num_attention_heads=c.num_kv_heads)
-    elif d["peft_type"] == "PROMPT_TUNING":
+    elif d["peft_type"] in ("PROMPT_TUNING", "P_TUNING"):
         expected.update(token_dim=c.hidden_size)
     for key, want in expected.items():
         if d.get(key) is not None and d[key] != want:
@@ -368,6 +390,8 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
             for key, file_key in names.items():
                 if key == "prompt_embeddings" and cfg.method == "prefix":
                     model.prefix_encoder.load_flat(st.get(file_key))
+                elif key == "prompt_embeddings" and cfg.method == "ptuning":
+                    model.prompt_encoder.load_fixed(st.get(file_key))
                 else:
                     expected.get(key, optional.get(key)).copy_(st.get(file_key))
     except FtcoreError:

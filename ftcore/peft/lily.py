@@ -80,7 +80,7 @@ class LilyLinear(nn.Module):
 
     def _refuse(self):
         raise FtcoreError("peft.method=lily: its router mixes the shared B projectors by weights computed from each "
-                          "input, so it cannot be merged into the base weights (HF PEFT does not merge Lily either)")
+                          "input, so it cannot be merged into the base weights (HF PEFT does not merge Lily either)")  # fmt: skip
 
     def merged_weight(self):
         self._refuse()
