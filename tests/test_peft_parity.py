@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 CASES = [(spec, "llama_gqa_llama3") for spec in SPECS]
 CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix", "vera", "hira", "loha",
-                                                   "lokr")]  # biases, n_kv = 1
+                                                   "lokr", "lily")]  # biases, n_kv = 1
 CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "loha", "lokr_decompose", "adalora", "lily",
                                        "lily_regex")]
 CASES += [(spec, "qwen2") for spec in ("ptuning_mlp", "ptuning_lstm")]
