@@ -95,6 +95,13 @@ SPECS = {
     # COFT: the random vectors are projected (in place) into the eps ball at the first forward
     "coft": (dict(method="oft", oft_block_size=16, coft=True, eps=0.5, target_modules=["q_proj", "up_proj"]),
              dict(kind="OFTConfig", oft_block_size=16, coft=True, eps=0.5, target_modules=["q_proj", "up_proj"])),
+    # Lily: q/v/down each a group (one A per 2 layers, 3 experts); the regex groups by shape (k/v [32, 64], up [96, 64])
+    "lily": (dict(method="lily", r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj"]),
+             dict(kind="LilyConfig", r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "lily_regex": (dict(method="lily", r=3, num_B=2, scaling=0.5, init_weights=False,
+                        target_modules=r".*\.(k_proj|v_proj|up_proj)|lm_head"),
+                   dict(kind="LilyConfig", r=3, num_B=2, scaling=0.5, init_weights=False,
+                        target_modules=r".*\.(k_proj|v_proj|up_proj)|lm_head")),
     "ia3": (dict(method="ia3"),
             dict(kind="IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "ia3_regex": (dict(method="ia3", ia3_target_modules=r".*\.(q_proj|o_proj|gate_proj)", feedforward_modules=r".*o_proj"),
@@ -103,6 +110,13 @@ SPECS = {
                dict(kind="PrefixTuningConfig", num_virtual_tokens=3)),
     "prefix_proj": (dict(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
                     dict(kind="PrefixTuningConfig", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),
+    # P-tuning: PEFT saves (and ftcore writes) the encoder's output; both load it as fixed soft tokens
+    "ptuning_mlp": (dict(method="ptuning", num_virtual_tokens=3, encoder_hidden_size=16),
+                    dict(kind="PromptEncoderConfig", num_virtual_tokens=3, encoder_hidden_size=16)),
+    "ptuning_lstm": (dict(method="ptuning", num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                          encoder_hidden_size=8, encoder_num_layers=2, encoder_dropout=0.1),
+                     dict(kind="PromptEncoderConfig", num_virtual_tokens=4, encoder_reparameterization_type="LSTM",
+                          encoder_hidden_size=8, encoder_num_layers=2, encoder_dropout=0.1)),
     "prompt_random": (dict(method="prompt", num_virtual_tokens=4),
                       dict(kind="PromptTuningConfig", num_virtual_tokens=4)),
     "prompt_vocab": (dict(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
@@ -118,7 +132,7 @@ def peft_config(spec: str, tokenizer_dir=None):
 
     kwargs = dict(SPECS[spec][1])
     kind = kwargs.pop("kind")
-    if kind in ("PrefixTuningConfig", "PromptTuningConfig"):
+    if kind in ("PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig"):
         kwargs["task_type"] = "CAUSAL_LM"
     if kwargs.get("prompt_tuning_init") == "TEXT":
         kwargs["tokenizer_name_or_path"] = str(tokenizer_dir)

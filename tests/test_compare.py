@@ -45,6 +45,8 @@ PEFT = {
     "hra": {"method": "hra", "r": 8, "target_modules": ALL_LINEAR},
     "ln_tuning": {"method": "ln_tuning"},
     "adalora": {"method": "adalora", "init_r": 12, "target_r": 8, "target_modules": ALL_LINEAR},
+    "ptuning": {"method": "ptuning", "num_virtual_tokens": 20, "encoder_hidden_size": 64},
+    "lily": {"method": "lily", "r": 32, "stride_A": 3, "num_B": 4, "target_modules": ALL_LINEAR},
 }
 CLI_BASE = ["train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "train.eval_batches=1",
             "eval.max_examples=4", "eval.max_new_tokens=3", "eval.batch_size=8", "logger.wandb.mode=disabled",
@@ -95,10 +97,23 @@ def test_budget_solving_is_exact():
     outs = 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576)
     s = solve_budget(SMOLLM2, PEFT["vera"], outs + 30 * 7 * 100, 512)
     assert (s.size, s.trainable) == (100, outs + 30 * 7 * 100)
+    # Lily: per r, 10 shared A's (30 layers / stride 3) of each entry's `in`, one B of num_B x `out` per entry,
+    # and a [num_B, r] router per layer
+    per_r = 10 * (576 * 6 + 1536) + 4 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) + 30 * 7 * 4
+    s = solve_budget(SMOLLM2, PEFT["lily"], 1_000_000, 512)
+    assert (s.knob, s.size, s.trainable) == ("r", 13, 13 * per_r) and 14 * per_r > 1_000_000
+    # P-tuning's MLP encoder: P D + (D H + H) + (H^2 + H) + (H D + D), quadratic in H: the binary search's largest H
+    def ptuning(h):
+        return 20 * 576 + 576 * h + h + h * h + h + h * 576 + 576
+
+    s = solve_budget(SMOLLM2, PEFT["ptuning"], 500_000, 512)
+    assert (s.knob, s.size, s.trainable) == ("encoder_hidden_size", 328, ptuning(328)) and ptuning(329) > 500_000
+    s = solve_budget(SMOLLM2, PEFT["ptuning"], 1_000_000, 512)
+    assert s.size == 512 and s.note.startswith("capped at encoder_hidden_size=512")
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "hra",
-                                    "adalora", "ln_tuning"])
+                                    "adalora", "ln_tuning", "lily", "ptuning"])
 def test_meta_count_equals_a_real_model(method):
     model = Transformer(TINY)
     model.init_weights(generator=torch.Generator().manual_seed(0))

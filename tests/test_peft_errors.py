@@ -8,7 +8,7 @@ import torch
 
 from ftcore.errors import FtcoreError
 from ftcore.model import ModelConfig, Transformer
-from ftcore.peft import PeftConfig, adapter_layers, apply, load_adapter, merge, save_adapter
+from ftcore.peft import PeftConfig, adapter_layers, apply, load_adapter, merge, merge_and_unload, save_adapter
 from ftcore.schema import build
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4)
@@ -120,6 +120,8 @@ def test_misuse():
     full = apply(model(), PeftConfig(method="full"))
     assert "full fine-tuning" in error(save_adapter, full, "/tmp/unused")
     assert "prefix tuning" in error(merge, apply(model(), PeftConfig(method="prefix")))
+    assert error(merge, apply(model(), PeftConfig(method="ptuning"))).startswith("peft: p-tuning adds virtual tokens")
+    assert "p-tuning adds virtual tokens" in error(merge_and_unload, apply(model(), PeftConfig(method="ptuning")))
     assert "already has" in error(apply, apply(model(), PeftConfig()), PeftConfig())
 
 
@@ -131,7 +133,7 @@ def test_config_from_hydra_style_mapping():
     assert build(PeftConfig, dataclasses.asdict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("method", ["vera", "hira", "hra", "adalora"])
+@pytest.mark.parametrize("method", ["vera", "hira", "hra", "adalora", "lily"])
 def test_new_methods_name_the_key_of_a_bad_setting(method):
     size = "peft.init_r" if method == "adalora" else "peft.r"
     assert size in error(PeftConfig, method=method, **{size.removeprefix("peft."): 0})
@@ -139,5 +141,40 @@ def test_new_methods_name_the_key_of_a_bad_setting(method):
     assert msg.startswith("peft.target_modules: 'qkv_proj' matches no linear module of this model")
     msg = error(PeftConfig, method=method, use_rslora=True)
     assert msg == f"peft.use_rslora=True: expected it unset: it is an option of lora, dora, not of {method}"
-    if method != "adalora":
+    if method not in ("adalora", "lily"):
         assert "peft.init" in error(PeftConfig, method=method, init="xavier")
+
+
+def test_lily_settings_and_files(tmp_path):
+    assert error(PeftConfig, method="lily", stride_A=0).startswith("peft.stride_A=0: expected a positive integer")
+    assert error(PeftConfig, method="lily", num_B=1).startswith("peft.num_B=1: expected an integer >= 2")
+    assert error(PeftConfig, method="lora", num_B=4).startswith("peft.num_B=4: expected it unset: it is an option of lily")
+    # a layer matched by two entries: PEFT's grouping would depend on a set's order
+    msg = error(apply, model(), PeftConfig(method="lily", target_modules=["q_proj", "self_attn.q_proj"]))
+    assert msg.startswith("peft.target_modules: model.layers.0.self_attn.q_proj ends with 2 entries (q_proj, self_attn")
+    lily = apply(model(), PeftConfig(method="lily", r=2, stride_A=2, target_modules=["v_proj"]))
+    assert "cannot be merged" in error(merge, lily)
+    save_adapter(lily, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lily_A.weight"  # layer 0's A, saved under layer 1 too
+    save_file({**tensors, key: tensors[key] + 1}, tmp_path / "adapter_model.safetensors")
+    msg = error(load_adapter, model(), tmp_path)
+    assert key in msg and "layers.0.self_attn.v_proj.lily_A.weight" in msg and "one shared tensor" in msg
+
+
+def test_ptuning_settings_and_files(tmp_path):
+    msg = error(PeftConfig, method="ptuning", encoder_reparameterization_type="GRU")
+    assert msg.startswith("peft.encoder_reparameterization_type='GRU': expected one of MLP, LSTM")
+    assert error(PeftConfig, method="ptuning", encoder_hidden_size=-1).startswith("peft.encoder_hidden_size=-1")
+    lstm = dict(method="ptuning", encoder_reparameterization_type="LSTM")
+    assert error(PeftConfig, **lstm, encoder_num_layers=0).startswith("peft.encoder_num_layers=0")
+    assert error(PeftConfig, **lstm, encoder_dropout=1.0).startswith("peft.encoder_dropout=1.0")
+    msg = error(PeftConfig, method="ptuning", encoder_num_layers=3)  # the MLP's layers are fixed (PEFT ignores it)
+    assert msg.startswith("peft.encoder_num_layers=3: expected 2: it is an option of the LSTM encoder")
+    assert error(PeftConfig, method="prompt", encoder_hidden_size=8).startswith("peft.encoder_hidden_size=8: expected "
+                                                                                 "it unset: it is an option of ptuning")
+    save_adapter(apply(model(), PeftConfig(method="ptuning", num_virtual_tokens=2, encoder_hidden_size=8)), tmp_path)
+    msg = error(load_adapter, model(hidden_size=32), tmp_path)
+    assert "token_dim=64" in msg and "32" in msg

@@ -19,7 +19,7 @@ from ftcore.train.step import set_fast_paths
 
 # lora-fused: train.fused_lora under FSDP2; lora-embed: embed_tokens too (in the root's FSDP2 group)
 METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "hra", "hra-gs",
-           "loha", "lokr", "adalora", "ln_tuning", "oft", "coft"]  # fmt: skip
+           "loha", "lokr", "adalora", "ln_tuning", "oft", "coft", "lily", "ptuning", "ptuning-lstm"]  # fmt: skip
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -32,8 +32,11 @@ OPTIONS = {"lora": LORA, "dora": LORA, "lora-embed": {**LORA, "target_modules": 
            "oft": dict(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
            # one shared block ([1, 120]: one rank's shard is empty); lm_head is in the root's FSDP2 group
            "coft": dict(oft_block_size=16, coft=True, eps=0.2, block_share=True,
-                        target_modules=["q_proj", "up_proj", "lm_head"])}  # fmt: skip
-METHOD = {"pissa": "lora", "lora-embed": "lora", "hra-gs": "hra", "coft": "oft"}
+                        target_modules=["q_proj", "up_proj", "lm_head"]),
+           "ptuning": dict(num_virtual_tokens=3, encoder_hidden_size=16),
+           "ptuning-lstm": dict(num_virtual_tokens=3, encoder_reparameterization_type="LSTM", encoder_hidden_size=8),
+           "lily": dict(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])}  # fmt: skip
+METHOD = {"pissa": "lora", "lora-embed": "lora", "hra-gs": "hra", "coft": "oft", "ptuning-lstm": "ptuning"}
 
 
 def build(method):

@@ -1,4 +1,4 @@
-"""Prefix and prompt tuning: cached generation equals recompute, padding changes nothing, and the tokens equal
+"""Prefix and prompt tuning (and P-tuning, loaded as its fixed soft tokens): cached generation equals recompute, padding changes nothing, and the tokens equal
 greedy decoding by definition over HF PEFT's forward; HF PEFT's own generate() where it agrees with itself."""
 
 import pytest
@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 
 PROMPTS = [[5, 7, 9, 11, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41]]  # left-padded to 9 in a batch
 N = 10
-SPECS = ["prefix", "prefix_proj", "prompt_random"]
+SPECS = ["prefix", "prefix_proj", "prompt_random", "ptuning_mlp", "ptuning_lstm"]
 
 
 def peft_forward(pm):

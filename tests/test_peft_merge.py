@@ -40,6 +40,9 @@ METHODS = {
                              target_modules=ALL_LINEAR + ["lm_head"]),
     "ia3_all": PeftConfig(method="ia3", ia3_target_modules=ALL_LINEAR, feedforward_modules=["down_proj", "o_proj"]),
 }
+UNMERGEABLE = {  # adapter layers HF PEFT does not merge either
+    "lily": PeftConfig(method="lily", r=4, stride_A=2, num_B=3, target_modules=ALL_LINEAR + ["lm_head"]),
+}
 
 
 def tiny_model(seed=0):
@@ -52,13 +55,13 @@ def tokens():
     return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(METHODS) + sorted(UNMERGEABLE))
 def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
     model = tiny_model()
     base_keys = set(model.state_dict())
     with torch.no_grad():
         before = model(tokens())
-    apply(model, METHODS[name])
+    apply(model, {**METHODS, **UNMERGEABLE}[name])
     with torch.no_grad():
         after = model(tokens())
     # OLoRA's residual W - s B A (s B A is the whole QR part, not its scale-free top) rounds at ~1e-6
@@ -70,10 +73,12 @@ def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
         assert torch.equal(before, after) if name.startswith("ia3") else (after - before).abs().max() < tolerance
     keys = set(model.state_dict())
     assert base_keys <= keys  # `layers.0.self_attn.q_proj.weight` is still `...q_proj.weight`
-    extra = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys - base_keys}
+    extra = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys - base_keys
+             if not k.startswith("lily_projectors.")}
     assert extra <= {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l", "vera_lambda_b", "vera_lambda_d", "hira_A",
                      "hira_B", "lora_E", "ranknum", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
-                     "hra_u", "ln_tuning_layers", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "oft_R"}
+                     "hra_u", "ln_tuning_layers", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "oft_R",
+                     "lily_router"}
     # a base checkpoint still loads into the adapted model, by the same names
     fresh = tiny_model(seed=1).state_dict()
     missing, unexpected = model.load_state_dict(fresh, strict=False)
@@ -100,6 +105,35 @@ def test_merge_unmerge(name):
     assert (again - unmerged).abs().max() < 1e-5
     for k, v in model.state_dict().items():
         assert (v - weights[k]).abs().max() < 1e-5, k
+
+
+def test_lily_shares_projectors_as_peft_and_refuses_to_merge():
+    model = apply(tiny_model(), UNMERGEABLE["lily"])
+    shared = model.lily_projectors
+    q0, q1 = model.layers[0].self_attn.q_proj, model.layers[1].self_attn.q_proj
+    v0, down1 = model.layers[0].self_attn.v_proj, model.layers[1].mlp.down_proj
+    assert q0.lily_A is q1.lily_A and q0.lily_B is q1.lily_B  # stride_A=2: both layers' A, and the group's B
+    assert q0.lily_A is not v0.lily_A and q0.lily_B is not v0.lily_B  # another target entry, another group
+    assert q0.lily_router is not q1.lily_router and q0.lily_router.shape == (3, 4)  # per layer
+    assert down1.lily_A.shape == (4, 96) and down1.lily_B.shape == (3 * 4, 64)
+    # 8 groups (7 entries + lm_head) x one A (2 layers, stride 2) and one B
+    assert len(list(shared.parameters())) == 16 and {n for n, _ in shared.named_parameters()} >= {"A_0_0", "B_0"}
+    assert torch.equal(q0.lily_B, torch.zeros_like(q0.lily_B))
+    bound = 1 / 64**0.5  # kaiming-uniform(a=sqrt(5)) on A [r, in]
+    assert q0.lily_A.abs().max() <= bound and q0.lily_A.abs().max() > 0.8 * bound
+    randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], seed=4, std=0.1)
+    for fn in (merge, merge_and_unload):
+        with pytest.raises(FtcoreError, match=r"^peft.method=lily: its router mixes .* cannot be merged"):
+            fn(model)
+    # the update's formula: scaling * h (sum_e p_e B_e) with p the softmax of router h averaged over all tokens
+    x = torch.randn(2, 5, 64)
+    h = x @ q1.lily_A.T
+    p = torch.softmax(h @ q1.lily_router.T, -1).reshape(-1, 3).mean(0)
+    b = (p[:, None, None] * q1.lily_B.reshape(3, 4, 64)).sum(0)
+    with torch.no_grad():
+        assert (q1(x) - (x @ q1.weight.T + q1.bias + h @ b)).abs().max() < 1e-5
+    unload(model)
+    assert model.lily_projectors is None and type(model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
 def test_lora_init_choices_and_scaling():

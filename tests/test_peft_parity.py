@@ -13,10 +13,10 @@ peft = pytest.importorskip("peft")
 
 CASES = [(spec, "llama_gqa_llama3") for spec in SPECS]
 CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix", "vera", "hira", "hra", "hra_gs",
-                                                   "loha", "lokr", "ln_tuning", "oft", "coft")]  # biases, n_kv = 1
+                                                   "loha", "lokr", "ln_tuning", "oft", "coft", "lily")]  # biases, n_kv = 1
 CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "hra", "hra_gs", "loha", "lokr_decompose", "adalora",
                                        "ln_tuning", "ln_tuning_list", "ln_tuning_regex", "oft", "oft_r_cayley", "oft_share",
-                                       "coft")]
+                                       "coft", "lily", "lily_regex", "ptuning_mlp", "ptuning_lstm")]
 CASES += [("lora_embed", "llama_tied")]  # the embedding's adapter acts on the lookup only, lm_head keeps the base
 
 
@@ -72,3 +72,40 @@ def test_trainable_parameter_counts_equal_peft(hf_checkpoint, tokenizer_dir, spe
     pm = peft.get_peft_model(copy.deepcopy(ref), peft_config(spec, tokenizer_dir))
     model = apply(load_model(path), our_config(spec, tokenizer_dir))
     assert count_parameters(model) == pm.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("spec", ["ptuning_mlp", "ptuning_lstm"])
+@pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen2"])
+def test_ptuning_encoder_computes_peft_soft_tokens(hf_checkpoint, tmp_path, spec, variant):
+    """With PEFT's encoder weights (same module names), our encoder's soft tokens and logits are PEFT's training-mode
+    ones (its encoder runs: not what either saves), in eval mode and with the LSTM's dropout in train mode."""
+    path, ref = hf_checkpoint(variant)
+    tokens, mask = batch()
+    pm = peft_model(ref, spec, seed=3)
+    theirs = pm.prompt_encoder["default"]
+    model = apply(load_model(path).eval(), our_config(spec))
+    model.prompt_encoder.load_state_dict(theirs.state_dict(), strict=True)
+    with torch.no_grad():
+        diff = (model.prompt_encoder.output() - pm.get_prompt(1)[0]).abs().max().item()
+        assert diff < 1e-6
+        base = ref(tokens, attention_mask=mask).logits
+        assert_close(model(tokens, attention_mask=mask), peft_logits(pm, tokens, mask), mask, base)
+    pm.train()
+    model.train()
+    torch.manual_seed(7)
+    train_theirs = pm.get_prompt(1)[0]
+    torch.manual_seed(7)
+    train_ours = model.prompt_encoder.output()
+    assert (train_ours - train_theirs).abs().max() < 1e-6
+    if spec == "ptuning_lstm":  # the dropout between the LSTM layers did act
+        assert (train_ours - model.eval().prompt_encoder.output()).abs().max() > 1e-3
+    # what PEFT saves is that output (eval mode), and ftcore writes the same tensor
+    pm.eval()
+    model.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    save_adapter(model, tmp_path / "ours")
+    from safetensors.torch import load_file
+
+    saved, ours = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert saved.keys() == ours.keys() == {"prompt_embeddings"}
+    assert (saved["prompt_embeddings"] - ours["prompt_embeddings"]).abs().max() < 1e-6

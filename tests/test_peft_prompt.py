@@ -83,3 +83,33 @@ def test_packed_documents_each_see_the_virtual_tokens(hf_checkpoint, tokenizer_d
         got = model(packed, attention_mask=mask[None, None], position_ids=positions)
         alone = torch.cat([model(a), model(b)], dim=1)
     assert (got - alone).abs().max() < 1e-5
+
+
+def test_ptuning_adapter_loads_as_fixed_soft_tokens(hf_checkpoint, tmp_path):
+    """A saved P-tuning adapter is the encoder's output: loaded, it is the fixed embedding [P, D] (the encoder is
+    gone, as in PEFT's inference mode); saved again, it is the same file; training it further is prompt tuning."""
+    from safetensors.torch import load_file
+
+    from ftcore.peft import PeftConfig, adapter_parameters, apply, count_parameters, save_adapter
+
+    path, _ = hf_checkpoint("llama_gqa_llama3")
+    cfg = PeftConfig(method="ptuning", num_virtual_tokens=3, encoder_reparameterization_type="LSTM",
+                     encoder_hidden_size=8)  # fmt: skip
+    trained = apply(load_model(path).eval(), cfg)
+    # embedding, 2 bidirectional LSTM layers (4H rows: W_ih, W_hh, 2 biases), MLP 2H -> 2H -> D: PEFT's 7952
+    lstm = 2 * (32 * (64 + 8) + 64) + 2 * (32 * (16 + 8) + 64)
+    assert count_parameters(trained)[0] == 3 * 64 + lstm + 16 * 16 + 16 + 16 * 64 + 64 == 7952
+    save_adapter(trained, tmp_path / "a")
+    loaded = load_adapter(load_model(path).eval(), tmp_path / "a")
+    enc = loaded.prompt_encoder
+    assert enc.fixed and enc.lstm_head is None and enc.mlp_head is None
+    assert [p.shape for p in adapter_parameters(loaded)] == [(3, 64)] and count_parameters(loaded)[0] == 3 * 64
+    tokens = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    # (torch's CPU LSTM takes another kernel without autograd: the saved output, with it, differs in the last bits)
+    assert (enc.output() - trained.prompt_encoder.output()).abs().max() < 1e-6
+    with torch.no_grad():
+        assert (loaded(tokens) - trained(tokens)).abs().max() < 1e-5
+    save_adapter(loaded, tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
+    assert (tmp_path / "a" / "adapter_config.json").read_text() == (tmp_path / "b" / "adapter_config.json").read_text()

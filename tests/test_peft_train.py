@@ -33,9 +33,13 @@ METHODS = {
     "oft_cayley": PeftConfig(method="oft", r=4, oft_block_size=0, use_cayley_neumann=False, target_modules=ALL_LINEAR),
     "coft_share": PeftConfig(method="oft", oft_block_size=16, coft=True, eps=0.3, block_share=True,
                              target_modules=ALL_LINEAR),
+    "lily": PeftConfig(method="lily", r=4, stride_A=2, num_B=3, target_modules=ALL_LINEAR + ["lm_head"]),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),
     "prefix_proj": PeftConfig(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
     "prompt": PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
+    "ptuning_mlp": PeftConfig(method="ptuning", num_virtual_tokens=3, encoder_hidden_size=16),
+    "ptuning_lstm": PeftConfig(method="ptuning", num_virtual_tokens=3, encoder_reparameterization_type="LSTM",
+                               encoder_hidden_size=8, encoder_num_layers=2, encoder_dropout=0.1),
     "full_frozen": PeftConfig(method="full", freeze=["embed_tokens.*", "layers.0.*"]),
 }
 
@@ -75,7 +79,7 @@ def test_only_adapter_parameters_get_gradients(name):
     else:
         assert {id(p) for n, p in model.named_parameters() if n in trainable} == {id(p) for p in adapter_parameters(model)}
         assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "hra_u", "ln_tuning_layers.",
-                                        "hada_w", "lokr_w", "oft_R.", "_encoder.")) for n in trainable)  # fmt: skip
+                                        "hada_w", "lokr_w", "oft_R.", "lily_", "_encoder.")) for n in trainable)  # fmt: skip
     _, grads = loss_and_grads(model, ckpt=False)
     for n, grad in grads.items():
         if n in trainable:
@@ -89,7 +93,7 @@ def test_only_adapter_parameters_get_gradients(name):
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
                                   "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning", "oft", "oft_cayley",
-                                  "coft_share"])
+                                  "coft_share", "lily", "ptuning_mlp", "ptuning_lstm"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -112,7 +116,7 @@ def test_dora_weight_norm_gets_no_gradient():
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
                                   "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning", "oft", "oft_cayley",
-                                  "coft_share"])
+                                  "coft_share", "lily", "ptuning_mlp", "ptuning_lstm"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""

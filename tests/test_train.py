@@ -17,6 +17,7 @@ import ftcore.train.step
 from ftcore.config import run_config
 from ftcore.errors import NonFiniteLoss
 from ftcore.formats.hf import save_pretrained
+from ftcore.formats.safetensors import SafetensorsFile
 from ftcore.model import ModelConfig, Transformer
 from ftcore.peft import count_parameters, load_with_adapter
 from ftcore.train import train
@@ -78,8 +79,16 @@ def test_loss_decreases(tiny_dir, data_cache, tmp_path):
     assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
 
 
-def test_resume_after_sigterm_is_bit_exact(tiny_dir, data_cache, tmp_path, monkeypatch):
-    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "straight", eval__baseline=False)))
+# P-tuning: the checkpoints hold the encoder's weights (the final adapter only its output); LSTM dropout replays too
+RESUMED = {"lora": {}, "ptuning_lstm": {"peft__method": "ptuning", "peft__num_virtual_tokens": 3,
+                                        "peft__encoder_reparameterization_type": "LSTM", "peft__encoder_hidden_size": 8,
+                                        "peft__encoder_dropout": 0.1}}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(RESUMED))
+def test_resume_after_sigterm_is_bit_exact(tiny_dir, data_cache, tmp_path, monkeypatch, method):
+    options = {"eval__baseline": False, **RESUMED[method]}
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "straight", **options)))
     expected = read_metrics(tmp_path / "straight")
 
     real_lr_at = ftcore.train.loop.lr_at
@@ -90,18 +99,25 @@ def test_resume_after_sigterm_is_bit_exact(tiny_dir, data_cache, tmp_path, monke
         return real_lr_at(step, cfg, max_steps)
 
     monkeypatch.setattr(ftcore.train.loop, "lr_at", lr_at_then_sigterm)
-    stopped = train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", eval__baseline=False)))
+    stopped = train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", **options)))
     assert stopped["status"].startswith("stopped by SIGTERM at step 5")
     assert (tmp_path / "resumed" / "checkpoints" / "step_00000005").is_dir()
     assert not (tmp_path / "resumed" / "final").exists()
     monkeypatch.setattr(ftcore.train.loop, "lr_at", real_lr_at)
-    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", eval__baseline=False, train__resume="auto")))
+    if method == "ptuning_lstm":
+        saved = SafetensorsFile(tmp_path / "resumed" / "checkpoints" / "step_00000005" / "trainable.safetensors")
+        assert {"prompt_encoder.embedding.weight", "prompt_encoder.lstm_head.weight_hh_l1_reverse",
+                "prompt_encoder.mlp_head.2.weight"} <= set(saved.names())  # fmt: skip
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", **options, train__resume="auto")))
     got = read_metrics(tmp_path / "resumed")
     assert [e.get("loss") for e in got] == [e.get("loss") for e in expected]  # bit for bit, not approx
     assert [e.get("val_loss") for e in got] == [e.get("val_loss") for e in expected]
     a = json.loads((tmp_path / "straight" / "eval.json").read_text())["finetuned"]
     b = json.loads((tmp_path / "resumed" / "eval.json").read_text())["finetuned"]
     assert a == b
+    if method == "ptuning_lstm":  # the final adapter is PEFT's: the encoder's output only
+        assert SafetensorsFile(tmp_path / "resumed" / "final" / "adapter_model.safetensors").names() == [
+            "prompt_embeddings"]
 
 
 def test_early_stopping_keeps_best(tiny_dir, data_cache, tmp_path, monkeypatch):

@@ -21,7 +21,12 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
                                         rule), so the count is a non-decreasing step function of the knob (binary
                                         search) and stops growing at b = the largest in. r (the number of blocks)
                                         would make it fall instead, so it is not the knob; r is kept at 0
+    r                    lily           r * (sum over target entries of ceil(layers / stride_A) in + num_B out
+                                        + layers * num_B): the shared A's and B's once, a router per layer
     num_virtual_tokens   prefix, prompt
+    encoder_hidden_size  ptuning        the encoder's H, which holds most of its count (MLP: P D + H^2 + 2 H D + 2 H
+                                        + D; quadratic, so the binary search finds it); P stays as configured.
+                                        Capped by compare.max_r. The saved adapter is only its output, P x D
     (fixed size)         ia3, full      reported as they are; vary ia3_target_modules in an ablation
     (fixed size)         ln_tuning      one weight [D] per targeted norm (vary ln_tuning_target_modules)
 """
@@ -36,8 +41,8 @@ from ftcore.peft.lokr import LokrLinear, full_rank
 from ftcore.peft.oft import OftLinear
 
 KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "hra": "r", "adalora": "init_r", "loha": "r", "lokr": "r",
-         "oft": "oft_block_size", "prefix": "num_virtual_tokens",
-         "prompt": "num_virtual_tokens"}
+         "oft": "oft_block_size", "lily": "r", "prefix": "num_virtual_tokens",
+         "prompt": "num_virtual_tokens", "ptuning": "encoder_hidden_size"}
 
 
 @dataclass

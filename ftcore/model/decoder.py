@@ -141,8 +141,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.fused_kernels = False  # RoPE through kernels/ on CUDA tensors
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None):
-        """x [B, T, D]; mask: bool [B, 1, T, S] (True = attend) or None for plain causal.
+    def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None, alive=None):
+        """x [B, T, D]; mask: bool [B, 1, T, S] (True = attend) or None for plain causal; alive: bool [B, 1, T, 1]
+        or None, the rows whose output is kept (the others', padding tokens that see no real key, is zero).
 
         prefix_kv: (k, v) each [B, n_kv, P, hd], prepended to the keys/values without RoPE
         (the prefix-tuning hook); `mask` must then cover the P prefix columns first.
@@ -162,6 +163,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if alive is not None:
+            y = y * alive  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -185,8 +188,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix_kv)
+    def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None, alive=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix_kv, alive)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -212,19 +215,22 @@ def prepend_soft_prompt_mask(attention_mask, soft: int, prefill: bool):
 
 def build_mask(
     T: int, past: int, prefix: int, attention_mask, sliding_window: int, device
-) -> torch.Tensor | None:
-    """Boolean attention mask [B|1, 1, T, prefix + past + T] (True = attend), or None for plain causal.
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mask, alive): boolean attention mask [B|1, 1, T, prefix + past + T] (True = attend), or None for plain causal.
 
     attention_mask: None, a key padding mask [B, past + T] (1 = real token), or a ready bool mask
     [B, 1, T, past + T] (e.g. block-diagonal for packed documents). Prefix columns are always visible.
-    Every query may attend to its own key, so rows of padding tokens never go all-masked (NaN).
+    Every query may attend to its own key, so rows of padding tokens never go all-masked (NaN); `alive`
+    [B, 1, T, 1] (None: all) marks the rows that see a key besides that: attention zeroes the others' output, as
+    torch's SDPA does for an all-masked row in transformers (Lily's router averages over padding tokens too).
     """
     S = past + T
+    alive = None
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask.bool()
     else:
         if attention_mask is None and prefix == 0 and past == 0 and not sliding_window:
-            return None
+            return None, None
         q_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
         k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
         mask = k_pos <= q_pos
@@ -233,10 +239,11 @@ def build_mask(
         mask = mask[None, None]  # [1, 1, T, S]
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]
+        alive = None if attention_mask is None or prefix else mask.any(-1, keepdim=True)  # [B, 1, T, 1]
         mask = mask | (k_pos == q_pos)[None, None]
-    if prefix:
+    if prefix:  # (prefix columns are always visible: every row is alive)
         mask = torch.cat([mask.new_ones(*mask.shape[:3], prefix), mask], dim=-1)
-    return mask
+    return mask, alive
 
 
 class Transformer(nn.Module):
@@ -323,9 +330,9 @@ class Transformer(nn.Module):
                 soft_pos = torch.arange(soft, device=x.device)[None].expand(B, soft)
                 position_ids = torch.cat([soft_pos, position_ids], dim=1)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
-        mask = build_mask(x.shape[1], past, prefix, attention_mask, self.cfg.sliding_window, x.device)
+        mask, alive = build_mask(x.shape[1], past, prefix, attention_mask, self.cfg.sliding_window, x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, kv_cache, None if prefix_kv is None else prefix_kv[i])
+            x = layer(x, cos, sin, mask, kv_cache, None if prefix_kv is None else prefix_kv[i], alive)
         if kv_cache is not None:
             kv_cache.length += x.shape[1]
         x = self.norm(x[:, -T:])  # the real tokens

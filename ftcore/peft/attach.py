@@ -3,7 +3,9 @@
 Adapted layers are swapped in place (`setattr(parent, name, LoraLinear(old))`) and keep the base
 Parameters under their names, so `layers.0.self_attn.q_proj.weight` is still a key of the model.
 Adapter layers share one small protocol: adapter_tensors() (PEFT's names), merge(), unmerge(),
-merged_weight(), merged_bias(). Prefix and prompt tuning attach root modules at the model's hooks.
+merged_weight(), merged_bias(). Prefix and prompt tuning (and P-tuning, on the prompt hook) attach root modules
+at the model's hooks, as do VeRA and Lily for the tensors their layers share (`vera_projections`,
+`lily_projectors`).
 
 Target matching is PEFT's, on PEFT's module keys (`model.layers.0.self_attn.q_proj`, `lm_head`):
 a list entry matches a key equal to it or ending in `.entry`; a string is a regex that must match
@@ -25,6 +27,7 @@ from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
 from ftcore.peft.hra import HraLinear
 from ftcore.peft.ia3 import IA3Linear
+from ftcore.peft.lily import LilyLinear, LilyProjectors, lily_groups
 from ftcore.peft.ln_tuning import LnTuningNorm
 from ftcore.peft.loha import LohaLinear
 from ftcore.peft.lokr import LokrLinear
@@ -33,14 +36,16 @@ from ftcore.peft.lora_embedding import LoraEmbedding
 from ftcore.peft.oft import OftLinear
 from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
+from ftcore.peft.ptuning import PTuningEncoder
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.quant.linear import Linear4bit
 from ftcore.schema import build
 
 ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
-                  AdaLoraLinear, LnTuningNorm, OftLinear)  # fmt: skip
-HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
-OVER_4BIT = ("none", "prefix", "prompt", "ln_tuning")  # the methods that leave the (4-bit) linear layers alone
+                  AdaLoraLinear, LnTuningNorm, OftLinear, LilyLinear)  # fmt: skip
+VIRTUAL_TOKENS = {"prefix": "prefix tuning", "prompt": "prompt tuning", "ptuning": "p-tuning"}  # not mergeable
+HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections", "lily_projectors")  # root modules a method attaches
+OVER_4BIT = ("none", "prefix", "prompt", "ptuning", "ln_tuning")  # the methods that leave the (4-bit) linears alone
 
 
 def peft_key(name: str) -> str:
@@ -157,6 +162,22 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
             if init:
                 layer.reset_parameters(cfg.d_initial)
             _swap(model, name, layer)
+    elif cfg.method == "lily":
+        names = find_targets(model, cfg.target_modules)
+        linears = [model.get_submodule(n) for n in names]
+        shared = LilyProjectors()
+        for g, idx in enumerate(lily_groups(names, linears, cfg.target_modules, [peft_key(n) for n in names]).values()):
+            first, device = linears[idx[0]], linears[idx[0]].weight.device
+            b = shared.add(f"B_{g}", (cfg.num_B * cfg.r, first.out_features), device)
+            for j, i in enumerate(idx):  # blocks of stride_A consecutive layers of the group share one A
+                if j % cfg.stride_A == 0:
+                    a = shared.add(f"A_{g}_{j // cfg.stride_A}", (cfg.r, first.in_features), device)
+                layer = LilyLinear(linears[i], shared, a, b, cfg.r, cfg.num_B, cfg.scaling)
+                if init:
+                    layer.reset_parameters(gen, init_a=j % cfg.stride_A == 0, init_b=j == 0,
+                                           init_weights=cfg.init_weights)  # fmt: skip
+                _swap(model, names[i], layer)
+        model.lily_projectors = shared
     elif cfg.method == "hira":
         for name in find_targets(model, cfg.target_modules):
             layer = HiraLinear(model.get_submodule(name), cfg.r, cfg.dropout)
@@ -212,6 +233,13 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         if init:
             enc.reset_parameters(gen)
         model.prefix_encoder = enc
+    elif cfg.method == "ptuning":
+        enc = PTuningEncoder(cfg.num_virtual_tokens, model.cfg.hidden_size, cfg.encoder_reparameterization_type,
+                             cfg.encoder_hidden_size, cfg.encoder_num_layers, cfg.encoder_dropout,
+                             model.embed_tokens.weight.device)  # fmt: skip
+        if init:
+            enc.reset_parameters(gen)
+        model.prompt_encoder = enc
     elif cfg.method == "prompt":
         embed = model.embed_tokens
         enc = PromptEncoder(cfg.num_virtual_tokens, model.cfg.hidden_size, embed.weight.device)
@@ -244,12 +272,13 @@ def is_feedforward(feedforward_modules, name: str) -> bool:
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapter's parameters: adapter-layer tensors plus the prefix/prompt encoders."""
+    """The adapter's parameters, each once: adapter-layer tensors plus the root hooks' (prefix/prompt encoders,
+    Lily's shared projectors; VeRA's shared matrices are frozen buffers)."""
     params = [p for m in adapter_layers(model).values() for p in m.adapter_tensors().values()]
     for hook in HOOKS:
         if getattr(model, hook, None) is not None:
-            params += list(getattr(model, hook).parameters())  # (VeRA's shared matrices are frozen buffers)
-    return params
+            params += list(getattr(model, hook).parameters())
+    return list({id(p): p for p in params}.values())
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -271,8 +300,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _check_mergeable(model):
     method = getattr(getattr(model, "peft_config", None), "method", None)
-    if method in ("prefix", "prompt"):
-        raise FtcoreError(f"peft: {method} tuning adds virtual tokens and cannot be merged into the base weights")
+    if method in VIRTUAL_TOKENS:
+        raise FtcoreError(f"peft: {VIRTUAL_TOKENS[method]} adds virtual tokens and cannot be merged into the base weights")
+    if method == "lily":
+        next(iter(adapter_layers(model).values())).merge()  # its one-line refusal
     tied = {"embed_tokens": "lm_head", "lm_head": "embed_tokens"} if model.cfg.tie_word_embeddings else {}
     for name in adapter_layers(model):
         if name in tied:

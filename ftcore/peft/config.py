@@ -8,8 +8,8 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from ftcore.schema import invalid, one_of
 
-METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "vera", "hira", "hra", "loha", "lokr", "adalora",
-           "oft", "ln_tuning")
+METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "ptuning", "vera", "hira", "hra", "loha", "lokr",
+           "adalora", "oft", "lily", "ln_tuning")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
@@ -25,25 +25,29 @@ def is_principal(init: str) -> bool:
     return init == "pissa" or init == "olora" or PISSA_NITER.fullmatch(init) is not None
 # The options that belong to some methods only: set on another method (away from the default) they are an error.
 METHOD_OPTIONS = {
-    "r": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "oft"),
+    "r": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "oft", "lily"),
     "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
     "dropout": ("lora", "dora", "vera", "hira", "adalora"),
-    "target_modules": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "adalora", "oft"),
+    "target_modules": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "adalora", "oft", "lily"),
     "use_rslora": ("lora", "dora"), "init": ("lora", "dora", "hira", "hra", "loha", "lokr"),
     "apply_GS": ("hra",),
-    "projection_prng_key": ("vera",), "save_projection": ("vera",),
-    "d_initial": ("vera",), "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
+    "projection_prng_key": ("vera",), "save_projection": ("vera",), "d_initial": ("vera",),
+    **dict.fromkeys(("stride_A", "num_B", "scaling", "init_weights"), ("lily",)),
+    "ia3_target_modules": ("ia3",), "feedforward_modules": ("ia3",),
     "ln_tuning_target_modules": ("ln_tuning",),
     "rank_dropout": ("loha", "lokr"), "module_dropout": ("loha", "lokr", "oft"), "decompose_both": ("lokr",),
     "decompose_factor": ("lokr",), "rank_dropout_scale": ("lokr",),
     **dict.fromkeys(("oft_block_size", "coft", "eps", "block_share", "use_cayley_neumann", "num_cayley_neumann_terms"),
                     ("oft",)),
-    "num_virtual_tokens": ("prefix", "prompt"), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
+    "num_virtual_tokens": ("prefix", "prompt", "ptuning"),
+    **dict.fromkeys(("encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"),
+                    ("ptuning",)), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
     "prompt_init": ("prompt",), "init_text": ("prompt",), "tokenizer_path": ("prompt",), "freeze": ("full",),
     **dict.fromkeys(("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                      "total_step"), ("adalora",)),
 }  # fmt: skip
 PROMPT_INITS = ("random", "sample_vocab", "text")
+PTUNING_ENCODERS = ("MLP", "LSTM")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # LN tuning: PEFT's default targets for Llama (and Mistral, Gemma); its Qwen2/Qwen3 default is post_attention_layernorm
 ALL_NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
@@ -96,6 +100,12 @@ class PeftConfig:
     block_share: bool = False  # one block, repeated (oft_R.weight [1, b (b - 1) / 2])
     use_cayley_neumann: bool = True  # R = I + 2Q + 2Q^2 + ... (num_cayley_neumann_terms); False: (I - Q)(I + Q)^-1
     num_cayley_neumann_terms: int = 5
+    # Lily (PEFT's names; r, target_modules as above; lily.py): per target entry, one shared A [r, in] per block of
+    # stride_A consecutive layers and one shared B of num_B experts [num_B * r, out] that a per-layer router mixes
+    stride_A: int = 1  # noqa: N815 - PEFT's name
+    num_B: int = 2  # noqa: N815 - PEFT's name (>= 2: the router needs two experts to learn anything)
+    scaling: float = 1.0  # the update's plain multiplier (no alpha / r)
+    init_weights: bool = True  # B starts at zero (the base model); False: kaiming-uniform like A
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
@@ -108,6 +118,11 @@ class PeftConfig:
     prompt_init: str = "random"  # random | sample_vocab | text (then set init_text)
     init_text: str = ""
     tokenizer_path: str = ""  # prompt_init="text" without a tokenizer object; saved as tokenizer_name_or_path
+    # P-tuning (PEFT's names; ptuning.py): the soft tokens are an encoder's output, from an embedding [P, D]
+    encoder_reparameterization_type: str = "MLP"  # MLP (3 linear layers) | LSTM (bidirectional, then 2 linear)
+    encoder_hidden_size: int = 0  # H; 0 = the model's hidden size (PEFT has no usable default: None fails there)
+    encoder_num_layers: int = 2  # LSTM layers (the MLP always has 3 linear layers: PEFT ignores it there)
+    encoder_dropout: float = 0.0  # between LSTM layers (the MLP has none)
     # full fine-tuning: parameters whose names match one of these globs stay frozen ("embed_tokens.*")
     freeze: list[str] = field(default_factory=list)
     seed: int = 0  # adapter initialization
@@ -163,6 +178,10 @@ class PeftConfig:
         if self.total_step and self.tinit >= self.total_step - self.tfinal:
             raise invalid("peft.tinit", self.tinit, f"< total_step - tfinal = {self.total_step - self.tfinal} "
                           "(no steps would be left to reallocate the ranks)")  # fmt: skip
+        if self.stride_A < 1:
+            raise invalid("peft.stride_A", self.stride_A, "a positive integer (1: every layer its own A)")
+        if self.num_B < 2:
+            raise invalid("peft.num_B", self.num_B, "an integer >= 2 (the router mixes at least two B experts)")
         if self.d_initial == 0 and self.method == "vera":
             raise invalid("peft.d_initial", self.d_initial, "a non-zero number (lambda_b then gets no gradient)")
         for key in ("rank_dropout", "module_dropout"):
@@ -180,6 +199,18 @@ class PeftConfig:
         if self.prefix_hidden_size < 0:
             raise invalid("peft.prefix_hidden_size", self.prefix_hidden_size, ">= 0 (0 = PEFT's default)")
         one_of("peft.prompt_init", self.prompt_init, PROMPT_INITS)
+        one_of("peft.encoder_reparameterization_type", self.encoder_reparameterization_type, PTUNING_ENCODERS)
+        if self.encoder_hidden_size < 0:
+            raise invalid("peft.encoder_hidden_size", self.encoder_hidden_size, ">= 0 (0 = the model's hidden size)")
+        if self.encoder_num_layers < 1:
+            raise invalid("peft.encoder_num_layers", self.encoder_num_layers, "a positive integer")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise invalid("peft.encoder_dropout", self.encoder_dropout, "a probability in [0, 1)")
+        if self.encoder_reparameterization_type == "MLP":  # PEFT ignores them (with a warning): refuse instead
+            for key, default in (("encoder_num_layers", 2), ("encoder_dropout", 0.0)):
+                if getattr(self, key) != default:
+                    raise invalid(f"peft.{key}", getattr(self, key), f"{default}: it is an option of the LSTM "
+                                  "encoder (peft.encoder_reparameterization_type=LSTM), the MLP has fixed layers")
         if self.method == "prompt" and self.prompt_init == "text" and not self.init_text:
             raise invalid("peft.init_text", self.init_text, "the text to start from with prompt_init='text'")
 

@@ -15,14 +15,14 @@ from torch import nn
 from ftcore.errors import FtcoreError
 from ftcore.formats.hf import save_pretrained
 from ftcore.model import Transformer
-from ftcore.peft.attach import HOOKS, adapter_layers
+from ftcore.peft.attach import HOOKS, VIRTUAL_TOKENS, adapter_layers
 
 
 def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Our parameter names -> tensors of the merged base model (tied duplicates included, as state_dict)."""
     method = getattr(getattr(model, "peft_config", None), "method", "none")
-    if method in ("prefix", "prompt"):
-        raise FtcoreError(f"export: {method} tuning adds virtual tokens and cannot be merged into a plain model; "
+    if method in VIRTUAL_TOKENS:
+        raise FtcoreError(f"export: {VIRTUAL_TOKENS[method]} adds virtual tokens and cannot be merged into a plain model; "
                           "save it with ftcore.peft.save_adapter")
     layers = adapter_layers(model)
     out = {}

@@ -11,7 +11,11 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
     base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a           [out, r] (LoHa: w1_a, w1_b, w2_a, w2_b)
     base_model.model.model.layers.0.self_attn.q_proj.lokr_w1             [a, c] (LoKr: w1 or w1_a/w1_b, w2 or w2_a/w2_b)
     base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight        [n_blocks or 1, b (b - 1) / 2] (OFT)
+    base_model.model.model.layers.0.self_attn.q_proj.lily_A.weight       [r, in] (Lily: also lily_B.weight
+                                        [num_B * r, out], lily_router.weight [num_B, r]; the shared A and B under
+                                        every layer that uses them, as PEFT saves them)
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
+                                        (P-tuning: its encoder's output [P, D], loaded back as fixed soft tokens)
 """
 
 import json
@@ -31,9 +35,9 @@ from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
-              "HIRA": "hira", "HRA": "hra", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora", "OFT": "oft",
-              "LN_TUNING": "ln_tuning"}
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning",
+              "VERA": "vera", "HIRA": "hira", "HRA": "hra", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora",
+              "OFT": "oft", "LILY": "lily", "LN_TUNING": "ln_tuning"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -50,6 +54,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": model.prefix_encoder.flat()}
     if method == "prompt":
         return {"prompt_embeddings": model.prompt_encoder.embedding.weight}
+    if method == "ptuning":  # the encoder's output, as PEFT saves it (get_prompt_embedding_to_save)
+        return {"prompt_embeddings": model.prompt_encoder.output()}
     state = {f"base_model.model.{peft_key(name)}.{suffix}": t
              for name, layer in adapter_layers(model).items() for suffix, t in layer.adapter_tensors().items()}
     if method == "vera" and model.peft_config.save_projection:  # the shared matrices, once
@@ -84,6 +90,10 @@ def peft_config_dict(model: nn.Module) -> dict:
                 "projection_prng_key": cfg.projection_prng_key, "save_projection": cfg.save_projection,
                 "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial, "fan_in_fan_out": False, "bias": "none",
                 "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
+    if cfg.method == "lily":
+        return {**common, "peft_type": "LILY", "r": cfg.r, "stride_A": cfg.stride_A, "num_B": cfg.num_B,
+                "scaling": cfg.scaling, "target_modules": cfg.target_modules, "init_weights": cfg.init_weights,
+                "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}
     if cfg.method == "adalora":
         pattern = getattr(getattr(model, "adalora", None), "rank_pattern", None)
         alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
@@ -136,6 +146,12 @@ def peft_config_dict(model: nn.Module) -> dict:
         return {**prompt_learning, "peft_type": "PREFIX_TUNING", "token_dim": token_dim,
                 "num_attention_heads": mcfg.num_kv_heads, "prefix_projection": cfg.prefix_projection,
                 "encoder_hidden_size": cfg.prefix_hidden_size or token_dim, "init_weights": None}
+    if cfg.method == "ptuning":
+        return {**prompt_learning, "peft_type": "P_TUNING", "token_dim": mcfg.hidden_size,
+                "num_attention_heads": mcfg.num_heads,
+                "encoder_reparameterization_type": cfg.encoder_reparameterization_type,
+                "encoder_hidden_size": cfg.encoder_hidden_size or mcfg.hidden_size,
+                "encoder_num_layers": cfg.encoder_num_layers, "encoder_dropout": cfg.encoder_dropout}
     return {**prompt_learning, "peft_type": "PROMPT_TUNING", "token_dim": mcfg.hidden_size,
             "num_attention_heads": mcfg.num_heads, "prompt_tuning_init": PROMPT_INITS[cfg.prompt_init],
             "prompt_tuning_init_text": cfg.init_text or None,
@@ -150,7 +166,10 @@ def save_adapter(model: nn.Module, out_dir) -> Path:
     Unlike PEFT, a DoRA magnitude is kept: W + s B'A' equals the trained W_res + s BA, so its norm is the same.
     """
     out_dir = Path(out_dir)
-    state = {k: v.detach().float() for k, v in adapter_state(model).items()}
+    state, seen = {}, set()
+    for k, v in adapter_state(model).items():  # a tensor shared by layers (Lily) is written under each, as PEFT
+        state[k] = v.detach().float().clone() if id(v) in seen else v.detach().float()
+        seen.add(id(v))
     config = peft_config_dict(model)
     principal = {n: layer for n, layer in adapter_layers(model).items() if getattr(layer, "principal", False)}
     pattern = getattr(getattr(model, "adalora", None), "rank_pattern", None)
@@ -208,7 +227,9 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "module_dropout": float | None, "decompose_both": bool | None, "decompose_factor": int | None,
     "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None, "apply_GS": bool | None,
     "oft_block_size": int, "coft": bool | None, "eps": float | None, "block_share": bool | None,
-    "use_cayley_neumann": bool | None, "num_cayley_neumann_terms": int | None,
+    "use_cayley_neumann": bool | None, "num_cayley_neumann_terms": int | None, "stride_A": int, "num_B": int,
+    "scaling": float, "encoder_reparameterization_type": str, "encoder_hidden_size": int | None,
+    "encoder_num_layers": int | None, "encoder_dropout": float | None,
 }  # fmt: skip
 
 
@@ -242,6 +263,13 @@ def config_from_peft(d: dict, where) -> PeftConfig:
                           projection_prng_key=d.get("projection_prng_key", 0),
                           save_projection=d.get("save_projection", True), dropout=d.get("vera_dropout") or 0.0,
                           d_initial=d.get("d_initial", 0.1), base_model_name_or_path=base)  # fmt: skip
+    if method == "lily":
+        init = d.get("init_weights", True)
+        if not isinstance(init, bool):
+            raise FtcoreError(f"{where}: init_weights={init!r} is not supported for Lily (expected true or false)")
+        return PeftConfig(method="lily", r=d.get("r", 32), stride_A=d.get("stride_A", 1), num_B=d.get("num_B", 2),
+                          scaling=d.get("scaling", 1.0), init_weights=init, target_modules=_targets(d["target_modules"]),
+                          base_model_name_or_path=base)  # fmt: skip
     if method == "adalora":
         if d.get("init_lora_weights", True) is not True or d.get("use_dora") or d.get("use_rslora"):
             raise FtcoreError(f"{where}: init_lora_weights, use_dora and use_rslora must be unset for AdaLoRA "
@@ -308,6 +336,18 @@ def config_from_peft(d: dict, where) -> PeftConfig:
     if method == "prefix":
         # The saved prefix is already projected (PEFT folds the MLP when saving), so load it unprojected.
         return PeftConfig(method="prefix", num_virtual_tokens=d["num_virtual_tokens"], base_model_name_or_path=base)
+    if method == "ptuning":
+        # The saved soft tokens are the encoder's output: they load as fixed embeddings (load_fixed), whatever the
+        # encoder was; its settings are kept for the record (PEFT ignores the MLP's layers and dropout: so do we).
+        kind = str(d.get("encoder_reparameterization_type") or "MLP").upper()
+        if kind not in ("MLP", "LSTM"):
+            raise FtcoreError(f"{where}: encoder_reparameterization_type={kind!r} is not supported (expected MLP or LSTM)")
+        lstm = kind == "LSTM"
+        return PeftConfig(method="ptuning", num_virtual_tokens=d["num_virtual_tokens"],
+                          encoder_reparameterization_type=kind, encoder_hidden_size=d.get("encoder_hidden_size") or 0,
+                          encoder_num_layers=(d.get("encoder_num_layers") or 2) if lstm else 2,
+                          encoder_dropout=(d.get("encoder_dropout") or 0.0) if lstm else 0.0,
+                          base_model_name_or_path=base)  # fmt: skip
     init = {v: k for k, v in PROMPT_INITS.items()}.get(str(d.get("prompt_tuning_init", "RANDOM")).upper(), "random")
     return PeftConfig(method="prompt", num_virtual_tokens=d["num_virtual_tokens"], prompt_init=init,
                       init_text=d.get("prompt_tuning_init_text") or "",
@@ -329,7 +369,7 @@ def _check_shape_fields(d: dict, model, where):
     expected = {"num_layers": c.num_layers}
     if d["peft_type"] == "PREFIX_TUNING":
         expected.update(token_dim=c.num_kv_heads * c.head_dim, num_attention_heads=c.num_kv_heads)
-    elif d["peft_type"] == "PROMPT_TUNING":
+    elif d["peft_type"] in ("PROMPT_TUNING", "P_TUNING"):
         expected.update(token_dim=c.hidden_size)
     for key, want in expected.items():
         if d.get(key) is not None and d[key] != want:
@@ -387,10 +427,19 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         if missing:
             raise FtcoreError(f"{weights_path}: missing tensor {missing[0]!r}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        shared = {}  # a tensor several keys load into (Lily's shared A and B): every copy must agree
+        for key, file_key in names.items():
+            target = expected.get(key, optional.get(key))
+            if id(target) in shared and not torch.equal(st.get(file_key), st.get(shared[id(target)])):
+                raise FtcoreError(f"{weights_path}: {file_key!r} differs from {shared[id(target)]!r}, but both are "
+                                  "one shared tensor of this adapter")  # fmt: skip
+            shared.setdefault(id(target), file_key)
         with torch.no_grad():
             for key, file_key in names.items():
                 if key == "prompt_embeddings" and cfg.method == "prefix":
                     model.prefix_encoder.load_flat(st.get(file_key))
+                elif key == "prompt_embeddings" and cfg.method == "ptuning":
+                    model.prompt_encoder.load_fixed(st.get(file_key))
                 else:
                     expected.get(key, optional.get(key)).copy_(st.get(file_key))
     except FtcoreError:
