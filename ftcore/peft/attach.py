@@ -18,6 +18,7 @@ from torch import nn
 
 from ftcore.errors import FtcoreError
 from ftcore.peft.adalora import AdaLoraLinear, RankAllocator
+from ftcore.peft.boft import BoftLinear
 from ftcore.peft.config import PeftConfig, is_principal
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
@@ -31,7 +32,8 @@ from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.schema import build
 
-ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, LohaLinear, LokrLinear, AdaLoraLinear)
+ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, LohaLinear, LokrLinear, AdaLoraLinear,
+                  BoftLinear)  # fmt: skip
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections")  # root modules a method attaches
 
 
@@ -159,6 +161,13 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
             if init:
                 layer.reset_parameters(cfg.init, gen)
             _swap(model, name, layer)
+    elif cfg.method == "boft":
+        for name in find_targets(model, cfg.target_modules):
+            layer = BoftLinear(model.get_submodule(name), cfg.boft_block_size, cfg.boft_block_num,
+                               cfg.boft_n_butterfly_factor, cfg.boft_dropout, name)  # fmt: skip
+            if init:
+                layer.reset_parameters()
+            _swap(model, name, layer)
     elif cfg.method == "ia3":
         for name in find_targets(model, cfg.ia3_target_modules, "ia3_target_modules"):
             _swap(model, name, IA3Linear(model.get_submodule(name), is_feedforward(cfg.feedforward_modules, name)))
@@ -209,7 +218,7 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA) into the base weights in place
+    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA, BOFT) into the base weights in place
     (forward then uses the base path only)."""
     _check_mergeable(model)
     for m in adapter_layers(model).values():

@@ -8,9 +8,11 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
     base_model.model.model.layers.0.mlp.down_proj.ia3_l                  [1, in] / [out, 1] (IA3)
     base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a           [out, r] (LoHa: w1_a, w1_b, w2_a, w2_b)
     base_model.model.model.layers.0.self_attn.q_proj.lokr_w1             [a, c] (LoKr: w1 or w1_a/w1_b, w2 or w2_a/w2_b)
+    base_model.model.model.layers.0.self_attn.q_proj.boft_R              [m, D, H, H] (BOFT; and boft_s [out, 1])
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
 """
 
+import dataclasses
 import json
 import os
 import warnings
@@ -29,7 +31,8 @@ from ftcore.textfile import read_json_object
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "VERA": "vera",
-              "HIRA": "hira", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora"}
+              "HIRA": "hira", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora",
+              "BOFT": "boft"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -106,6 +109,12 @@ def peft_config_dict(model: nn.Module) -> dict:
             lycoris.update(decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
                            rank_dropout_scale=cfg.rank_dropout_scale)  # fmt: skip
         return lycoris
+    if cfg.method == "boft":
+        return {**common, "peft_type": "BOFT", "boft_block_size": cfg.boft_block_size,
+                "boft_block_num": cfg.boft_block_num, "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor,
+                "boft_dropout": cfg.boft_dropout, "target_modules": cfg.target_modules, "init_weights": True,
+                "fan_in_fan_out": False, "bias": "none", "exclude_modules": None, "layers_to_transform": None,
+                "layers_pattern": None}  # fmt: skip
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "target_modules": cfg.ia3_target_modules,
                 "feedforward_modules": cfg.feedforward_modules, "init_ia3_weights": True, "fan_in_fan_out": False,
@@ -187,7 +196,8 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "init_r": int, "target_r": int, "tinit": int, "tfinal": int, "deltaT": int, "beta1": float, "beta2": float,
     "orth_reg_weight": float, "total_step": int | None, "alpha": float, "rank_dropout": float | None,
     "module_dropout": float | None, "decompose_both": bool | None, "decompose_factor": int | None,
-    "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None,
+    "rank_dropout_scale": bool | None, "use_effective_conv2d": bool | None, "boft_block_size": int,
+    "boft_block_num": int, "boft_n_butterfly_factor": int, "boft_dropout": float | None,
 }  # fmt: skip
 
 
@@ -255,6 +265,12 @@ def config_from_peft(d: dict, where) -> PeftConfig:
             lycoris.update(decompose_both=bool(d.get("decompose_both")), decompose_factor=factor,
                            rank_dropout_scale=bool(d.get("rank_dropout_scale")))  # fmt: skip
         return PeftConfig(**lycoris)
+    if method == "boft":  # (init_weights only sets the initial values, which the file's tensors replace)
+        return PeftConfig(method="boft", boft_block_size=d.get("boft_block_size", 4),
+                          boft_block_num=d.get("boft_block_num", 0),
+                          boft_n_butterfly_factor=d.get("boft_n_butterfly_factor", 1),
+                          boft_dropout=d.get("boft_dropout") or 0.0, target_modules=_targets(d["target_modules"]),
+                          base_model_name_or_path=base)  # fmt: skip
     if method == "ia3":
         targets = _targets(d["target_modules"])
         return PeftConfig(method="ia3", ia3_target_modules=targets,
@@ -287,6 +303,18 @@ def _check_shape_fields(d: dict, model, where):
             raise FtcoreError(f"{where}: {key}={d[key]} but this model has {want} (adapter for another base model?)")
 
 
+def _boft_factors_saved(cfg: PeftConfig, st: SafetensorsFile, where) -> PeftConfig:
+    """BOFT: the butterfly factors the saved boft_R [m, D, H, H] hold. HF PEFT without its CUDA extension (fbd_cuda)
+    trains with m = 1 whatever its boft_n_butterfly_factor says; its tensors say what it computed."""
+    saved = {st.shape(k)[0] for k in st.names() if k.endswith(".boft_R") and len(st.shape(k)) == 4}
+    if len(saved) != 1 or (m := saved.pop()) == cfg.boft_n_butterfly_factor:
+        return cfg  # (none, or differing ones: the shape checks name the tensor)
+    warnings.warn(f"{where}: boft_n_butterfly_factor={cfg.boft_n_butterfly_factor} but the saved boft_R tensors "
+                  f"hold {m} factor(s) (HF PEFT without its fbd_cuda extension trains with 1): loaded with {m}, "
+                  "as they were trained", stacklevel=3)  # fmt: skip
+    return dataclasses.replace(cfg, boft_n_butterfly_factor=m)
+
+
 def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     """Read a PEFT adapter directory, attach its method to `model` and load its tensors; returns the model."""
     adapter_dir = Path(adapter_dir)
@@ -308,6 +336,8 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         warnings.warn(f"{cfg_path}: init_lora_weights={cfg.init!r} was saved unconverted; its randomized SVD is "
                       "redone here, so the residual base differs a little from the one it was trained on "
                       "(save PiSSA adapters converted to plain LoRA, as ftcore does)", stacklevel=2)  # fmt: skip
+    if cfg.method == "boft":
+        cfg = _boft_factors_saved(cfg, st, cfg_path)
     apply(model, cfg, init=principal)
     if cfg.method == "adalora" and d.get("rank_pattern"):  # a pruned adapter: shrink each layer to its kept ranks
         names = {f"{peft_key(n)}.lora_E": n for n in adapter_layers(model)}
