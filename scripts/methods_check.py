@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "lora": [], "pissa": ["peft=lora", "peft.init=pissa_niter_4"], "olora": ["peft=lora", "peft.init=olora"],
     "loraplus": ["peft=lora", "optim.loraplus_lr_ratio=16", "optim.lr=2e-4"], "dora": [], "vera": [], "hira": [],
-    "adalora": [], "loha": [], "lokr": [], "ia3": [], "prefix": [], "prompt": [],
+    "adalora": [], "loha": [], "lokr": [], "boft": [], "ia3": [], "prefix": [], "prompt": [],
 }  # fmt: skip
 
 

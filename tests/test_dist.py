@@ -39,11 +39,13 @@ METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
                        "peft__tfinal": 2, **NO_DROPOUT},
            "loha": {"peft__method": "loha", "peft__r": 4, "peft__alpha": 8},
            "lokr": {"peft__method": "lokr", "peft__r": 2, "peft__alpha": 4, "peft__decompose_both": True,
-                    "peft__decompose_factor": 8}}  # fmt: skip
+                    "peft__decompose_factor": 8},
+           "boft": {"peft__method": "boft", "peft__boft_block_size": 8, "peft__boft_n_butterfly_factor": 2}}  # fmt: skip
 # name -> (dist backend, method); the FSDP runs also checkpoint activations (they must compose with fully_shard)
 DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp_prefix": ("fsdp", "prefix"),
              "ddp_lora": ("ddp", "lora"), "fsdp_pissa": ("fsdp", "pissa"), "fsdp_vera": ("fsdp", "vera"),
              "fsdp_hira": ("fsdp", "hira"), "fsdp_loha": ("fsdp", "loha"), "fsdp_lokr": ("fsdp", "lokr"),
+             "fsdp_boft": ("fsdp", "boft"),
              "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora")}  # fmt: skip
 
 

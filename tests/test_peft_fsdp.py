@@ -16,7 +16,7 @@ from ftcore.train.step import set_fast_paths
 
 # lora-fused: train.fused_lora under FSDP2; lora-embed: embed_tokens too (in the root's FSDP2 group)
 METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "loha",
-           "lokr", "adalora"]  # fmt: skip
+           "lokr", "adalora", "boft"]  # fmt: skip
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -24,6 +24,7 @@ OPTIONS = {"lora": LORA, "dora": LORA, "lora-embed": {**LORA, "target_modules": 
            "prompt": dict(num_virtual_tokens=3), "pissa": {**LORA, "init": "pissa"}, "vera": dict(r=8, dropout=0.0),
            "hira": dict(r=4, dropout=0.0), "loha": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
            "lokr": dict(r=2, alpha=4, decompose_both=True, decompose_factor=8),
+           "boft": dict(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=["q_proj", "v_proj", "down_proj"]),
            "adalora": dict(init_r=4, target_r=2, tinit=0, tfinal=0, deltaT=1, total_step=4, dropout=0.0)}  # fmt: skip
 
 

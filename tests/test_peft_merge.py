@@ -1,4 +1,4 @@
-"""LoRA/DoRA/IA3/VeRA/HiRA/LoHa/LoKr/AdaLoRA invariants: zero-init is a no-op, base names survive, merge/unmerge,
+"""LoRA/DoRA/IA3/VeRA/HiRA/LoHa/LoKr/AdaLoRA/BOFT invariants: zero-init is a no-op, base names survive, merge/unmerge,
 init choices."""
 
 from dataclasses import replace
@@ -29,6 +29,9 @@ METHODS = {
     "lokr": PeftConfig(method="lokr", r=4, alpha=8, target_modules=ALL_LINEAR + ["lm_head"]),
     "lokr_lycoris": PeftConfig(method="lokr", r=2, alpha=4, decompose_both=True, decompose_factor=8, init="lycoris",
                                rank_dropout=0.5, target_modules=ALL_LINEAR + ["lm_head"]),
+    "boft": PeftConfig(method="boft", boft_block_size=8, boft_dropout=0.5, target_modules=ALL_LINEAR + ["lm_head"]),
+    "boft_butterfly": PeftConfig(method="boft", boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=3,
+                                 target_modules=ALL_LINEAR),
     "ia3_all": PeftConfig(method="ia3", ia3_target_modules=ALL_LINEAR, feedforward_modules=["down_proj", "o_proj"]),
 }
 
@@ -60,7 +63,7 @@ def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
     extra = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys - base_keys}
     assert extra <= {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l", "vera_lambda_b", "vera_lambda_d", "hira_A",
                      "hira_B", "lora_E", "ranknum", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
-                     "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+                     "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "boft_R", "boft_s"}
     # a base checkpoint still loads into the adapted model, by the same names
     fresh = tiny_model(seed=1).state_dict()
     missing, unexpected = model.load_state_dict(fresh, strict=False)

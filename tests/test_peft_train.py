@@ -26,6 +26,8 @@ METHODS = {
                        target_modules=ALL_LINEAR + ["lm_head"]),
     "lokr_decompose": PeftConfig(method="lokr", r=2, alpha=4, decompose_both=True, decompose_factor=8, init="lycoris",
                                  target_modules=ALL_LINEAR),
+    "boft": PeftConfig(method="boft", boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=0.25,
+                       target_modules=ALL_LINEAR + ["lm_head"]),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),
     "prefix_proj": PeftConfig(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
     "prompt": PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
@@ -67,7 +69,8 @@ def test_only_adapter_parameters_get_gradients(name):
         assert "layers.1.mlp.up_proj.weight" in trainable and "norm.weight" in trainable
     else:
         assert {id(p) for n, p in model.named_parameters() if n in trainable} == {id(p) for p in adapter_parameters(model)}
-        assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "hada_w", "lokr_w", "_encoder.")) for n in trainable)
+        assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "hada_w", "lokr_w", "boft_",
+                                        "_encoder.")) for n in trainable)  # fmt: skip
     _, grads = loss_and_grads(model, ckpt=False)
     for n, grad in grads.items():
         if n in trainable:
@@ -80,7 +83,7 @@ def test_only_adapter_parameters_get_gradients(name):
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
-                                  "vera", "hira", "adalora"])
+                                  "vera", "hira", "adalora", "boft"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -102,7 +105,7 @@ def test_dora_weight_norm_gets_no_gradient():
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
-                                  "vera", "hira", "adalora"])
+                                  "vera", "hira", "adalora", "boft"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""

@@ -9,7 +9,7 @@
     export_merged(model, "merged/")    # an adapter-layer method folded into a plain HF-layout model
 
 One file per method: lora.py (LoRA, rsLoRA, DoRA; lora_init.py: PiSSA and OLoRA inits), vera.py, hira.py,
-loha.py, lokr.py, adalora.py (with its rank allocator), ia3.py, prefix.py, prompt.py, full.py; attach.py (apply,
+loha.py, lokr.py, adalora.py (with its rank allocator), boft.py, ia3.py, prefix.py, prompt.py, full.py; attach.py (apply,
 targets, merge), io.py (PEFT format), export.py (merged model). LoRA+ is a choice of optimizer groups
 (train/optim.py).
 """

@@ -218,8 +218,8 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA, BOFT) into the base weights in place
-    (forward then uses the base path only)."""
+    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA, BOFT) into the base weights in
+    place (forward then uses the base path only)."""
     _check_mergeable(model)
     for m in adapter_layers(model).values():
         m.merge()

@@ -36,6 +36,8 @@ from ftcore.errors import FtcoreError
 def block_layout(in_features: int, block_size: int, block_num: int, n_butterfly_factor: int) -> tuple[int, int] | str:
     """(block_num D, block_size H) with D H = in_features, or why PEFT refuses the combination (its checks)."""
     f = n_butterfly_factor - 1  # PEFT's (the paper's) count of butterfly factors after the first
+    if f >= in_features.bit_length():  # 2^f blocks cannot fit (and 2^f need not be computed)
+        return f"boft_n_butterfly_factor={n_butterfly_factor} is too large for in_features {in_features}"
     if block_size == 0:
         if in_features % block_num:
             return f"in_features {in_features} is not a multiple of boft_block_num={block_num}"
@@ -86,8 +88,8 @@ class BoftLinear(nn.Module):
         self.register_parameter("bias", base.bias)
         layout = block_layout(self.in_features, block_size, block_num, n_butterfly_factor)
         if isinstance(layout, str):
-            key = "boft_block_size" if block_size else "boft_block_num"
-            raise FtcoreError(f"peft.{key}: {name or 'a target'}: {layout}")
+            key, value = ("boft_block_size", block_size) if block_size else ("boft_block_num", block_num)
+            raise FtcoreError(f"peft.{key}={value}: {name or 'a target'}: {layout}")
         self.block_num, self.block_size = layout
         self.n_butterfly_factor, self.boft_dropout = n_butterfly_factor, dropout
         m, device = n_butterfly_factor, base.weight.device

@@ -1,5 +1,5 @@
-"""Merged export: fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA) into the base weights and
-write a plain HF-layout model.
+"""Merged export: fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, LoHa, LoKr, AdaLoRA, BOFT) into the base
+weights and write a plain HF-layout model.
 
 The trained model is not modified: merge_and_unload builds a new plain Transformer (on the meta
 device, then assigned) whose unadapted parameters share storage with the trained model's and whose

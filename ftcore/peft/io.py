@@ -202,7 +202,16 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
 
 
 def config_from_peft(d: dict, where) -> PeftConfig:
-    """Translate a PEFT adapter_config dict into our PeftConfig (unsupported features are errors)."""
+    """Translate a PEFT adapter_config dict into our PeftConfig (unsupported features are errors, naming `where`)."""
+    try:
+        return _config_from_peft(d, where)
+    except FtcoreError as e:
+        if str(where) in str(e):
+            raise
+        raise FtcoreError(f"{where}: {e}") from None  # a value PeftConfig refuses (peft.r=0: expected ...)
+
+
+def _config_from_peft(d: dict, where) -> PeftConfig:
     check_types(d, ADAPTER_CONFIG_TYPES, where)
     peft_type = d.get("peft_type")
     if peft_type not in PEFT_TYPES:
