@@ -204,6 +204,9 @@ class RunConfig:
         if self.peft.method in ("loha", "lokr") and (self.peft.rank_dropout or self.peft.module_dropout):
             return ("peft.rank_dropout and peft.module_dropout draw on the host at every forward (a replayed graph "
                     "would repeat one draw); set them to 0")  # fmt: skip
+        if self.peft.method == "boft" and self.peft.boft_dropout:
+            return ("peft.boft_dropout draws on the host at every forward (a replayed graph would repeat one draw); "
+                    "set it to 0")  # fmt: skip
         if self.peft.method == "adalora":
             return "peft.method=adalora's rank allocator masks on a host-side schedule after each step; use eager steps"
         return None

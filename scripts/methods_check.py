@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "lora": [], "pissa": ["peft=lora", "peft.init=pissa_niter_4"], "olora": ["peft=lora", "peft.init=olora"],
     "loraplus": ["peft=lora", "optim.loraplus_lr_ratio=16", "optim.lr=2e-4"], "dora": [], "vera": [], "hira": [],
-    "hra": [], "ln_tuning": [], "adalora": [], "loha": [], "lokr": [], "oft": [], "lily": [], "ia3": [], "prefix": [],
-    "prompt": [], "ptuning": [],
+    "hra": [], "ln_tuning": [], "adalora": [], "loha": [], "lokr": [], "oft": [], "boft": [], "lily": [], "ia3": [],
+    "prefix": [], "prompt": [], "ptuning": [],
 }  # fmt: skip
 
 

@@ -102,6 +102,18 @@ SPECS = {
                         target_modules=r".*\.(k_proj|v_proj|up_proj)|lm_head"),
                    dict(kind="LilyConfig", r=3, num_B=2, scaling=0.5, init_weights=False,
                         target_modules=r".*\.(k_proj|v_proj|up_proj)|lm_head")),
+    # BOFT: q/v 8 blocks of 8 (down_proj: 12 of 8); block_num 8 with 2 butterfly factors (down_proj: 8 blocks of 12);
+    # 3 factors of 16 blocks of 4 on k/up and lm_head. (PEFT's factors > 1 need fbd_cuda: use_fbd_standin)
+    "boft": (dict(method="boft", boft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+             dict(kind="BOFTConfig", boft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "boft_butterfly": (dict(method="boft", boft_block_size=0, boft_block_num=8, boft_n_butterfly_factor=2,
+                            boft_dropout=0.1, target_modules=ALL_LINEAR),
+                       dict(kind="BOFTConfig", boft_block_size=0, boft_block_num=8, boft_n_butterfly_factor=2,
+                            boft_dropout=0.1, target_modules=ALL_LINEAR)),
+    "boft_regex": (dict(method="boft", boft_block_size=4, boft_n_butterfly_factor=3,
+                        target_modules=r".*\.(k_proj|up_proj)|lm_head"),
+                   dict(kind="BOFTConfig", boft_block_size=4, boft_n_butterfly_factor=3,
+                        target_modules=r".*\.(k_proj|up_proj)|lm_head")),
     "ia3": (dict(method="ia3"),
             dict(kind="IA3Config", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "ia3_regex": (dict(method="ia3", ia3_target_modules=r".*\.(q_proj|o_proj|gate_proj)", feedforward_modules=r".*o_proj"),
@@ -127,11 +139,34 @@ SPECS = {
 }  # fmt: skip
 
 
+class FbdStandin:
+    """A plain-PyTorch stand-in for HF PEFT's BOFT CUDA extension (fbd_cuda: forward/backward of a batched block
+    diagonal), so that PEFT itself runs boft_n_butterfly_factor > 1 on the CPU. Without it PEFT silently uses
+    one factor. Test-only: ftcore never uses PEFT or this."""
+
+    @staticmethod
+    def forward(x):  # [N, D, H, H] -> [N, D H, D H], each of the N a block diagonal
+        return [torch.stack([torch.block_diag(*blocks.unbind(0)) for blocks in x])]
+
+    @staticmethod
+    def backward(grad, x):  # the diagonal blocks of the gradient
+        h = x.shape[-1]
+        return [torch.stack([grad[:, d * h : (d + 1) * h, d * h : (d + 1) * h] for d in range(x.shape[1])], 1)]
+
+
+def use_fbd_standin():
+    import peft.tuners.boft.layer as boft_layer
+
+    boft_layer._FBD_CUDA = FbdStandin()
+
+
 def peft_config(spec: str, tokenizer_dir=None):
     import peft
 
     kwargs = dict(SPECS[spec][1])
     kind = kwargs.pop("kind")
+    if kind == "BOFTConfig":
+        use_fbd_standin()
     if kind in ("PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig"):
         kwargs["task_type"] = "CAUSAL_LM"
     if kwargs.get("prompt_tuning_init") == "TEXT":
@@ -150,12 +185,12 @@ def our_config(spec: str, tokenizer_dir=None):
 
 @torch.no_grad()
 def randomize_(params, seed: int = 0, std: float = 0.3):
-    """Non-trivial adapter values: IA3 and DoRA scales (and LN tuning's norm weights) 1 + N(0, std), everything else
-    ~ N(0, std)."""
+    """Non-trivial adapter values: IA3, DoRA and BOFT scales (and LN tuning's norm weights) 1 + N(0, std), everything
+    else ~ N(0, std)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in params:
         noise = torch.randn(p.shape, generator=g)
-        if "ia3_l" in name:
+        if "ia3_l" in name or "boft_s" in name:
             p.copy_(1 + std * noise)
         elif "lora_magnitude_vector" in name or "ln_tuning_layers" in name:
             p.mul_(1 + std * noise)

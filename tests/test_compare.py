@@ -47,6 +47,7 @@ PEFT = {
     "adalora": {"method": "adalora", "init_r": 12, "target_r": 8, "target_modules": ALL_LINEAR},
     "ptuning": {"method": "ptuning", "num_virtual_tokens": 20, "encoder_hidden_size": 64},
     "lily": {"method": "lily", "r": 32, "stride_A": 3, "num_B": 4, "target_modules": ALL_LINEAR},
+    "boft": {"method": "boft", "boft_block_size": 4, "target_modules": ALL_LINEAR},
 }
 CLI_BASE = ["train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "train.eval_batches=1",
             "eval.max_examples=4", "eval.max_new_tokens=3", "eval.batch_size=8", "logger.wandb.mode=disabled",
@@ -97,6 +98,10 @@ def test_budget_solving_is_exact():
     outs = 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576)
     s = solve_budget(SMOLLM2, PEFT["vera"], outs + 30 * 7 * 100, 512)
     assert (s.size, s.trainable) == (100, outs + 30 * 7 * 100)
+    # BOFT: boft_block_size H, in H + out per layer, H dividing 576 and 1536 (10 would fit, 8 is the largest valid)
+    ins = 30 * (6 * 576 + 1536)
+    s = solve_budget(SMOLLM2, PEFT["boft"], 10 * ins + outs, 512)
+    assert (s.knob, s.size, s.trainable, s.note) == ("boft_block_size", 8, 8 * ins + outs, "")
     # Lily: per r, 10 shared A's (30 layers / stride 3) of each entry's `in`, one B of num_B x `out` per entry,
     # and a [num_B, r] router per layer
     per_r = 10 * (576 * 6 + 1536) + 4 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) + 30 * 7 * 4
@@ -113,7 +118,7 @@ def test_budget_solving_is_exact():
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "hra",
-                                    "adalora", "ln_tuning", "lily", "ptuning"])
+                                    "adalora", "ln_tuning", "lily", "ptuning", "boft"])
 def test_meta_count_equals_a_real_model(method):
     model = Transformer(TINY)
     model.init_weights(generator=torch.Generator().manual_seed(0))

@@ -111,8 +111,9 @@ def test_config_json_of_arbitrary_values(tmp_path, change, drop):
 
 ADAPTER_KEYS = ["peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
                 "init_lora_weights", "feedforward_modules", "num_virtual_tokens", "prompt_tuning_init",
-                "prompt_tuning_init_text", "num_transformer_submodules", "bias", "base_model_name_or_path"]  # fmt: skip
-PEFT_TYPES = st.sampled_from(["LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "ADALORA"])
+                "prompt_tuning_init_text", "num_transformer_submodules", "bias", "base_model_name_or_path",
+                "boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout"]  # fmt: skip
+PEFT_TYPES = st.sampled_from(["LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "ADALORA", "BOFT"])
 
 
 @FUZZ

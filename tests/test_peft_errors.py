@@ -29,8 +29,8 @@ def error(fn, *args, **kwargs) -> str:
 
 
 def test_unknown_method_lists_the_supported_ones():
-    msg = error(PeftConfig, method="boft")
-    assert "peft.method" in msg and "'boft'" in msg
+    msg = error(PeftConfig, method="fourierft")
+    assert "peft.method" in msg and "'fourierft'" in msg
     assert "none, full, lora, dora, ia3, prefix, prompt" in msg
 
 
@@ -109,9 +109,9 @@ def test_unsupported_peft_features_and_types(tmp_path):
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 16}}))
     assert "rank_pattern" in error(load_adapter, model(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "BOFT"}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "FOURIERFT"}))
     msg = error(load_adapter, model(), tmp_path)
-    assert "'BOFT'" in msg and "LORA, IA3, PREFIX_TUNING, PROMPT_TUNING" in msg
+    assert "'FOURIERFT'" in msg and "LORA, IA3, PREFIX_TUNING, PROMPT_TUNING" in msg
     (tmp_path / "adapter_config.json").unlink()
     assert "adapter_config.json" in error(load_adapter, model(), tmp_path)
 

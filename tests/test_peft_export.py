@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft_refs import ALL_LINEAR, make_tokenizer, randomize_
+from peft_refs import ALL_LINEAR, make_tokenizer, randomize_, use_fbd_standin
 
 import ftcore
 from ftcore.formats.hf import load_model, save_pretrained
@@ -36,6 +36,7 @@ CASES = [
     ("oft", "qwen2", dict(method="oft", oft_block_size=16, target_modules=ALL_LINEAR + ["lm_head"])),
     ("coft", "llama_untied_bias", dict(method="oft", r=2, oft_block_size=0, coft=True, eps=0.5, block_share=True,
                                        use_cayley_neumann=False, target_modules=ALL_LINEAR)),
+    ("boft", "qwen2", dict(method="boft", boft_block_size=4, boft_n_butterfly_factor=2, target_modules=ALL_LINEAR)),
 ]
 
 
@@ -66,6 +67,7 @@ def test_merged_export_loads_everywhere(hf_checkpoint, tmp_path, name, variant, 
         assert ours.lm_head.weight is not ours.embed_tokens.weight
     # PEFT's own merge of the same adapter gives the same model
     peft = pytest.importorskip("peft")
+    use_fbd_standin()  # BOFT's butterfly factors > 1 in PEFT on the CPU
     save_adapter(model, tmp_path / "adapter")
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "adapter").eval()
     if name != "lora_tied_head":  # NOTE: PEFT's merge into a tied lm_head also alters the embeddings (peft#2777)

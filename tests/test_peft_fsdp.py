@@ -19,7 +19,7 @@ from ftcore.train.step import set_fast_paths
 
 # lora-fused: train.fused_lora under FSDP2; lora-embed: embed_tokens too (in the root's FSDP2 group)
 METHODS = ["lora", "lora-fused", "lora-embed", "dora", "ia3", "prefix", "prompt", "pissa", "vera", "hira", "hra", "hra-gs",
-           "loha", "lokr", "adalora", "ln_tuning", "oft", "coft", "lily", "ptuning", "ptuning-lstm"]  # fmt: skip
+           "loha", "lokr", "adalora", "ln_tuning", "oft", "coft", "lily", "ptuning", "ptuning-lstm", "boft"]  # fmt: skip
 
 
 LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -35,7 +35,8 @@ OPTIONS = {"lora": LORA, "dora": LORA, "lora-embed": {**LORA, "target_modules": 
                         target_modules=["q_proj", "up_proj", "lm_head"]),
            "ptuning": dict(num_virtual_tokens=3, encoder_hidden_size=16),
            "ptuning-lstm": dict(num_virtual_tokens=3, encoder_reparameterization_type="LSTM", encoder_hidden_size=8),
-           "lily": dict(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])}  # fmt: skip
+           "lily": dict(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
+           "boft": dict(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=["q_proj", "v_proj", "down_proj"])}  # fmt: skip
 METHOD = {"pissa": "lora", "lora-embed": "lora", "hra-gs": "hra", "coft": "oft", "ptuning-lstm": "ptuning"}
 
 

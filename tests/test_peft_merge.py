@@ -1,5 +1,5 @@
-"""LoRA/DoRA/IA3/VeRA/HiRA/HRA/LoHa/LoKr/AdaLoRA/OFT/LN tuning invariants: zero-init is a no-op, base names survive,
-merge/unmerge, init choices."""
+"""LoRA/DoRA/IA3/VeRA/HiRA/HRA/LoHa/LoKr/AdaLoRA/OFT/BOFT/LN tuning invariants: zero-init is a no-op, base names
+survive, merge/unmerge, init choices."""
 
 from dataclasses import replace
 
@@ -38,6 +38,9 @@ METHODS = {
     # the projection binds (the random vectors are far outside the eps ball), one shared block per layer
     "coft_share": PeftConfig(method="oft", oft_block_size=16, coft=True, eps=0.3, block_share=True,
                              target_modules=ALL_LINEAR + ["lm_head"]),
+    "boft": PeftConfig(method="boft", boft_block_size=8, boft_dropout=0.5, target_modules=ALL_LINEAR + ["lm_head"]),
+    "boft_butterfly": PeftConfig(method="boft", boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=3,
+                                 target_modules=ALL_LINEAR),
     "ia3_all": PeftConfig(method="ia3", ia3_target_modules=ALL_LINEAR, feedforward_modules=["down_proj", "o_proj"]),
 }
 UNMERGEABLE = {  # adapter layers HF PEFT does not merge either
@@ -78,7 +81,7 @@ def test_fresh_adapter_is_a_no_op_and_keeps_base_names(name):
     assert extra <= {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l", "vera_lambda_b", "vera_lambda_d", "hira_A",
                      "hira_B", "lora_E", "ranknum", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
                      "hra_u", "ln_tuning_layers", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "oft_R",
-                     "lily_router"}
+                     "lily_router", "boft_R", "boft_s"}
     # a base checkpoint still loads into the adapted model, by the same names
     fresh = tiny_model(seed=1).state_dict()
     missing, unexpected = model.load_state_dict(fresh, strict=False)

@@ -4,19 +4,31 @@ import copy
 
 import pytest
 import torch
-from peft_refs import SPECS, VOCAB, make_tokenizer, our_config, peft_config, peft_logits, peft_model, randomize_
+from peft_refs import (
+    SPECS,
+    VOCAB,
+    make_tokenizer,
+    our_config,
+    peft_config,
+    peft_logits,
+    peft_model,
+    randomize_,
+    use_fbd_standin,
+)
 
 from ftcore.formats.hf import load_model
 from ftcore.peft import apply, count_parameters, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
+use_fbd_standin()  # PEFT's BOFT with every butterfly factor on the CPU (else it silently keeps one)
 
 CASES = [(spec, "llama_gqa_llama3") for spec in SPECS]
 CASES += [(spec, "llama_untied_bias") for spec in ("dora", "ia3", "lora_regex", "prefix", "vera", "hira", "hra", "hra_gs",
-                                                   "loha", "lokr", "ln_tuning", "oft", "coft", "lily")]  # biases, n_kv = 1
+                                                   "loha", "lokr", "ln_tuning", "oft", "coft", "lily", "boft")]  # biases, n_kv = 1
 CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "hra", "hra_gs", "loha", "lokr_decompose", "adalora",
                                        "ln_tuning", "ln_tuning_list", "ln_tuning_regex", "oft", "oft_r_cayley", "oft_share",
-                                       "coft", "lily", "lily_regex", "ptuning_mlp", "ptuning_lstm")]
+                                       "coft", "lily", "lily_regex", "ptuning_mlp", "ptuning_lstm", "boft",
+                                       "boft_butterfly", "boft_regex")]
 CASES += [("lora_embed", "llama_tied")]  # the embedding's adapter acts on the lookup only, lm_head keeps the base
 
 

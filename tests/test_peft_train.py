@@ -34,6 +34,8 @@ METHODS = {
     "coft_share": PeftConfig(method="oft", oft_block_size=16, coft=True, eps=0.3, block_share=True,
                              target_modules=ALL_LINEAR),
     "lily": PeftConfig(method="lily", r=4, stride_A=2, num_B=3, target_modules=ALL_LINEAR + ["lm_head"]),
+    "boft": PeftConfig(method="boft", boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=0.25,
+                       target_modules=ALL_LINEAR + ["lm_head"]),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=3),
     "prefix_proj": PeftConfig(method="prefix", num_virtual_tokens=3, prefix_projection=True, prefix_hidden_size=16),
     "prompt": PeftConfig(method="prompt", num_virtual_tokens=4, prompt_init="sample_vocab"),
@@ -79,7 +81,7 @@ def test_only_adapter_parameters_get_gradients(name):
     else:
         assert {id(p) for n, p in model.named_parameters() if n in trainable} == {id(p) for p in adapter_parameters(model)}
         assert all(any(s in n for s in ("lora_", "ia3_l", "vera_lambda_", "hira_", "hra_u", "ln_tuning_layers.",
-                                        "hada_w", "lokr_w", "oft_R.", "lily_", "_encoder.")) for n in trainable)  # fmt: skip
+                                        "hada_w", "lokr_w", "oft_R.", "boft_", "lily_", "_encoder.")) for n in trainable)  # fmt: skip
     _, grads = loss_and_grads(model, ckpt=False)
     for n, grad in grads.items():
         if n in trainable:
@@ -93,7 +95,7 @@ def test_only_adapter_parameters_get_gradients(name):
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
                                   "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning", "oft", "oft_cayley",
-                                  "coft_share", "lily", "ptuning_mlp", "ptuning_lstm"])
+                                  "coft_share", "lily", "ptuning_mlp", "ptuning_lstm", "boft"])
 def test_activation_checkpointing_gives_the_same_gradients(name):
     loss, grads = loss_and_grads(make(name), ckpt=False)
     loss_ckpt, grads_ckpt = loss_and_grads(make(name), ckpt=True)
@@ -116,7 +118,7 @@ def test_dora_weight_norm_gets_no_gradient():
 
 @pytest.mark.parametrize("name", ["lora", "lora_embed", "dora", "ia3", "prefix_proj", "prompt", "loha", "lokr", "pissa",
                                   "vera", "hira", "hra", "hra_gs", "adalora", "ln_tuning", "oft", "oft_cayley",
-                                  "coft_share", "lily", "ptuning_mlp", "ptuning_lstm"])
+                                  "coft_share", "lily", "ptuning_mlp", "ptuning_lstm", "boft"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_base_keeps_fp32_adapters(name, autocast):
     """A bf16 base (plain or under autocast) trains fp32 adapter parameters without dtype errors."""

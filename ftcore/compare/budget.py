@@ -23,6 +23,11 @@ size whose count does not exceed the budget, two more confirm it (a binary searc
                                         would make it fall instead, so it is not the knob; r is kept at 0
     r                    lily           r * (sum over target entries of ceil(layers / stride_A) in + num_B out
                                         + layers * num_B): the shared A's and B's once, a router per layer
+    boft_block_size      boft           m * in * H + out per layer (m butterfly factors of in / H blocks H x H,
+                                        each stored whole as PEFT does, plus the scale s): affine in H, but only
+                                        the H that divide every adapted layer's in_features (and suit m) are
+                                        valid, so the solver counts each of those up to compare.max_r; the
+                                        settings' boft_block_num is set to 0 (PEFT takes one or the other)
     num_virtual_tokens   prefix, prompt
     encoder_hidden_size  ptuning        the encoder's H, which holds most of its count (MLP: P D + H^2 + 2 H D + 2 H
                                         + D; quadratic, so the binary search finds it); P stays as configured.
@@ -35,13 +40,18 @@ import warnings
 from dataclasses import dataclass
 
 from ftcore import peft
+from ftcore.errors import FtcoreError
 from ftcore.formats.hf import build_model
 from ftcore.model import ModelConfig
+from ftcore.peft.attach import find_targets
+from ftcore.peft.boft import block_layout
+from ftcore.peft.config import PeftConfig
 from ftcore.peft.lokr import LokrLinear, full_rank
 from ftcore.peft.oft import OftLinear
+from ftcore.schema import build
 
 KNOBS = {"lora": "r", "dora": "r", "vera": "r", "hira": "r", "hra": "r", "adalora": "init_r", "loha": "r", "lokr": "r",
-         "oft": "oft_block_size", "lily": "r", "prefix": "num_virtual_tokens",
+         "oft": "oft_block_size", "boft": "boft_block_size", "lily": "r", "prefix": "num_virtual_tokens",
          "prompt": "num_virtual_tokens", "ptuning": "encoder_hidden_size"}
 
 
@@ -80,6 +90,43 @@ def oft_widest(model_cfg: ModelConfig, peft_settings: dict) -> int:
     return max(m.in_features for m in model.modules() if isinstance(m, OftLinear))
 
 
+def boft_block_sizes(model_cfg: ModelConfig, peft_settings: dict, max_size: int) -> list[int]:
+    """BOFT: the block sizes 1..max_size that every adapted layer's in_features allows (with its butterfly factors)."""
+    cfg = build(PeftConfig, {**peft_settings, "boft_block_size": 1, "boft_block_num": 0}, "peft.")
+    model = build_model(model_cfg)
+    ins = {model.get_submodule(n).in_features for n in find_targets(model, cfg.target_modules)}
+    m = cfg.boft_n_butterfly_factor
+    return [h for h in range(1, max_size + 1) if all(not isinstance(block_layout(i, h, 0, m), str) for i in ins)]
+
+
+def solve_boft(model_cfg: ModelConfig, settings: dict, budget: int, max_size: int) -> Sized:
+    """The largest valid boft_block_size whose exact count is <= budget (a binary search over the valid sizes)."""
+    sizes = boft_block_sizes(model_cfg, settings, max_size)
+    if not sizes:
+        raise FtcoreError(f"compare: no boft_block_size up to {max_size} (compare.max_r) divides the in_features of "
+                          "every adapted layer; change peft.target_modules or peft.boft_n_butterfly_factor")
+    counts = {}
+
+    def count(h: int) -> int:
+        if h not in counts:
+            counts[h] = count_trainable(model_cfg, sized(settings, "boft_block_size", h))
+        return counts[h]
+
+    if count(sizes[0]) > budget:
+        h = sizes[0]
+        return Sized(sized(settings, "boft_block_size", h), "boft_block_size", h, counts[h],
+                     f"over budget at the smallest valid boft_block_size={h}")  # fmt: skip
+    lo, hi = 0, len(sizes)  # the count grows with the size: count(sizes[lo]) <= budget < count(sizes[hi])
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(sizes[mid]) <= budget else (lo, mid)
+    h, note = sizes[lo], ""
+    if lo == len(sizes) - 1 and count(h) < budget:
+        note = (f"capped at boft_block_size={h}: the largest block size up to {max_size} (compare.max_r) that "
+                "divides every adapted layer's in_features")  # fmt: skip
+    return Sized(sized(settings, "boft_block_size", h), "boft_block_size", h, counts[h], note)
+
+
 def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_size: int) -> Sized:
     """The largest knob value (1..max_size) whose trainable count is <= budget; budget 0 keeps the settings."""
     settings = dict(peft_settings)
@@ -88,6 +135,8 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
         size = settings.get(knob) if knob else None
         return Sized(settings, knob, size, count_trainable(model_cfg, settings))
 
+    if settings["method"] == "boft":
+        return solve_boft(model_cfg, settings, budget, max_size)
     cap_note = f"capped at {knob}={max_size} (compare.max_{'virtual_tokens' if knob == 'num_virtual_tokens' else 'r'})"
     if settings["method"] == "oft" and (widest := oft_widest(model_cfg, settings)) < max_size:
         max_size = widest
@@ -121,10 +170,12 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
 
 
 def sized(settings: dict, knob: str, size: int) -> dict:
-    """The settings with the knob at `size`; AdaLoRA's target_r stays below its init_r."""
+    """The settings with the knob at `size`; AdaLoRA's target_r stays below its init_r, BOFT's block_num is 0."""
     out = {**settings, knob: size}
     if knob == "oft_block_size":
         out["r"] = 0  # sized by the block size alone
     if knob == "init_r":
         out["target_r"] = min(out.get("target_r", 8), size - 1)
+    if knob == "boft_block_size":
+        out["boft_block_num"] = 0
     return out

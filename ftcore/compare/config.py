@@ -29,8 +29,8 @@ class CompareConfig:
     methods: list[str] = field(default_factory=lambda: ["lora", "ia3", "prompt"])  # any of COMPARABLE; [all]: every one
     seeds: list[int] = field(default_factory=lambda: [0])  # train.seed and peft.seed of each run
     budget: int = 0  # trainable parameters each method's size knob is solved for; 0 = sizes as configured
-    max_r: int = 512  # upper bound of the rank the solver may pick (LoRA/DoRA/VeRA/HiRA/Lily r, AdaLoRA init_r;
-    # P-tuning's encoder_hidden_size)
+    max_r: int = 512  # upper bound of the rank the solver may pick (LoRA/DoRA/VeRA/HiRA/HRA/LoHa/LoKr/Lily r, AdaLoRA
+    #   init_r, BOFT boft_block_size, P-tuning encoder_hidden_size)
     max_virtual_tokens: int = 100  # upper bound of prefix/prompt lengths the solver may pick
     lrs: list[float] = field(default_factory=list)  # learning rates to try for every method ([] = no sweep);
     #   the lowest validation loss after lr_steps steps wins

@@ -9,9 +9,9 @@
     export_merged(model, "merged/")    # an adapter-layer method folded into a plain HF-layout model
 
 One file per method: lora.py (LoRA, rsLoRA, DoRA; lora_init.py: PiSSA and OLoRA inits), vera.py, hira.py,
-hra.py, loha.py, lokr.py, adalora.py (with its rank allocator), oft.py, lily.py (shared projectors; not mergeable),
-ia3.py, ln_tuning.py, prefix.py, prompt.py, ptuning.py (P-tuning's encoder, on the prompt hook), full.py; attach.py
-(apply, targets, merge), io.py (PEFT format), export.py (merged model). LoRA+ is a choice of optimizer groups
+hra.py, loha.py, lokr.py, adalora.py (with its rank allocator), oft.py, boft.py, lily.py (shared projectors; not
+mergeable), ia3.py, ln_tuning.py, prefix.py, prompt.py, ptuning.py (P-tuning's encoder, on the prompt hook), full.py;
+attach.py (apply, targets, merge), io.py (PEFT format), export.py (merged model). LoRA+ is a choice of optimizer groups
 (train/optim.py).
 """
 

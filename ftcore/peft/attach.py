@@ -22,6 +22,7 @@ from torch import nn
 from ftcore.errors import FtcoreError
 from ftcore.model.decoder import RMSNorm
 from ftcore.peft.adalora import AdaLoraLinear, RankAllocator
+from ftcore.peft.boft import BoftLinear
 from ftcore.peft.config import PeftConfig, is_principal
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
@@ -42,7 +43,7 @@ from ftcore.quant.linear import Linear4bit
 from ftcore.schema import build
 
 ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
-                  AdaLoraLinear, LnTuningNorm, OftLinear, LilyLinear)  # fmt: skip
+                  AdaLoraLinear, LnTuningNorm, OftLinear, BoftLinear, LilyLinear)  # fmt: skip
 VIRTUAL_TOKENS = {"prefix": "prefix tuning", "prompt": "prompt tuning", "ptuning": "p-tuning"}  # not mergeable
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections", "lily_projectors")  # root modules a method attaches
 OVER_4BIT = ("none", "prefix", "prompt", "ptuning", "ln_tuning")  # the methods that leave the (4-bit) linears alone
@@ -224,6 +225,13 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
             if init:
                 layer.reset_parameters(gen)
             _swap(model, name, layer)
+    elif cfg.method == "boft":
+        for name in find_targets(model, cfg.target_modules):
+            layer = BoftLinear(model.get_submodule(name), cfg.boft_block_size, cfg.boft_block_num,
+                               cfg.boft_n_butterfly_factor, cfg.boft_dropout, name)  # fmt: skip
+            if init:
+                layer.reset_parameters()
+            _swap(model, name, layer)
     elif cfg.method == "ia3":
         for name in find_targets(model, cfg.ia3_target_modules, "ia3_target_modules"):
             _swap(model, name, IA3Linear(model.get_submodule(name), is_feedforward(cfg.feedforward_modules, name)))
@@ -282,8 +290,8 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA, OFT; LN tuning's copies) into
-    the base weights in place (forward then uses the base path only)."""
+    """Fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA, OFT, BOFT; LN tuning's copies)
+    into the base weights in place (forward then uses the base path only)."""
     _check_mergeable(model)
     for m in adapter_layers(model).values():
         m.merge()

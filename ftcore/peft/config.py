@@ -9,7 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from ftcore.schema import invalid, one_of
 
 METHODS = ("none", "full", "lora", "dora", "ia3", "prefix", "prompt", "ptuning", "vera", "hira", "hra", "loha", "lokr",
-           "adalora", "oft", "lily", "ln_tuning")
+           "adalora", "oft", "boft", "lily", "ln_tuning")
 # PEFT's init_lora_weights=True / "gaussian" (B starts at zero), "pissa" / "pissa_niter_<N>" / "olora" (the
 # adapter starts at W's principal / QR part and the base keeps the residual: see lora_init.py)
 LORA_INITS = ("kaiming-uniform", "gaussian", "pissa", "pissa_niter_<N>", "olora")
@@ -28,7 +28,7 @@ METHOD_OPTIONS = {
     "r": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "oft", "lily"),
     "alpha": ("lora", "dora", "loha", "lokr", "adalora"),
     "dropout": ("lora", "dora", "vera", "hira", "adalora"),
-    "target_modules": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "adalora", "oft", "lily"),
+    "target_modules": ("lora", "dora", "vera", "hira", "hra", "loha", "lokr", "adalora", "oft", "boft", "lily"),
     "use_rslora": ("lora", "dora"), "init": ("lora", "dora", "hira", "hra", "loha", "lokr"),
     "apply_GS": ("hra",),
     "projection_prng_key": ("vera",), "save_projection": ("vera",), "d_initial": ("vera",),
@@ -39,6 +39,7 @@ METHOD_OPTIONS = {
     "decompose_factor": ("lokr",), "rank_dropout_scale": ("lokr",),
     **dict.fromkeys(("oft_block_size", "coft", "eps", "block_share", "use_cayley_neumann", "num_cayley_neumann_terms"),
                     ("oft",)),
+    **dict.fromkeys(("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout"), ("boft",)),
     "num_virtual_tokens": ("prefix", "prompt", "ptuning"),
     **dict.fromkeys(("encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"),
                     ("ptuning",)), "prefix_projection": ("prefix",), "prefix_hidden_size": ("prefix",),
@@ -106,6 +107,13 @@ class PeftConfig:
     num_B: int = 2  # noqa: N815 - PEFT's name (>= 2: the router needs two experts to learn anything)
     scaling: float = 1.0  # the update's plain multiplier (no alpha / r)
     init_weights: bool = True  # B starts at zero (the base model); False: kaiming-uniform like A
+    # BOFT (PEFT's names and defaults; target_modules as above): W rotated on its input side by an orthogonal
+    # R = B_{m-1} .. B_0 of m butterfly factors, each block-diagonal (D blocks of H x H, D H = in), boft.py.
+    # Exactly one of boft_block_size (H) and boft_block_num (D) is non-zero.
+    boft_block_size: int = 4
+    boft_block_num: int = 0
+    boft_n_butterfly_factor: int = 1  # m; 1 = plain OFT
+    boft_dropout: float = 0.0  # training mode: per forward, this share of one factor's blocks set to I
     # IA3 (feedforward modules scale their input, the others their output)
     ia3_target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
@@ -189,6 +197,18 @@ class PeftConfig:
                 raise invalid(f"peft.{key}", getattr(self, key), "a probability in [0, 1)")
         if self.decompose_factor != -1 and self.decompose_factor < 1:
             raise invalid("peft.decompose_factor", self.decompose_factor, "a positive integer, or -1 (the square root)")
+        for key in ("boft_block_size", "boft_block_num"):
+            if getattr(self, key) < 0:
+                raise invalid(f"peft.{key}", getattr(self, key), ">= 0")
+        if self.method == "boft" and (self.boft_block_size == 0) == (self.boft_block_num == 0):
+            key = "boft_block_num" if self.boft_block_num else "boft_block_size"
+            raise invalid(f"peft.{key}", getattr(self, key), "exactly one of boft_block_size and boft_block_num "
+                          f"non-zero (boft_block_size={self.boft_block_size}, boft_block_num="
+                          f"{self.boft_block_num}; set the other to 0)")  # fmt: skip
+        if self.boft_n_butterfly_factor < 1:
+            raise invalid("peft.boft_n_butterfly_factor", self.boft_n_butterfly_factor, "a positive integer")
+        if not 0.0 <= self.boft_dropout < 1.0:
+            raise invalid("peft.boft_dropout", self.boft_dropout, "a probability in [0, 1)")
         if not isinstance(self.ia3_target_modules, str) and not isinstance(self.feedforward_modules, str):
             extra = sorted(set(self.feedforward_modules) - set(self.ia3_target_modules))
             if extra:

@@ -1,4 +1,4 @@
-"""Merged export: fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA, OFT; LN
+"""Merged export: fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA, OFT, BOFT; LN
 tuning's norm copies) into the base weights and write a plain HF-layout model.
 
 The trained model is not modified: merge_and_unload builds a new plain Transformer (on the meta

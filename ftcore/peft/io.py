@@ -14,10 +14,12 @@ Tensor names are PEFT's (adapter name `default` stripped, as PEFT saves them):
     base_model.model.model.layers.0.self_attn.q_proj.lily_A.weight       [r, in] (Lily: also lily_B.weight
                                         [num_B * r, out], lily_router.weight [num_B, r]; the shared A and B under
                                         every layer that uses them, as PEFT saves them)
+    base_model.model.model.layers.0.self_attn.q_proj.boft_R              [m, D, H, H] (BOFT; and boft_s [out, 1])
     prompt_embeddings                                                    [P, 2*L*n_kv*hd] (prefix) / [P, D] (prompt)
                                         (P-tuning: its encoder's output [P, D], loaded back as fixed soft tokens)
 """
 
+import dataclasses
 import json
 import os
 import warnings
@@ -37,7 +39,7 @@ from ftcore.textfile import read_json_object
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning",
               "VERA": "vera", "HIRA": "hira", "HRA": "hra", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora",
-              "OFT": "oft", "LILY": "lily", "LN_TUNING": "ln_tuning"}
+              "OFT": "oft", "BOFT": "boft", "LILY": "lily", "LN_TUNING": "ln_tuning"}
 PROMPT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # PEFT features we do not implement: loading them would silently compute something else.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
@@ -135,6 +137,12 @@ def peft_config_dict(model: nn.Module) -> dict:
                 "init_weights": True, "layers_to_transform": None, "layers_pattern": None, "coft": cfg.coft,
                 "eps": cfg.eps, "block_share": cfg.block_share, "use_cayley_neumann": cfg.use_cayley_neumann,
                 "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms}  # fmt: skip
+    if cfg.method == "boft":
+        return {**common, "peft_type": "BOFT", "boft_block_size": cfg.boft_block_size,
+                "boft_block_num": cfg.boft_block_num, "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor,
+                "boft_dropout": cfg.boft_dropout, "target_modules": cfg.target_modules, "init_weights": True,
+                "fan_in_fan_out": False, "bias": "none", "exclude_modules": None, "layers_to_transform": None,
+                "layers_pattern": None}  # fmt: skip
     if cfg.method == "ia3":
         return {**common, "peft_type": "IA3", "target_modules": cfg.ia3_target_modules,
                 "feedforward_modules": cfg.feedforward_modules, "init_ia3_weights": True, "fan_in_fan_out": False,
@@ -230,11 +238,21 @@ ADAPTER_CONFIG_TYPES = {  # the adapter_config.json keys config_from_peft reads,
     "use_cayley_neumann": bool | None, "num_cayley_neumann_terms": int | None, "stride_A": int, "num_B": int,
     "scaling": float, "encoder_reparameterization_type": str, "encoder_hidden_size": int | None,
     "encoder_num_layers": int | None, "encoder_dropout": float | None,
+    "boft_block_size": int, "boft_block_num": int, "boft_n_butterfly_factor": int, "boft_dropout": float | None,
 }  # fmt: skip
 
 
 def config_from_peft(d: dict, where) -> PeftConfig:
-    """Translate a PEFT adapter_config dict into our PeftConfig (unsupported features are errors)."""
+    """Translate a PEFT adapter_config dict into our PeftConfig (unsupported features are errors, naming `where`)."""
+    try:
+        return _config_from_peft(d, where)
+    except FtcoreError as e:
+        if str(where) in str(e):
+            raise
+        raise FtcoreError(f"{where}: {e}") from None  # a value PeftConfig refuses (peft.r=0: expected ...)
+
+
+def _config_from_peft(d: dict, where) -> PeftConfig:
     check_types(d, ADAPTER_CONFIG_TYPES, where)
     peft_type = d.get("peft_type")
     if peft_type not in PEFT_TYPES:
@@ -327,6 +345,12 @@ def config_from_peft(d: dict, where) -> PeftConfig:
                           use_cayley_neumann=_or(d.get("use_cayley_neumann"), True),
                           num_cayley_neumann_terms=_or(d.get("num_cayley_neumann_terms"), 5),
                           base_model_name_or_path=base)  # fmt: skip
+    if method == "boft":  # (init_weights only sets the initial values, which the file's tensors replace)
+        return PeftConfig(method="boft", boft_block_size=d.get("boft_block_size", 4),
+                          boft_block_num=d.get("boft_block_num", 0),
+                          boft_n_butterfly_factor=d.get("boft_n_butterfly_factor", 1),
+                          boft_dropout=d.get("boft_dropout") or 0.0, target_modules=_targets(d["target_modules"]),
+                          base_model_name_or_path=base)  # fmt: skip
     if method == "ia3":
         targets = _targets(d["target_modules"])
         return PeftConfig(method="ia3", ia3_target_modules=targets,
@@ -376,6 +400,18 @@ def _check_shape_fields(d: dict, model, where):
             raise FtcoreError(f"{where}: {key}={d[key]} but this model has {want} (adapter for another base model?)")
 
 
+def _boft_factors_saved(cfg: PeftConfig, st: SafetensorsFile, where) -> PeftConfig:
+    """BOFT: the butterfly factors the saved boft_R [m, D, H, H] hold. HF PEFT without its CUDA extension (fbd_cuda)
+    trains with m = 1 whatever its boft_n_butterfly_factor says; its tensors say what it computed."""
+    saved = {st.shape(k)[0] for k in st.names() if k.endswith(".boft_R") and len(st.shape(k)) == 4}
+    if len(saved) != 1 or (m := saved.pop()) == cfg.boft_n_butterfly_factor:
+        return cfg  # (none, or differing ones: the shape checks name the tensor)
+    warnings.warn(f"{where}: boft_n_butterfly_factor={cfg.boft_n_butterfly_factor} but the saved boft_R tensors "
+                  f"hold {m} factor(s) (HF PEFT without its fbd_cuda extension trains with 1): loaded with {m}, "
+                  "as they were trained", stacklevel=3)  # fmt: skip
+    return dataclasses.replace(cfg, boft_n_butterfly_factor=m)
+
+
 def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     """Read a PEFT adapter directory, attach its method to `model` and load its tensors; returns the model."""
     adapter_dir = Path(adapter_dir)
@@ -397,6 +433,8 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         warnings.warn(f"{cfg_path}: init_lora_weights={cfg.init!r} was saved unconverted; its randomized SVD is "
                       "redone here, so the residual base differs a little from the one it was trained on "
                       "(save PiSSA adapters converted to plain LoRA, as ftcore does)", stacklevel=2)  # fmt: skip
+    if cfg.method == "boft":
+        cfg = _boft_factors_saved(cfg, st, cfg_path)
     apply(model, cfg, init=principal)
     if cfg.method == "adalora" and d.get("rank_pattern"):  # a pruned adapter: shrink each layer to its kept ranks
         names = {f"{peft_key(n)}.lora_E": n for n in adapter_layers(model)}
