@@ -2,6 +2,8 @@
 bitsandbytes' BitsAndBytesConfig(load_in_4bit=True) on the same checkpoint."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from test_train import data_cache, tiny_dir  # noqa: F401  (fixtures)
 
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
-from ftcore.formats.hf import load_model
+from ftcore.formats.hf import load_model, save_pretrained
+from ftcore.model import ModelConfig, Transformer
 from ftcore.quant import Linear4bit
 from ftcore.quant.linear import QuantSpec
 
@@ -115,3 +118,41 @@ def test_training_over_a_quantized_base(tiny_dir, data_cache, tmp_path):  # noqa
     assert adapter.is_file()
     with pytest.raises(FtcoreError, match=r"^peft.method=lora: not yet over a 4-bit base \(model.quantize\)"):
         train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "lora", model__quantize="nf4")))
+
+
+QUANT_PEAK = """
+import sys, torch
+from ftcore.formats.hf import build_model, load_model
+from ftcore.model import ModelConfig
+from ftcore.quant.fourbit import quantize_4bit
+from ftcore.quant.linear import QuantSpec
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+# Page in the code first (torch, the model classes, the quantization kernels), independent of the checkpoint.
+torch.ones(1024).sum()
+build_model(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1))
+quantize_4bit(torch.randn(64, 256), "nf4", 64, True)
+before = rss()
+model = load_model(sys.argv[1], dtype=torch.bfloat16, quant=QuantSpec("nf4", 64, True))
+total = sum(t.sum().item() for t in model.state_dict().values())  # touch every page, no full-size temporaries
+peak = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+print(before, peak, rss())
+"""
+
+
+@pytest.mark.slow
+def test_quantized_loading_peak_memory_below_045x_bf16(tmp_path):
+    """Load a 325 MB bf16 checkpoint with model.quantize=nf4 in a fresh process: the peak RSS growth stays under
+    0.45x its bf16 bytes (the 4-bit linears, the bf16 embeddings and one tensor's temporaries at a time)."""
+    cfg = ModelConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_layers=12, num_heads=16,
+                      num_kv_heads=16)  # fmt: skip
+    model = Transformer(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    save_pretrained(model.to(torch.bfloat16), tmp_path / "big")
+    nbytes = sum(p.numel() * 2 for p in model.parameters())
+    del model
+    assert nbytes >= 300e6
+    cmd = [sys.executable, "-c", QUANT_PEAK, str(tmp_path / "big")]
+    before, peak, _ = map(int, subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split())
+    ratio = (peak - before) / nbytes
+    print(f"nf4: checkpoint {nbytes / 2**20:.0f} MiB bf16, peak RSS growth {(peak - before) / 2**20:.0f} MiB = {ratio:.2f}x")
+    assert ratio <= 0.45

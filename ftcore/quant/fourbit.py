@@ -49,11 +49,14 @@ def dynamic_map() -> torch.Tensor:
 
 
 def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest value of `code` for each entry (code in any order; ties to the lower value)."""
+    """Index (uint8) of the nearest value of `code` for each entry (code in any order; ties to the lower value)."""
     order = torch.argsort(code, stable=True)
     ordered = code[order]
     midpoints = (ordered[:-1] + ordered[1:]) / 2
-    return order[torch.bucketize(scaled, midpoints)]
+    position = torch.bucketize(scaled, midpoints, out_int32=True)  # the index into the sorted code
+    if torch.equal(order, torch.arange(len(code), device=code.device)):  # NF4, the dynamic map: sorted already
+        return position.to(torch.uint8)
+    return order.to(torch.uint8)[position]
 
 
 def _blockwise_absmax(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +75,7 @@ def _blockwise_absmax(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit: (indices uint8 [n], absmax float32 [ceil(n / block)]) of a flat float tensor."""
     absmax, scaled = _blockwise_absmax(x.reshape(-1).float(), block)
-    return _nearest(scaled, code.to(x.device)).to(torch.uint8), absmax
+    return _nearest(scaled, code.to(x.device)), absmax
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int) -> torch.Tensor:
@@ -102,22 +105,23 @@ class Quantized4bit:
 
 
 def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False,
-                  chunk: int = 1 << 20) -> Quantized4bit:  # fmt: skip
+                  chunk: int = 1 << 18) -> Quantized4bit:  # fmt: skip
     """QLoRA's blockwise 4-bit quantization of a float tensor (bitsandbytes' quantize_4bit and its
     compress_statistics=True for double_quant). Works through `chunk` values at a time (rounded to whole
-    blocks), so the float32 temporaries stay small whatever the tensor's size."""
+    blocks) into preallocated outputs, so the temporaries stay small whatever the tensor's size."""
     flat = w.reshape(-1)
-    step = max(block_size, chunk // block_size * block_size)
+    n = flat.numel()
+    step = max(block_size, chunk // block_size * block_size)  # even: only the last chunk can be odd
     code = code4(quant_type, w.device)
-    packed, absmax = [], []
-    for start in range(0, flat.numel(), step):
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=w.device)
+    for start in range(0, n, step):
         part_absmax, scaled = _blockwise_absmax(flat[start : start + step].float(), block_size)
-        if scaled.numel() % 2:  # an odd count (only in the last chunk): the low nibble holds the code of 0.0
+        if scaled.numel() % 2:  # an odd count: the last byte's low nibble holds the code of 0.0
             scaled = torch.cat([scaled, scaled.new_zeros(1)])
-        index = _nearest(scaled, code).to(torch.uint8)
-        packed.append((index[0::2] << 4) | index[1::2])
-        absmax.append(part_absmax)
-    packed, absmax = torch.cat(packed), torch.cat(absmax)  # [ceil(n / 2)], [blocks]
+        index = _nearest(scaled, code)
+        torch.bitwise_or(index[0::2] << 4, index[1::2], out=packed[start // 2 : start // 2 + len(index) // 2])
+        absmax[start // block_size : start // block_size + len(part_absmax)] = part_absmax
     q = Quantized4bit(packed, absmax, tuple(w.shape), w.dtype, quant_type, block_size)
     if double_quant:
         q.offset = absmax.mean()
