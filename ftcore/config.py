@@ -12,7 +12,7 @@ from ftcore.cli import DEMO_MODEL
 from ftcore.data.config import DataConfig
 from ftcore.dtypes import AUTOCAST, DTYPES
 from ftcore.errors import FtcoreError
-from ftcore.peft.config import PeftConfig
+from ftcore.peft.config import OVER_4BIT, PeftConfig
 from ftcore.quant.linear import QuantSpec
 from ftcore.schema import build, invalid, one_of
 
@@ -185,6 +185,9 @@ class RunConfig:
         if self.model.quantize != "none" and self.peft.method == "full":
             raise FtcoreError(f"model.quantize={self.model.quantize}: full fine-tuning trains the base weights, "
                               "which a quantized base keeps frozen in 4 bits; use a PEFT method or model.quantize=none")
+        if self.model.quantize != "none" and self.peft.method not in OVER_4BIT:
+            raise FtcoreError(f"peft.method={self.peft.method}: not yet over a 4-bit base (model.quantize="
+                              f"{self.model.quantize}); over one, ftcore trains {', '.join(OVER_4BIT[1:])}")
         if self.model.quantize != "none" and self.dist.backend == "fsdp":
             raise FtcoreError(f"model.quantize={self.model.quantize}: not yet with dist=fsdp (sharding the 4-bit "
                               "weights is not implemented); use dist=ddp or dist=single")
@@ -207,6 +210,8 @@ class RunConfig:
         if self.peft.method == "boft" and self.peft.boft_dropout:
             return ("peft.boft_dropout draws on the host at every forward (a replayed graph would repeat one draw); "
                     "set it to 0")  # fmt: skip
+        if self.model.quantize != "none":
+            return f"model.quantize={self.model.quantize}: capturing 4-bit layers is not tested yet; use eager steps"
         if self.peft.method == "adalora":
             return "peft.method=adalora's rank allocator masks on a host-side schedule after each step; use eager steps"
         return None

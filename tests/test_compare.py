@@ -48,6 +48,7 @@ PEFT = {
     "ptuning": {"method": "ptuning", "num_virtual_tokens": 20, "encoder_hidden_size": 64},
     "lily": {"method": "lily", "r": 32, "stride_A": 3, "num_B": 4, "target_modules": ALL_LINEAR},
     "boft": {"method": "boft", "boft_block_size": 4, "target_modules": ALL_LINEAR},
+    "oft": {"method": "oft", "r": 0, "oft_block_size": 16, "target_modules": ALL_LINEAR},
 }
 CLI_BASE = ["train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "train.eval_batches=1",
             "eval.max_examples=4", "eval.max_new_tokens=3", "eval.batch_size=8", "logger.wandb.mode=disabled",
@@ -118,7 +119,7 @@ def test_budget_solving_is_exact():
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full", "vera", "hira", "hra",
-                                    "adalora", "ln_tuning", "lily", "ptuning", "boft"])
+                                    "adalora", "ln_tuning", "lily", "ptuning", "boft", "oft"])
 def test_meta_count_equals_a_real_model(method):
     model = Transformer(TINY)
     model.init_weights(generator=torch.Generator().manual_seed(0))

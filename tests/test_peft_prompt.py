@@ -113,3 +113,28 @@ def test_ptuning_adapter_loads_as_fixed_soft_tokens(hf_checkpoint, tmp_path):
     a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
     assert (tmp_path / "a" / "adapter_config.json").read_text() == (tmp_path / "b" / "adapter_config.json").read_text()
+
+
+def test_ptuning_saves_the_encoder_output_without_dropout(hf_checkpoint, tmp_path):
+    """Saved from a model in train mode, an LSTM encoder with dropout still writes its eval-mode output (no
+    dropout draw), and stays in train mode."""
+    from safetensors.torch import load_file
+
+    from ftcore.peft import save_adapter
+
+    path, _ = hf_checkpoint("llama_gqa_llama3")
+    model = apply(load_model(path), PeftConfig(method="ptuning", num_virtual_tokens=3, encoder_hidden_size=8,
+                                               encoder_reparameterization_type="LSTM", encoder_num_layers=2,
+                                               encoder_dropout=0.5)).train()  # fmt: skip
+    enc = model.prompt_encoder
+    torch.manual_seed(0)
+    assert not torch.equal(enc.output(), enc.output())  # dropout is live in train mode
+    for name in ("a", "b"):
+        save_adapter(model, tmp_path / name)
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors")["prompt_embeddings"] for n in ("a", "b"))
+    with torch.no_grad():
+        expected = enc.eval().output()
+    assert torch.equal(a, b) and (a - expected).abs().max() < 1e-6
+    enc.train()
+    save_adapter(model, tmp_path / "c")
+    assert enc.training and model.training

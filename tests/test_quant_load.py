@@ -38,10 +38,10 @@ def bnb_state(layer: Linear4bit):
     """bitsandbytes' QuantState for our layer's tensors (double quantization)."""
     from ftcore.quant.fourbit import NESTED_BLOCK, code4, dynamic_map
 
-    nested = bnb.functional.QuantState(absmax=layer.nested_absmax, code=dynamic_map(), blocksize=NESTED_BLOCK,
+    nested = bnb.functional.QuantState(absmax=layer.nested_absmax, code=dynamic_map().clone(), blocksize=NESTED_BLOCK,
                                        dtype=torch.float32)  # fmt: skip
     return bnb.functional.QuantState(absmax=layer.absmax.view(-1), shape=torch.Size([layer.out_features, layer.in_features]),
-                                     code=code4(layer.quant_type), blocksize=layer.block_size,
+                                     code=code4(layer.quant_type).clone(), blocksize=layer.block_size,
                                      quant_type=layer.quant_type, dtype=layer.dtype, offset=layer.offset, state2=nested)  # fmt: skip
 
 
@@ -116,8 +116,27 @@ def test_training_over_a_quantized_base(tiny_dir, data_cache, tmp_path):  # noqa
     assert len(curve) == 12 and sum(curve[-3:]) < sum(curve[:3])
     adapter = tmp_path / "prompt" / "final" / "adapter_model.safetensors"
     assert adapter.is_file()
+    with pytest.raises(FtcoreError, match=r"^peft.method=lora: not yet over a 4-bit base \(model.quantize=nf4\); "
+                                          r"over one, ftcore trains prefix, prompt, ptuning, ln_tuning$"):  # fmt: skip
+        run_config(tiny_run(tiny_dir, data_cache, tmp_path / "lora", model__quantize="nf4"))
+
+
+def test_a_4bit_base_counts_its_weights_and_refuses_what_it_cannot_do_yet(checkpoint, tmp_path):
+    """PEFT's parameter count (a 4-bit weight counts in x out, not its packed bytes); one-line refusals for the
+    linear-adapting methods (the API path) and for a merged export."""
+    from ftcore.peft import PeftConfig, apply, count_parameters, merge_and_unload
+
+    path, _ = checkpoint
+    plain = count_parameters(apply(load_model(path), PeftConfig(method="ln_tuning")))
+    model = apply(load_model(path, quant=QuantSpec("nf4", 64, True)), PeftConfig(method="ln_tuning"))
+    assert count_parameters(model) == plain and plain[0] == 5 * 64
+    with pytest.raises(FtcoreError, match=r"^export: not yet from a 4-bit base \(model.quantize\)"):
+        merge_and_unload(model)
     with pytest.raises(FtcoreError, match=r"^peft.method=lora: not yet over a 4-bit base \(model.quantize\)"):
-        train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "lora", model__quantize="nf4")))
+        apply(load_model(path, quant=QuantSpec("nf4", 64, True)), PeftConfig(method="lora"))
+    with pytest.raises(FtcoreError, match=r"^train.cuda_graph: model.quantize=nf4: capturing 4-bit layers"):
+        run_config({"model": {"quantize": "nf4"}, "peft": {"method": "prompt"}, "train": {"cuda_graph": True},
+                    "data": {"static_shape": True}})  # fmt: skip
 
 
 QUANT_PEAK = """

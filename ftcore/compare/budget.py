@@ -151,15 +151,17 @@ def solve_budget(model_cfg: ModelConfig, peft_settings: dict, budget: int, max_s
             counts[size] = count_trainable(model_cfg, sized(settings, knob, size))
         return counts[size]
 
-    if count(1) > budget:
-        return Sized(sized(settings, knob, 1), knob, 1, count(1), f"over budget at the smallest {knob}=1")
+    smallest = 2 if settings["method"] == "oft" else 1  # OFT's block of 1 has no parameters (b (b - 1) / 2 = 0)
+    if count(smallest) > budget:
+        return Sized(sized(settings, knob, smallest), knob, smallest, count(smallest),
+                     f"over budget at the smallest {knob}={smallest}")  # fmt: skip
     # every count is affine in the knob: guess from two counts, then check the guess exactly
-    slope = count(2) - count(1)
-    guess = min(max_size, 1 + (budget - count(1)) // slope) if slope > 0 else max_size
+    slope = count(smallest + 1) - count(smallest)
+    guess = min(max_size, smallest + (budget - count(smallest)) // slope) if slope > 0 else max_size
     if count(guess) <= budget and (guess == max_size or count(guess + 1) > budget):
         lo = guess
     else:  # not affine after all: binary search for the largest size within the budget
-        lo, hi = 1, max_size + 1  # count(lo) <= budget < count(hi), count(max_size + 1) taken as infinite
+        lo, hi = smallest, max_size + 1  # count(lo) <= budget < count(hi), count(max_size + 1) taken as infinite
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid)

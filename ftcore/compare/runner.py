@@ -249,7 +249,8 @@ def evaluate_baseline(base: dict, out_dir: Path, compute: bool = True) -> dict |
 
     print("compare: evaluating the base model ...", flush=True)
     device = pick_device(cfg.train.device)
-    model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device)
+    model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device,
+                                       quant=cfg.model.quant_spec())
     splits, _ = build_datasets(cfg.data, tokenizer)
     result = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
     record = {"config_hash": key, **{k: result[k] for k in ("task", "metric", "score", "scores", "n")}, "config": what}

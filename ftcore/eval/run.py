@@ -78,7 +78,7 @@ def evaluate(cfg: EvalRunConfig) -> dict:
         cfg = from_training_run(cfg)
     device = pick_device(cfg.device)
     dtype = DTYPES[cfg.model.dtype]
-    model, tokenizer = load_pretrained(cfg.model.path, dtype=dtype, device=device)
+    model, tokenizer = load_pretrained(cfg.model.path, dtype=dtype, device=device, quant=cfg.model.quant_spec())
     splits, _ = build_datasets(cfg.data, tokenizer)
     examples = splits[cfg.eval.split]
     if not examples:
@@ -91,7 +91,7 @@ def evaluate(cfg: EvalRunConfig) -> dict:
         peft.load_adapter(model, cfg.adapter)
     elif cfg.baseline_path and cfg.eval.baseline:
         print("evaluating the baseline model ...", flush=True)
-        base_model, _ = load_pretrained(cfg.baseline_path, dtype=dtype, device=device)
+        base_model, _ = load_pretrained(cfg.baseline_path, dtype=dtype, device=device, quant=cfg.model.quant_spec())
         baseline = score_model(base_model.eval(), tokenizer, examples, cfg, device)
         del base_model
     print("evaluating the model ...", flush=True)

@@ -23,7 +23,7 @@ from ftcore.errors import FtcoreError
 from ftcore.model.decoder import RMSNorm
 from ftcore.peft.adalora import AdaLoraLinear, RankAllocator
 from ftcore.peft.boft import BoftLinear
-from ftcore.peft.config import PeftConfig, is_principal
+from ftcore.peft.config import OVER_4BIT, PeftConfig, is_principal
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
 from ftcore.peft.hra import HraLinear
@@ -46,7 +46,6 @@ ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, 
                   AdaLoraLinear, LnTuningNorm, OftLinear, BoftLinear, LilyLinear)  # fmt: skip
 VIRTUAL_TOKENS = {"prefix": "prefix tuning", "prompt": "prompt tuning", "ptuning": "p-tuning"}  # not mergeable
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections", "lily_projectors")  # root modules a method attaches
-OVER_4BIT = ("none", "prefix", "prompt", "ptuning", "ln_tuning")  # the methods that leave the (4-bit) linears alone
 
 
 def peft_key(name: str) -> str:
@@ -328,9 +327,13 @@ def trainables_to_float32(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT."""
-    params = list(model.parameters())  # deduplicated by nn.Module
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """(trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT. A 4-bit layer counts
+    its weight's in x out (not its packed bytes and scales), as PEFT counts bitsandbytes' Params4bit."""
+    four_bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    storage = {id(p) for m in four_bit for p in (m.packed, m.absmax)}
+    params = [p for p in model.parameters() if id(p) not in storage]  # deduplicated by nn.Module
+    total = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in four_bit)
+    return sum(p.numel() for p in params if p.requires_grad), total
 
 
 def summary(model: nn.Module) -> str:

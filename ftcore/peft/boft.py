@@ -108,10 +108,9 @@ class BoftLinear(nn.Module):
         self.boft_s = nn.Parameter(torch.empty(self.out_features, 1, device=device))  # [out, 1]
         self.merged = False
         self._unmerged_weight = None  # merge() keeps W to restore it exactly
-        self.train(base.training)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "", generator: torch.Generator | None = None):
+    def reset_parameters(self):
         """PEFT's init_weights=True: boft_R = 0 (R = I), boft_s = 1 (no draws)."""
         self.boft_R.zero_()
         self.boft_s.fill_(1.0)

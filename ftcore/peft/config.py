@@ -48,6 +48,7 @@ METHOD_OPTIONS = {
                      "total_step"), ("adalora",)),
 }  # fmt: skip
 PROMPT_INITS = ("random", "sample_vocab", "text")
+OVER_4BIT = ("none", "prefix", "prompt", "ptuning", "ln_tuning")  # the methods that leave the linear layers alone
 PTUNING_ENCODERS = ("MLP", "LSTM")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # LN tuning: PEFT's default targets for Llama (and Mistral, Gemma); its Qwen2/Qwen3 default is post_attention_layernorm
@@ -233,7 +234,6 @@ class PeftConfig:
                                   "encoder (peft.encoder_reparameterization_type=LSTM), the MLP has fixed layers")
         if self.method == "prompt" and self.prompt_init == "text" and not self.init_text:
             raise invalid("peft.init_text", self.init_text, "the text to start from with prompt_init='text'")
-
 
     def _resolve_oft(self):
         """PEFT's rule: exactly one of r / oft_block_size non-zero; r at its (LoRA) default counts as 0."""

@@ -16,6 +16,7 @@ from ftcore.errors import FtcoreError
 from ftcore.formats.hf import save_pretrained
 from ftcore.model import Transformer
 from ftcore.peft.attach import HOOKS, VIRTUAL_TOKENS, adapter_layers
+from ftcore.quant.linear import Linear4bit
 
 
 def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -24,6 +25,9 @@ def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     if method in VIRTUAL_TOKENS:
         raise FtcoreError(f"export: {VIRTUAL_TOKENS[method]} adds virtual tokens and cannot be merged into a plain model; "
                           "save it with ftcore.peft.save_adapter")
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        raise FtcoreError("export: not yet from a 4-bit base (model.quantize); save the adapter (ftcore.peft.save_adapter) "
+                          "and merge it into the unquantized base")  # fmt: skip
     layers = adapter_layers(model)
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():

@@ -57,7 +57,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if method == "prompt":
         return {"prompt_embeddings": model.prompt_encoder.embedding.weight}
     if method == "ptuning":  # the encoder's output, as PEFT saves it (get_prompt_embedding_to_save)
-        return {"prompt_embeddings": model.prompt_encoder.output()}
+        return {"prompt_embeddings": model.prompt_encoder.saved_output()}
     state = {f"base_model.model.{peft_key(name)}.{suffix}": t
              for name, layer in adapter_layers(model).items() for suffix, t in layer.adapter_tensors().items()}
     if method == "vera" and model.peft_config.save_projection:  # the shared matrices, once
@@ -204,9 +204,11 @@ def save_adapter(model: nn.Module, out_dir) -> Path:
     return out_dir
 
 
-def load_with_adapter(adapter_dir, base: str = "", dtype=torch.float32, device="cpu") -> tuple[nn.Module, object]:
+def load_with_adapter(adapter_dir, base: str = "", dtype=torch.float32, device="cpu",
+                      quant=None) -> tuple[nn.Module, object]:  # fmt: skip
     """(base model with the adapter attached, tokenizer). `base` defaults to the model the adapter
-    records (adapter_config.json's base_model_name_or_path; ftcore's runs record model.path)."""
+    records (adapter_config.json's base_model_name_or_path; ftcore's runs record model.path).
+    quant: a QuantSpec to load the base 4-bit (model.quantize), as the adapter was trained."""
     cfg_path = Path(adapter_dir) / CONFIG
     if not cfg_path.is_file() and (Path(adapter_dir) / "config.json").is_file():
         raise FtcoreError(f"{adapter_dir}: a whole model, not an adapter (full fine-tuning saves one): load it as the model")
@@ -218,7 +220,7 @@ def load_with_adapter(adapter_dir, base: str = "", dtype=torch.float32, device="
             raise FtcoreError(f"{cfg_path}: records no base_model_name_or_path; give the base model (--model)")
     from ftcore.formats.hf import load_pretrained
 
-    model, tokenizer = load_pretrained(base, dtype=dtype, device=device)
+    model, tokenizer = load_pretrained(base, dtype=dtype, device=device, quant=quant)
     return load_adapter(model, adapter_dir), tokenizer
 
 

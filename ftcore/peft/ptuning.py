@@ -71,6 +71,16 @@ class PTuningEncoder(nn.Module):
             x = self.lstm_head(x[None])[0][0]  # [P, 2H]
         return self.mlp_head(x)
 
+    @torch.no_grad()
+    def saved_output(self) -> torch.Tensor:
+        """output() in eval mode (no LSTM dropout draw): the prompt_embeddings an adapter file holds."""
+        training = self.training
+        self.eval()
+        try:
+            return self.output()
+        finally:
+            self.train(training)
+
     def forward(self, batch_size: int) -> torch.Tensor:
         return self.output()[None].expand(batch_size, -1, -1)  # [B, P, D]
 

@@ -12,6 +12,7 @@ w = code4[index] * absmax, computed in float32 and then cast.
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -26,17 +27,21 @@ QUANT_TYPES = ("nf4", "fp4")
 NESTED_BLOCK = 256  # the block of the double quantization
 
 
+@lru_cache(maxsize=None)
 def code4(quant_type: str, device=None) -> torch.Tensor:
-    """The 16 values [16] a 4-bit index stands for, float32, in index order."""
+    """The 16 values [16] a 4-bit index stands for, float32, in index order (one cached tensor per device:
+    do not modify it)."""
     if quant_type == "nf4":
         return torch.tensor(NF4, dtype=torch.float32, device=device)
     raw = torch.tensor(FP4_RAW, dtype=torch.float32, device=device)
     return raw / raw.abs().max()
 
 
-def dynamic_map() -> torch.Tensor:
+@lru_cache(maxsize=None)
+def dynamic_map(device=None) -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map [256], sorted: per decade 10^-6..10^0 a growing number of
-    evenly spaced fraction values (both signs), then 0 and 1 (Dettmers 2015, "8-bit approximations")."""
+    evenly spaced fraction values (both signs), then 0 and 1 (Dettmers 2015, "8-bit approximations").
+    One cached tensor per device: do not modify it."""
     values = []
     for i in range(7):  # max_exponent_bits = 7, 7 non-sign bits
         bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
@@ -45,7 +50,15 @@ def dynamic_map() -> torch.Tensor:
         values += (-(10 ** (-6 + i)) * means).tolist()
     values += [0.0, 1.0]
     values += [0.0] * (256 - len(values))
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """values [n] times their block's absmax, float32 [n] (the last block may be shorter)."""
+    n = values.numel()
+    if n % block == 0:
+        return (values.view(-1, block) * absmax.view(-1, 1)).view(-1)
+    return values * absmax.repeat_interleave(block)[:n]
 
 
 def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -80,10 +93,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int) -> torch.Tensor:
     """The float32 [n] values of quantize_blockwise's output."""
-    out = code.to(q.device)[q.reshape(-1).long()]
-    n = out.numel()
-    scale = absmax.repeat_interleave(block)[:n]
-    return out * scale
+    return _scale_blocks(code.to(q.device)[q.reshape(-1).int()], absmax, block)
 
 
 @dataclass
@@ -125,7 +135,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
     q = Quantized4bit(packed, absmax, tuple(w.shape), w.dtype, quant_type, block_size)
     if double_quant:
         q.offset = absmax.mean()
-        q.absmax, q.nested_absmax = quantize_blockwise(absmax - q.offset, dynamic_map(), NESTED_BLOCK)
+        q.absmax, q.nested_absmax = quantize_blockwise(absmax - q.offset, dynamic_map(w.device), NESTED_BLOCK)
     return q
 
 
@@ -133,7 +143,7 @@ def block_absmax(q: Quantized4bit) -> torch.Tensor:
     """The float32 absmax [blocks] (undoing the double quantization)."""
     if not q.double_quant:
         return q.absmax
-    return dequantize_blockwise(q.absmax, q.nested_absmax, dynamic_map(), NESTED_BLOCK) + q.offset
+    return dequantize_blockwise(q.absmax, q.nested_absmax, dynamic_map(q.absmax.device), NESTED_BLOCK) + q.offset
 
 
 def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -141,7 +151,6 @@ def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch
     n = 1
     for d in q.shape:
         n *= d
-    index = torch.stack([q.packed >> 4, q.packed & 0xF], dim=-1).view(-1)[:n].long()  # [n]
-    values = code4(q.quant_type, q.packed.device)[index]
-    scale = block_absmax(q).repeat_interleave(q.block_size)[:n]
-    return (values * scale).view(q.shape).to(dtype or q.dtype)
+    index = torch.stack([q.packed >> 4, q.packed & 0xF], dim=-1).view(-1)[:n].int()  # [n]
+    values = code4(q.quant_type, q.packed.device)[index]  # float32 [n]
+    return _scale_blocks(values, block_absmax(q), q.block_size).view(q.shape).to(dtype or q.dtype)
