@@ -3,6 +3,7 @@
     python scripts/bench.py                                   # SmolLM2-135M, CPU or GPU, fp32/bf16
     python scripts/bench.py --model llama-1b --batch 8 --seq-len 2048 --dtype bf16 --fused-kernels
     python scripts/bench.py --model smollm2-135m --data random --cuda-graph --arms ftcore,ftcore-nograph
+    python scripts/bench.py --memory --model llama-1b                 # base memory: fp32 vs bf16 vs nf4
 
 Every arm runs in its own worker process (its peak memory is its own) and the parent steps them in
 turn, one step each, alternating who goes first: a machine whose load changes during the run slows
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: known GPUs only)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--note", action="append", default=[], help="a line for the results' notes (repeatable)")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing: bytes per base parameter and the loading peak, fp32 / bf16 / nf4 "
+                        "(a named shape gets random bf16 weights written first)")
     p.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.worker:
         return worker(args.worker, json.loads(Path(args.spec).read_text()))
+    if args.memory:
+        return memory(args)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for a in arms:
         if a not in ARMS:
@@ -117,6 +123,31 @@ def main(argv=None) -> int:
     paths = write_results(result, Path(args.out))
     print(markdown(result))
     print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def memory(args) -> int:
+    """scripts/bench.py --memory: each format of the base loaded in a fresh process; results under --out."""
+    from datetime import datetime
+
+    from ftcore.bench.memory import memory_markdown, memory_rows, write_random_checkpoint
+    from ftcore.bench.results import device_name
+
+    with tempfile.TemporaryDirectory(prefix="ftcore-bench-") as tmp:
+        if args.model in RANDOM_SHAPES:
+            model_dir = write_random_checkpoint(RANDOM_SHAPES[args.model], Path(tmp) / args.model)
+        else:
+            model_dir = resolve_model(args.model, Path(tmp))
+        rows = memory_rows(model_dir)
+    name = args.model if args.model in RANDOM_SHAPES else Path(args.model).name.split(".gguf")[0]
+    text = memory_markdown(rows, name + (" (random weights)" if args.model in RANDOM_SHAPES else ""),
+                           device_name("cpu"))  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{datetime.now():%Y%m%d-%H%M%S}-memory-{''.join(c if c.isalnum() or c in '-.' else '-' for c in name)}"
+    stem.with_suffix(".json").write_text(json.dumps({"model": name, "rows": rows}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text + f"wrote {stem}.json and {stem}.md")
     return 0
 
 

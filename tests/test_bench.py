@@ -68,3 +68,23 @@ def test_random_batches_and_memory():
     peak, _ = memory_mb(torch.device("cpu"), peak=True)
     if Path("/proc/self/status").is_file():
         assert kind == "RSS" and 0 < now <= peak + 1 and abs(peak_rss_gb() * 1024 - peak) < 64
+
+
+def test_memory_mode_bytes_per_parameter(tmp_path):
+    """scripts/bench.py --memory's measurements on a small linear-heavy shape: fp32 4 bytes and bf16 2 bytes per
+    base parameter exactly; nf4 about half a byte for the decoder's linears plus bf16 embeddings; each format's
+    loading peak near what it keeps."""
+    from ftcore.bench.memory import memory_markdown, memory_rows, write_random_checkpoint
+
+    shape = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 256,
+             "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+             "rms_norm_eps": 1e-5, "tie_word_embeddings": True}  # fmt: skip
+    rows = {r["format"]: r for r in memory_rows(write_random_checkpoint(shape, tmp_path / "m"))}
+    linears = 4 * (4 * 256 * 256 + 3 * 256 * 768)
+    params = linears + 256 * 256 + 9 * 256  # + tied embedding, 9 norms
+    assert {r["params"] for r in rows.values()} == {params}
+    assert rows["float32"]["bytes_per_param"] == pytest.approx(4.0, abs=1e-3)  # (+ RoPE's inv_freq buffer)
+    assert rows["bfloat16"]["bytes_per_param"] == pytest.approx(2.0, abs=1e-3)
+    nf4 = linears * (0.5 + 1 / 64) + (params - linears) * 2  # codes, absmax codes; the rest bf16
+    assert rows["nf4"]["stored_bytes"] == pytest.approx(nf4, rel=0.01)
+    assert "| nf4 | " in memory_markdown(list(rows.values()), "tiny", "test")
