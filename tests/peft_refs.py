@@ -198,6 +198,20 @@ def randomize_(params, seed: int = 0, std: float = 0.3):
             p.copy_(std * noise)
 
 
+def adapter_configs(tmp_path) -> tuple[dict, dict]:
+    """(PEFT's, ours): tmp_path/{peft,ours}/adapter_config.json, without the bookkeeping PEFT adds itself
+    (auto_mapping, peft_version, task_type), target_modules lists sorted (PEFT saves a set)."""
+    configs = []
+    for d in ("peft", "ours"):
+        config = json.loads((tmp_path / d / "adapter_config.json").read_text())
+        for key in ("auto_mapping", "peft_version", "task_type"):
+            config.pop(key, None)
+        if isinstance(config["target_modules"], list):
+            config["target_modules"] = sorted(config["target_modules"])
+        configs.append(config)
+    return configs[0], configs[1]
+
+
 def peft_model(base, spec: str, tokenizer_dir=None, seed: int = 0, randomize: bool = True):
     """A PEFT-wrapped deep copy of the transformers model `base`, with random adapter values (eval mode)."""
     import peft

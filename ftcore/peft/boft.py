@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.errors import FtcoreError
+from ftcore.peft.delta import RestoreMerge
 
 
 def block_layout(in_features: int, block_size: int, block_num: int, n_butterfly_factor: int) -> tuple[int, int] | str:
@@ -83,7 +84,7 @@ def cayley(data: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_ex(eye + skew, eye - skew, left=False)[0]
 
 
-class BoftLinear(nn.Module):
+class BoftLinear(RestoreMerge, nn.Module):
     def __init__(self, base: nn.Linear, block_size: int, block_num: int, n_butterfly_factor: int = 1,
                  dropout: float = 0.0, name: str = ""):  # fmt: skip
         super().__init__()
@@ -160,23 +161,6 @@ class BoftLinear(nn.Module):
         if self.merged:
             return self.weight.detach().clone()
         return ((self.weight.float() @ self.rotation().T) * self.boft_s.float()).to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merged_bias(self):
-        return None if self.bias is None else self.bias.detach().clone()  # the bias is left alone
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self._unmerged_weight = self.weight.detach().clone()
-            self.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.copy_(self._unmerged_weight)
-            self._unmerged_weight, self.merged = None, False
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {"boft_R": self.boft_R, "boft_s": self.boft_s}

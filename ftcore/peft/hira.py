@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.delta import RestoreMerge
 
-class HiraLinear(nn.Module):
+
+class HiraLinear(RestoreMerge, nn.Module):
     def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -54,23 +56,6 @@ class HiraLinear(nn.Module):
             return self.weight.detach().clone()
         w = self.weight.float()
         return (w + w * (self.hira_B @ self.hira_A)).to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merged_bias(self):
-        return None if self.bias is None else self.bias.detach().clone()
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self._unmerged_weight = self.weight.detach().clone()
-            self.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.copy_(self._unmerged_weight)
-            self._unmerged_weight, self.merged = None, False
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {"hira_A": self.hira_A, "hira_B": self.hira_B}

@@ -16,9 +16,10 @@ from torch import nn
 
 from ftcore.model import ops
 from ftcore.model.decoder import RMSNorm
+from ftcore.peft.delta import RestoreMerge
 
 
-class LnTuningNorm(RMSNorm):
+class LnTuningNorm(RestoreMerge, RMSNorm):
     def __init__(self, base: RMSNorm):
         nn.Module.__init__(self)  # RMSNorm's own __init__ would make a new weight
         self.eps, self.fused_kernels = base.eps, base.fused_kernels
@@ -39,19 +40,6 @@ class LnTuningNorm(RMSNorm):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         return self.ln_tuning_layers.weight.detach().to(self.weight.dtype).clone()
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self._unmerged_weight = self.weight.detach().clone()
-            self.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.copy_(self._unmerged_weight)
-            self._unmerged_weight, self.merged = None, False
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {"ln_tuning_layers.weight": self.ln_tuning_layers.weight}

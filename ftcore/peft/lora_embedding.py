@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.delta import DeltaMerge
 
-class LoraEmbedding(nn.Module):
+
+class LoraEmbedding(DeltaMerge, nn.Module):
     def __init__(self, base: nn.Embedding, r: int, alpha: float, use_rslora: bool = False):
         super().__init__()
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
@@ -31,7 +33,7 @@ class LoraEmbedding(nn.Module):
         self.merged = False
 
     @property
-    def bias(self):
+    def bias(self):  # an embedding has none (DeltaMerge's merged_bias reads it)
         return None
 
     @torch.no_grad()
@@ -49,28 +51,6 @@ class LoraEmbedding(nn.Module):
             return y
         after_a = F.embedding(tokens, self.lora_embedding_A.T, self.padding_idx)  # [..., r]
         return (y + (after_a @ self.lora_embedding_B.T) * self.scaling).to(y.dtype)
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """The weight [vocab, dim] of a plain nn.Embedding computing this layer (in the base dtype)."""
-        if self.merged:
-            return self.weight.detach().clone()
-        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
-
-    def merged_bias(self):
-        return None
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
