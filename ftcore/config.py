@@ -12,7 +12,7 @@ from ftcore.cli import DEMO_MODEL
 from ftcore.data.config import DataConfig
 from ftcore.dtypes import AUTOCAST, DTYPES
 from ftcore.errors import FtcoreError
-from ftcore.peft.config import OVER_4BIT, PeftConfig
+from ftcore.peft.config import PeftConfig, is_principal
 from ftcore.quant.linear import QuantSpec
 from ftcore.schema import build, invalid, one_of
 
@@ -185,12 +185,10 @@ class RunConfig:
         if self.model.quantize != "none" and self.peft.method == "full":
             raise FtcoreError(f"model.quantize={self.model.quantize}: full fine-tuning trains the base weights, "
                               "which a quantized base keeps frozen in 4 bits; use a PEFT method or model.quantize=none")
-        if self.model.quantize != "none" and self.peft.method not in OVER_4BIT:
-            raise FtcoreError(f"peft.method={self.peft.method}: not yet over a 4-bit base (model.quantize="
-                              f"{self.model.quantize}); over one, ftcore trains {', '.join(OVER_4BIT[1:])}")
-        if self.model.quantize != "none" and self.dist.backend == "fsdp":
-            raise FtcoreError(f"model.quantize={self.model.quantize}: not yet with dist=fsdp (sharding the 4-bit "
-                              "weights is not implemented); use dist=ddp or dist=single")
+        if self.model.quantize != "none" and self.peft.method in ("lora", "dora") and is_principal(self.peft.init):
+            raise FtcoreError(f"peft.init={self.peft.init}: PiSSA/OLoRA replace the base weights by a residual, which a "
+                              f"quantized base (model.quantize={self.model.quantize}) keeps frozen; use "
+                              "peft.init=kaiming-uniform or gaussian")  # fmt: skip
 
     def cuda_graph_conflict(self) -> str | None:
         """Why train.cuda_graph cannot work with the other settings (the device is checked when train() starts)."""

@@ -27,15 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ftcore.peft.base_layer import FrozenBase
 from ftcore.peft.delta import DeltaMerge
 
 
-class AdaLoraLinear(DeltaMerge, nn.Module):
+class AdaLoraLinear(DeltaMerge, FrozenBase):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self.r, self.alpha = r, alpha
         self.scaling = alpha if alpha > 0 else float(r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -23,7 +23,7 @@ from ftcore.errors import FtcoreError
 from ftcore.model.decoder import RMSNorm
 from ftcore.peft.adalora import AdaLoraLinear, RankAllocator
 from ftcore.peft.boft import BoftLinear
-from ftcore.peft.config import OVER_4BIT, PeftConfig, is_principal
+from ftcore.peft.config import PeftConfig, is_principal
 from ftcore.peft.full import apply_full
 from ftcore.peft.hira import HiraLinear
 from ftcore.peft.hra import HraLinear
@@ -39,7 +39,7 @@ from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.ptuning import PTuningEncoder
 from ftcore.peft.vera import VeraLinear, VeraProjections
-from ftcore.quant.linear import Linear4bit
+from ftcore.quant.weight import QuantLinear
 from ftcore.schema import build
 
 ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
@@ -54,8 +54,8 @@ def peft_key(name: str) -> str:
 
 
 def linear_modules(model: nn.Module, embeddings: bool = False) -> dict[str, nn.Module]:
-    """The base model's nn.Linear layers (and its nn.Embedding layers if `embeddings`), by name."""
-    kinds = (nn.Linear, nn.Embedding) if embeddings else nn.Linear
+    """The base model's linear layers (nn.Linear or quantized) and its nn.Embedding layers if `embeddings`, by name."""
+    kinds = (nn.Linear, QuantLinear, nn.Embedding) if embeddings else (nn.Linear, QuantLinear)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not n.startswith(HOOKS)}
 
 
@@ -120,9 +120,12 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         cfg = build(PeftConfig, cfg, "peft.")
     if getattr(model, "peft_config", None) is not None and model.peft_config.method != "none":
         raise FtcoreError(f"peft: the model already has a {model.peft_config.method!r} adapter attached")
-    if cfg.method not in OVER_4BIT and any(isinstance(m, Linear4bit) for m in model.modules()):
-        raise FtcoreError(f"peft.method={cfg.method}: not yet over a 4-bit base (model.quantize); over one, "
-                          f"ftcore trains {', '.join(OVER_4BIT[1:])}")  # fmt: skip
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    if quantized and cfg.method == "full":
+        raise FtcoreError("peft.method=full: the base is quantized (model.quantize) and stays frozen; use a PEFT method")
+    if quantized and cfg.method in ("lora", "dora") and is_principal(cfg.init):
+        raise FtcoreError(f"peft.init={cfg.init}: PiSSA/OLoRA replace the base weights by a residual, which a quantized "
+                          "base (model.quantize) keeps frozen; use peft.init=kaiming-uniform or gaussian")  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.method == "full":
         apply_full(model, cfg.freeze)
@@ -311,6 +314,9 @@ def _check_mergeable(model):
         raise FtcoreError(f"peft: {VIRTUAL_TOKENS[method]} adds virtual tokens and cannot be merged into the base weights")
     if method == "lily":
         next(iter(adapter_layers(model).values())).merge()  # its one-line refusal
+    if any(getattr(m, "quantized_base", False) for m in adapter_layers(model).values()):
+        raise FtcoreError("peft.merge: the base is quantized (model.quantize); merging in place would have to "
+                          "re-quantize it; export dequantizes and merges (scripts/export.py, ftcore.peft.export_merged)")
     tied = {"embed_tokens": "lm_head", "lm_head": "embed_tokens"} if model.cfg.tie_word_embeddings else {}
     for name in adapter_layers(model):
         if name in tied:
@@ -327,12 +333,12 @@ def trainables_to_float32(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT. A 4-bit layer counts
+    """(trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT. A quantized layer counts
     its weight's in x out (not its packed bytes and scales), as PEFT counts bitsandbytes' Params4bit."""
-    four_bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    storage = {id(p) for m in four_bit for p in (m.packed, m.absmax)}
+    quantized = {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}.values()  # a tied one once
+    storage = {id(p) for m in quantized for n, p in m.named_parameters() if n != "bias"}
     params = [p for p in model.parameters() if id(p) not in storage]  # deduplicated by nn.Module
-    total = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in four_bit)
+    total = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in quantized)
     return sum(p.numel() for p in params if p.requires_grad), total
 
 
@@ -355,6 +361,8 @@ def unload(model: nn.Module) -> nn.Module:
         if isinstance(layer, LnTuningNorm):
             plain = RMSNorm(layer.dim, layer.eps)
             plain.weight, plain.fused_kernels = layer.weight, layer.fused_kernels
+        elif getattr(layer, "quantized_base", False):
+            plain = layer.base_layer
         elif isinstance(layer, LoraEmbedding):
             plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, device="meta")
             plain.weight = layer.weight

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.errors import FtcoreError
+from ftcore.peft.base_layer import FrozenBase
 from ftcore.peft.delta import RestoreMerge
 
 
@@ -84,13 +85,12 @@ def cayley(data: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_ex(eye + skew, eye - skew, left=False)[0]
 
 
-class BoftLinear(RestoreMerge, nn.Module):
+class BoftLinear(RestoreMerge, FrozenBase):
     def __init__(self, base: nn.Linear, block_size: int, block_num: int, n_butterfly_factor: int = 1,
                  dropout: float = 0.0, name: str = ""):  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         layout = block_layout(self.in_features, block_size, block_num, n_butterfly_factor)
         if isinstance(layout, str):
             key, value = ("boft_block_size", block_size) if block_size else ("boft_block_num", block_num)

@@ -48,7 +48,6 @@ METHOD_OPTIONS = {
                      "total_step"), ("adalora",)),
 }  # fmt: skip
 PROMPT_INITS = ("random", "sample_vocab", "text")
-OVER_4BIT = ("none", "prefix", "prompt", "ptuning", "ln_tuning")  # the methods that leave the linear layers alone
 PTUNING_ENCODERS = ("MLP", "LSTM")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # LN tuning: PEFT's default targets for Llama (and Mistral, Gemma); its Qwen2/Qwen3 default is post_attention_layernorm

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.base_layer import FrozenBase
 from ftcore.peft.delta import RestoreMerge
 
 
-class HiraLinear(RestoreMerge, nn.Module):
+class HiraLinear(RestoreMerge, FrozenBase):
     def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self.r = r
         self.hira_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base.weight.device

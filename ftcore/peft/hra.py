@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.base_layer import FrozenBase
+
 
 def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
     """PEFT's (modified) Gram-Schmidt of the columns of u [in, r], in order: orthonormal columns [in, r]."""
@@ -50,12 +52,11 @@ def wy_factors(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, torch.Ten
     return v, torch.linalg.solve_triangular(inv_t, eye, upper=True)
 
 
-class HraLinear(nn.Module):
+class HraLinear(FrozenBase):
     def __init__(self, base: nn.Linear, r: int, apply_gs: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self.r, self.apply_gs = r, apply_gs
         # float32 whatever the base dtype; uninitialized: apply() calls reset_parameters, load_adapter copies
         self.hra_u = nn.Parameter(torch.empty(self.in_features, r, device=base.weight.device))  # [in, r]

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.errors import FtcoreError
+from ftcore.peft.base_layer import FrozenBase
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(FrozenBase):
     def __init__(self, base: nn.Linear, feedforward: bool):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self.feedforward = feedforward
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device))  # float32

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.errors import FtcoreError
+from ftcore.peft.base_layer import FrozenBase
 
 
 class LilyProjectors(nn.Module):
@@ -37,13 +38,12 @@ class LilyProjectors(nn.Module):
         return name
 
 
-class LilyLinear(nn.Module):
+class LilyLinear(FrozenBase):
     def __init__(self, base: nn.Linear, projectors: LilyProjectors, a_name: str, b_name: str, r: int, num_B: int,
                  scaling: float):  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self._projectors = [projectors]  # a reference, not a submodule: the shared tensors exist once
         self.a_name, self.b_name = a_name, b_name
         self.r, self.num_B, self.scaling = r, num_B, scaling

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.base_layer import FrozenBase
 from ftcore.peft.delta import DeltaMerge
 
 
@@ -61,12 +62,11 @@ def module_dropped(p: float) -> bool:
     return p > 0 and bool(torch.rand(1) <= p)
 
 
-class LohaLinear(DeltaMerge, nn.Module):
+class LohaLinear(DeltaMerge, FrozenBase):
     def __init__(self, base: nn.Linear, r: int, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         device = base.weight.device

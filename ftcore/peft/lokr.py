@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.base_layer import FrozenBase
 from ftcore.peft.delta import DeltaMerge
 from ftcore.peft.loha import module_dropped, row_dropout
 
@@ -87,13 +88,12 @@ def full_rank(out_features: int, in_features: int, decompose_both: bool, decompo
     return max(need, 1)
 
 
-class LokrLinear(DeltaMerge, nn.Module):
+class LokrLinear(DeltaMerge, FrozenBase):
     def __init__(self, base: nn.Linear, r: int, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  decompose_both: bool = False, decompose_factor: int = -1, rank_dropout_scale: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         self.rank_dropout_scale = rank_dropout_scale

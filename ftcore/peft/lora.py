@@ -23,17 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftcore.model import ops
+from ftcore.peft.base_layer import FrozenBase
 from ftcore.peft.config import is_principal
 from ftcore.peft.lora_init import principal_init
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(FrozenBase):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  dora: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen; same Parameter object, so ties (lm_head) survive
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ftcore.peft.base_layer import FrozenBase
+
 
 def adjust(in_features: int, value: int) -> int:
     """PEFT's adjust_oft_parameters: the divisor of in_features nearest to value (ties: the smaller)."""
@@ -65,14 +67,13 @@ class OftRotation(nn.Module):
         self.weight = nn.Parameter(torch.empty(rows, block_size * (block_size - 1) // 2, device=device))
 
 
-class OftLinear(nn.Module):
+class OftLinear(FrozenBase):
     def __init__(self, base: nn.Linear, r: int = 0, oft_block_size: int = 32, coft: bool = False, eps: float = 6e-5,
                  block_share: bool = False, use_cayley_neumann: bool = True, num_cayley_neumann_terms: int = 5,
                  module_dropout: float = 0.0):  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self.r, self.block_size = resolve(self.in_features, r, oft_block_size)
         self.coft, self.eps, self.block_share = coft, eps, block_share
         self.use_cayley_neumann, self.num_cayley_neumann_terms = use_cayley_neumann, num_cayley_neumann_terms

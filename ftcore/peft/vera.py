@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcore.peft.base_layer import FrozenBase
 from ftcore.peft.delta import DeltaMerge
 
 
@@ -38,12 +39,11 @@ class VeraProjections(nn.Module):
             t.copy_(torch.empty(t.shape).uniform_(-bound, bound, generator=g))
 
 
-class VeraLinear(DeltaMerge, nn.Module):
+class VeraLinear(DeltaMerge, FrozenBase):
     def __init__(self, base: nn.Linear, projections: VeraProjections, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.register_parameter("bias", base.bias)
+        self.hold_base(base)
         self._projections = [projections]  # a reference, not a submodule: the matrices exist once
         r = projections.vera_A.shape[0]
         self.r = r

@@ -1,7 +1,8 @@
-"""Quantized frozen bases: blockwise 4-bit NF4/FP4 with double quantization (fourbit.py) and the frozen
-linear layer that keeps its weight 4-bit (linear.py)."""
+"""Quantized frozen bases: blockwise 4-bit NF4/FP4 with double quantization (fourbit.py), the frozen linear
+layer over quantized storage and the weight tensor it shows adapters (weight.py), its 4-bit form (linear.py)."""
 
 from ftcore.quant.fourbit import Quantized4bit, dequantize_4bit, quantize_4bit
 from ftcore.quant.linear import Linear4bit
+from ftcore.quant.weight import QuantizedWeight, QuantLinear
 
-__all__ = ["Linear4bit", "Quantized4bit", "dequantize_4bit", "quantize_4bit"]
+__all__ = ["Linear4bit", "QuantLinear", "QuantizedWeight", "Quantized4bit", "dequantize_4bit", "quantize_4bit"]

@@ -1,25 +1,21 @@
-"""Linear4bit: a frozen linear layer whose weight stays 4-bit (NF4/FP4) and is dequantized per call.
-
-    x [..., in] ─ @ dequantize(W)^T [in, out] (compute dtype) ─ + b ─> y [..., out]
-
-The weight gets no gradient; the input's gradient is grad_y @ dequantize(W), dequantized again in the
-backward, so autograd keeps only the 4-bit tensors between forward and backward (as bitsandbytes'
-MatMul4Bit), never a full-precision copy of W.
+"""Linear4bit: a frozen linear layer whose weight stays 4-bit (NF4/FP4) and is dequantized per call
+(QuantLinear's forward and input gradient, weight.py).
 
 Storage (the tensors FSDP2 shards along dim 0, one row of the weight per row of each):
     packed [out, in / 2] uint8      two 4-bit codes per byte
-    absmax [out, in / block]        float32, or uint8 with double quantization
+    absmax [out, in / block]        uint8 codes with double quantization; else the float32 absmax's bits as int32,
+                                    so that FSDP2's mixed precision (which casts floating parameters) keeps them exact
     nested_absmax [ceil(out * in / block / 256)] float32 and offset [] float32: buffers, small, unsharded
 """
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ftcore.errors import FtcoreError
 from ftcore.quant.fourbit import Quantized4bit, dequantize_4bit, quantize_4bit
+from ftcore.quant.weight import QuantLinear
 
 
 @dataclass(frozen=True)
@@ -31,7 +27,7 @@ class QuantSpec:
     double_quant: bool
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(QuantLinear):
     def __init__(self, q: Quantized4bit, bias: torch.Tensor | None = None):
         super().__init__()
         out_features, in_features = q.shape
@@ -39,7 +35,8 @@ class Linear4bit(nn.Module):
         self.quant_type, self.block_size = q.quant_type, q.block_size
         self.dtype = q.dtype  # the original weight's: what dequantized() and an export give by default
         self.packed = nn.Parameter(q.packed.view(out_features, in_features // 2), requires_grad=False)
-        self.absmax = nn.Parameter(q.absmax.view(out_features, -1), requires_grad=False)
+        absmax = q.absmax if q.double_quant else q.absmax.view(torch.int32)
+        self.absmax = nn.Parameter(absmax.view(out_features, -1), requires_grad=False)
         self.register_buffer("nested_absmax", q.nested_absmax)
         self.register_buffer("offset", q.offset)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -60,7 +57,9 @@ class Linear4bit(nn.Module):
 
     def quantized(self) -> Quantized4bit:
         """The weight as a Quantized4bit over this module's (possibly just gathered) tensors."""
-        return Quantized4bit(self.packed.reshape(-1), self.absmax.reshape(-1), (self.out_features, self.in_features),
+        absmax = self.absmax.reshape(-1)
+        absmax = absmax if self.nested_absmax is not None else absmax.view(torch.float32)
+        return Quantized4bit(self.packed.reshape(-1), absmax, (self.out_features, self.in_features),
                              self.dtype, self.quant_type, self.block_size, self.nested_absmax,
                              self.offset)  # fmt: skip
 
@@ -68,26 +67,6 @@ class Linear4bit(nn.Module):
         """The weight [out, in] in `dtype` (default: the original weight's)."""
         return dequantize_4bit(self.quantized(), dtype or self.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the weight is dequantized to the input's dtype, or to autocast's when it is on
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        y = _Matmul4bit.apply(x.to(dtype), self, dtype)  # [..., out]
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.quant_type}, block={self.block_size}"
 
-
-class _Matmul4bit(torch.autograd.Function):
-    """x @ W^T with W dequantized in forward and again in backward (nothing full-precision is saved)."""
-
-    @staticmethod
-    def forward(ctx, x, layer: Linear4bit, dtype):
-        ctx.layer, ctx.dtype = layer, dtype
-        return F.linear(x, layer.dequantized(dtype))
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_x = grad @ ctx.layer.dequantized(ctx.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
