@@ -45,7 +45,9 @@ METHODS = {"full": {"peft__method": "full"}, "lora": NO_DROPOUT,
            "oft": {"peft__method": "oft", "peft__oft_block_size": 16, "peft__coft": True, "peft__eps": 0.02},
            "lily": {"peft__method": "lily", "peft__r": 4, "peft__stride_A": 2, "peft__num_B": 3},
            "ptuning": {"peft__method": "ptuning", "peft__num_virtual_tokens": 4, "peft__encoder_hidden_size": 16},
-           "boft": {"peft__method": "boft", "peft__boft_block_size": 8, "peft__boft_n_butterfly_factor": 2}}  # fmt: skip
+           "boft": {"peft__method": "boft", "peft__boft_block_size": 8, "peft__boft_n_butterfly_factor": 2},
+           # QLoRA: the decoder's linears NF4 with double quantization, their 4-bit storage sharded by rows
+           "qlora": {"model__quantize": "nf4", **NO_DROPOUT}}  # fmt: skip
 # Lily's router averages over every token of a micro-batch, so its 1-process reference takes the 2-process runs'
 # micro-batches of one example: batch 1 x accumulation 4 (and 4 validation batches of 1)
 SINGLE = {"lily": {"train__batch_size": 1, "train__grad_accum": 4, "train__eval_batches": 4}}
@@ -55,7 +57,8 @@ DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp
              "fsdp_hira": ("fsdp", "hira"), "fsdp_hra": ("fsdp", "hra"), "fsdp_ln_tuning": ("fsdp", "ln_tuning"),
              "fsdp_loha": ("fsdp", "loha"), "fsdp_lokr": ("fsdp", "lokr"),
              "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora"), "fsdp_oft": ("fsdp", "oft"),
-             "fsdp_lily": ("fsdp", "lily"), "fsdp_ptuning": ("fsdp", "ptuning"), "fsdp_boft": ("fsdp", "boft")}  # fmt: skip
+             "fsdp_lily": ("fsdp", "lily"), "fsdp_ptuning": ("fsdp", "ptuning"), "fsdp_boft": ("fsdp", "boft"),
+             "fsdp_qlora": ("fsdp", "qlora")}  # fmt: skip
 
 
 def single_cfg(tiny_dir, data_cache, run_dir, method, **extra):  # noqa: F811

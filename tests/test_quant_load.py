@@ -102,38 +102,33 @@ def test_bad_quantization_settings_fail_with_one_line(checkpoint, tmp_path):
         run_config({"model": {"quantize": "nf4"}, "peft": {"method": "full"}})
 
 
-def test_training_over_a_quantized_base(tiny_dir, data_cache, tmp_path):  # noqa: F811
-    """train() with model.quantize=nf4 loads the base 4-bit; prompt tuning trains over it (the loss falls, the
-    linears stay Linear4bit); a method that adapts the linear layers is refused with one line, not run wrongly."""
+@pytest.mark.parametrize("method", ["prompt", "lora"])
+def test_training_over_a_quantized_base(tiny_dir, data_cache, tmp_path, method):  # noqa: F811
+    """train() with model.quantize=nf4 loads the base 4-bit; prompt tuning and QLoRA train over it (the loss falls;
+    LoRA's layers hold the Linear4bit as base_layer); the final adapter is written."""
     from test_train import losses, tiny_run
 
     from ftcore.train import train
 
-    cfg = tiny_run(tiny_dir, data_cache, tmp_path / "prompt", peft__method="prompt", peft__num_virtual_tokens=4,
-                   model__quantize="nf4", train__max_steps=12, optim__lr=3e-2)  # fmt: skip
+    options = dict(peft__method="prompt", peft__num_virtual_tokens=4, optim__lr=3e-2) if method == "prompt" else {}
+    cfg = tiny_run(tiny_dir, data_cache, tmp_path / method, model__quantize="nf4", train__max_steps=12,
+                   eval__baseline=False, **options)  # fmt: skip
     train(run_config(cfg))
-    curve = losses(tmp_path / "prompt")
+    curve = losses(tmp_path / method)
     assert len(curve) == 12 and sum(curve[-3:]) < sum(curve[:3])
-    adapter = tmp_path / "prompt" / "final" / "adapter_model.safetensors"
+    adapter = tmp_path / method / "final" / "adapter_model.safetensors"
     assert adapter.is_file()
-    with pytest.raises(FtcoreError, match=r"^peft.method=lora: not yet over a 4-bit base \(model.quantize=nf4\); "
-                                          r"over one, ftcore trains prefix, prompt, ptuning, ln_tuning$"):  # fmt: skip
-        run_config(tiny_run(tiny_dir, data_cache, tmp_path / "lora", model__quantize="nf4"))
 
 
-def test_a_4bit_base_counts_its_weights_and_refuses_what_it_cannot_do_yet(checkpoint, tmp_path):
-    """PEFT's parameter count (a 4-bit weight counts in x out, not its packed bytes); one-line refusals for the
-    linear-adapting methods (the API path) and for a merged export."""
-    from ftcore.peft import PeftConfig, apply, count_parameters, merge_and_unload
+def test_a_4bit_base_counts_its_weights(checkpoint):
+    """PEFT's parameter count: a 4-bit weight counts in x out, not its packed bytes and scales."""
+    from ftcore.peft import PeftConfig, apply, count_parameters
 
     path, _ = checkpoint
-    plain = count_parameters(apply(load_model(path), PeftConfig(method="ln_tuning")))
-    model = apply(load_model(path, quant=QuantSpec("nf4", 64, True)), PeftConfig(method="ln_tuning"))
-    assert count_parameters(model) == plain and plain[0] == 5 * 64
-    with pytest.raises(FtcoreError, match=r"^export: not yet from a 4-bit base \(model.quantize\)"):
-        merge_and_unload(model)
-    with pytest.raises(FtcoreError, match=r"^peft.method=lora: not yet over a 4-bit base \(model.quantize\)"):
-        apply(load_model(path, quant=QuantSpec("nf4", 64, True)), PeftConfig(method="lora"))
+    for cfg in (PeftConfig(method="ln_tuning"), PeftConfig(method="lora", r=4, target_modules=["q_proj", "lm_head"])):
+        plain = count_parameters(apply(load_model(path), cfg))
+        assert count_parameters(apply(load_model(path, quant=QuantSpec("nf4", 64, True)), cfg)) == plain
+    assert plain[0] == 2 * 4 * (64 + 64) + 4 * (64 + 97)
     with pytest.raises(FtcoreError, match=r"^train.cuda_graph: model.quantize=nf4: capturing 4-bit layers"):
         run_config({"model": {"quantize": "nf4"}, "peft": {"method": "prompt"}, "train": {"cuda_graph": True},
                     "data": {"static_shape": True}})  # fmt: skip

@@ -82,7 +82,8 @@ def test_loss_decreases(tiny_dir, data_cache, tmp_path):
 # P-tuning: the checkpoints hold the encoder's weights (the final adapter only its output); LSTM dropout replays too
 RESUMED = {"lora": {}, "ptuning_lstm": {"peft__method": "ptuning", "peft__num_virtual_tokens": 3,
                                         "peft__encoder_reparameterization_type": "LSTM", "peft__encoder_hidden_size": 8,
-                                        "peft__encoder_dropout": 0.1}}  # fmt: skip
+                                        "peft__encoder_dropout": 0.1},
+           "qlora": {"model__quantize": "nf4"}}  # LoRA (dropout 0.1) over an NF4 base, quantized again on resume  # fmt: skip
 
 
 @pytest.mark.parametrize("method", list(RESUMED))

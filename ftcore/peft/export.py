@@ -1,5 +1,7 @@
 """Merged export: fold the adapter layers (LoRA, DoRA, IA3, VeRA, HiRA, HRA, LoHa, LoKr, AdaLoRA, OFT, BOFT; LN
-tuning's norm copies) into the base weights and write a plain HF-layout model.
+tuning's norm copies) into the base weights and write a plain HF-layout model. A quantized base (model.quantize)
+is dequantized first: the adapter is merged into the weights it was trained over, and every other quantized
+layer is written dequantized.
 
 The trained model is not modified: merge_and_unload builds a new plain Transformer (on the meta
 device, then assigned) whose unadapted parameters share storage with the trained model's and whose
@@ -16,7 +18,7 @@ from ftcore.errors import FtcoreError
 from ftcore.formats.hf import save_pretrained
 from ftcore.model import Transformer
 from ftcore.peft.attach import HOOKS, VIRTUAL_TOKENS, adapter_layers
-from ftcore.quant.linear import Linear4bit
+from ftcore.quant.weight import QuantLinear
 
 
 def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -25,18 +27,26 @@ def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     if method in VIRTUAL_TOKENS:
         raise FtcoreError(f"export: {VIRTUAL_TOKENS[method]} adds virtual tokens and cannot be merged into a plain model; "
                           "save it with ftcore.peft.save_adapter")
-    if any(isinstance(m, Linear4bit) for m in model.modules()):
-        raise FtcoreError("export: not yet from a 4-bit base (model.quantize); save the adapter (ftcore.peft.save_adapter) "
-                          "and merge it into the unquantized base")  # fmt: skip
     layers = adapter_layers(model)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
         module, _, leaf = name.rpartition(".")
+        if module in quantized:
+            continue  # its packed storage; the dequantized weight is added below
         if module in layers and leaf in ("weight", "bias"):
             t = layers[module].merged_weight() if leaf == "weight" else layers[module].merged_bias()
         elif name.startswith(HOOKS) or any(name.startswith(n + ".") for n in layers):
             continue  # adapter tensors (lora_A.weight, ia3_l, ...)
         out[name] = t.detach()
+    for name, base in quantized.items():
+        owner = name.removesuffix(".base_layer")
+        if owner in layers:  # an adapted layer: the adapter merged into the dequantized base
+            out[f"{owner}.weight"], bias = layers[owner].merged_weight(), layers[owner].merged_bias()
+        else:
+            out[f"{name}.weight"], bias = base.dequantized(), base.bias
+        if bias is not None:
+            out[f"{owner}.bias"] = bias.detach()
     return out
 
 

@@ -14,6 +14,8 @@ how every adapter layer written against `F.linear(x, self.weight)` and `self.wei
 quantized base unchanged. It reads the layer's tensors when used, so under FSDP2 it sees the gathered ones.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,13 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> "QuantizedWeight":
         return QuantizedWeight(self)
+
+    def empty_copy(self) -> "QuantLinear":
+        """The same kind of layer (shape, settings) whose tensors are still to be assigned, e.g. by
+        load_state_dict(assign=True) from a gathered state dict; until then it shares this layer's tensors."""
+        clone = copy.copy(self)
+        clone._parameters, clone._buffers, clone._modules = dict(self._parameters), dict(self._buffers), {}
+        return clone
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T (+ bias) [..., out]; W is dequantized to x's dtype, or to autocast's when it is on."""
@@ -94,7 +103,7 @@ class QuantizedWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func._schema.is_mutable:
-            raise FtcoreError(f"{func.__name__}: the base weight is quantized (model.quantize) and frozen; it cannot "
+            raise FtcoreError(f"{func.overloadpacket.__name__}: the base weight is quantized (model.quantize) and frozen; it cannot "
                               "be changed in place (merge by exporting: scripts/export.py dequantizes and merges)")  # fmt: skip
         unwrap = lambda t: t.dequantized() if isinstance(t, cls) else t  # noqa: E731
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))

@@ -177,12 +177,17 @@ def gather_model(model: nn.Module, world: World) -> nn.Module | None:
 
     from ftcore import peft
     from ftcore.model import Transformer
+    from ftcore.quant.weight import QuantLinear
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.rank != 0:
         return None
     with torch.device("meta"):
         whole = Transformer(model.cfg)
+    for name, layer in model.named_modules():  # a quantized base: the same quantized layers, to take the whole tensors
+        if isinstance(layer, QuantLinear):
+            parent, _, leaf = name.removesuffix(".base_layer").rpartition(".")
+            setattr(whole.get_submodule(parent), leaf, layer.empty_copy())
     if getattr(model, "peft_config", None) is not None:
         peft.apply(whole, model.peft_config, init=False)
     missing, unexpected = whole.load_state_dict(state, strict=False, assign=True)
