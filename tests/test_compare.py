@@ -313,6 +313,8 @@ def test_ablate_script_and_errors(tiny_dir, tmp_path):  # noqa: F811
         (["ablate.py", "lora_rnak"], "error: usage: scripts/ablate.py NAME [overrides]; NAME is one of lora_rank"),
         (["compare.py", "compare.methods=[lora,lorra]"], "error: compare.methods='lorra': expected one of full, lora"),
         (["compare.py", "compare.seeds=[0,0]"], "error: compare.seeds=[0, 0]: expected distinct seeds"),
+        (["compare.py", "model.quantize=nf4", "compare.methods=[lora,full]", f"model.path={tiny_dir}"],
+         "error: compare.methods: full fine-tuning trains the base weights, which model.quantize=nf4 keeps frozen"),
     ]:
         r = subprocess.run([sys.executable, str(ROOT / "scripts" / cmd[0]), *cmd[1:], f"hydra.run.dir={tmp_path}"],
                            check=False, capture_output=True, text=True, cwd=ROOT)  # fmt: skip

@@ -53,6 +53,9 @@ def run_comparison(cc: CompareConfig, base: dict, out_dir, command: str = "") ->
     if base["dist"]["backend"] != "single" and cc.launch == "inprocess":
         raise FtcoreError(f"dist={base['dist']['backend']} runs need torchrun: add compare.launch=subprocess "
                           "compare.launcher='torchrun --nproc_per_node=N' (or compare.launch=print)")  # fmt: skip
+    if base["model"]["quantize"] != "none" and "full" in cc.methods:
+        raise FtcoreError(f"compare.methods: full fine-tuning trains the base weights, which model.quantize="
+                          f"{base['model']['quantize']} keeps frozen; list the other methods")  # fmt: skip
     group = base["logger"]["wandb"]["group"] or f"compare-{out_dir.name}"
     model_cfg, _ = read_config(resolve(base["model"]["path"]))
     arms = plan_arms(cc, model_cfg)

@@ -1,7 +1,8 @@
 """apply(model, cfg): freeze the base and attach one method; target matching, merge, parameter counts.
 
 Adapted layers are swapped in place (`setattr(parent, name, LoraLinear(old))`) and keep the base
-Parameters under their names, so `layers.0.self_attn.q_proj.weight` is still a key of the model.
+Parameters under their names, so `layers.0.self_attn.q_proj.weight` is still a key of the model (a quantized
+base layer is kept whole, as `...q_proj.base_layer`: base_layer.py).
 Adapter layers share one small protocol: adapter_tensors() (PEFT's names), merge(), unmerge(),
 merged_weight(), merged_bias(). Prefix and prompt tuning (and P-tuning, on the prompt hook) attach root modules
 at the model's hooks, as do VeRA and Lily for the tensors their layers share (`vera_projections`,

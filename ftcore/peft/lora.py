@@ -13,7 +13,8 @@ PEFT does the same). The norm is computed from `self.weight` at every forward, s
 whatever the weight is at that moment (e.g. FSDP2's unsharded parameter).
 
 The module keeps the base layer's Parameters under their own names (`weight`, `bias`), so a model
-with adapters still loads base checkpoints and its base keys stay `...q_proj.weight`.
+with adapters still loads base checkpoints and its base keys stay `...q_proj.weight`; over a
+quantized base it keeps the quantized layer as `base_layer` (base_layer.py).
 """
 
 import math
