@@ -140,6 +140,16 @@ class GGUFReader:
                               f"{start + nbytes}, but the file has {self.size} bytes")
         return np.frombuffer(self._mm, np.uint8, nbytes, start)
 
+    def release(self, name: str):
+        """Drop the pages of one tensor from memory after it was copied elsewhere (keeps the loading peak ~1x)."""
+        info = self.tensors[name]
+        block, size = quants.block_layout(info.ggml_type)
+        begin = self.data_start + info.offset
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE  # a read-only map: a page dropped early is just read again
+        stop = begin + math.prod(info.shape) // block * size
+        if stop > start and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def tensor(self, name: str) -> np.ndarray:
         """Dequantized float32 copy of a tensor, in numpy shape order."""
         info = self.tensors[name]
@@ -237,7 +247,7 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "ffn_down": "mlp.down_proj"}
 
 
-def _tensor_plan(r: GGUFReader, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+def tensor_plan(r: GGUFReader, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     """[(hf_name, gguf_name, shape)] for every weight, after checking names, shapes, types and bounds."""
     h, f, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -356,7 +366,7 @@ def import_gguf(gguf_path, out_dir) -> Path:
         raise FtcoreError(f"{out_dir}: output directory exists and is not empty; remove it or pick another")
     with GGUFReader(gguf_path) as r:
         cfg = llama_config(r)
-        plan = _tensor_plan(r, cfg)
+        plan = tensor_plan(r, cfg)
         md, tokens = r.metadata, r.require("tokenizer.ggml.tokens")
         add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
         tok_json = build_tokenizer_json(r, add_bos)
