@@ -7,4 +7,5 @@ from ftcore.quant.gguf import EmbeddingGGUF, LinearGGUF
 from ftcore.quant.linear import Linear4bit
 from ftcore.quant.weight import QuantizedWeight, QuantLinear
 
-__all__ = ["EmbeddingGGUF", "Linear4bit", "LinearGGUF", "QuantLinear", "QuantizedWeight", "Quantized4bit", "dequantize_4bit", "quantize_4bit"]
+__all__ = ["EmbeddingGGUF", "Linear4bit", "LinearGGUF", "QuantLinear", "QuantizedWeight", "Quantized4bit",
+           "dequantize_4bit", "quantize_4bit"]
