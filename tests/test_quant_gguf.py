@@ -169,6 +169,18 @@ def test_lora_over_gguf_equals_lora_over_the_import(synthetic, one_thread):
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_adapter_over_gguf_saves_and_loads(tiny_gguf, tmp_path):  # noqa: F811
+    """save_adapter / load_adapter over a GGUF-native base (the tied lm_head adapted too): the same outputs."""
+    path, _ = tiny_gguf(tied=True)
+    model = lora(load_model(path, quant=GGUF)).eval()
+    peft.save_adapter(model, tmp_path / "adapter")
+    again = peft.load_adapter(load_model(path, quant=GGUF), tmp_path / "adapter").eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+        assert not torch.allclose(again(ids), load_model(path, quant=GGUF)(ids), atol=1e-3)  # the adapter acts
+
+
 def resident_bytes(model) -> int:
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}.values()  # a tied one once
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -24,8 +24,6 @@ from ftcore.quant.weight import QuantizedWeight, QuantLinear
 F32, F16, BF16 = 0, 1, 30
 FLOATS = (F32, F16, BF16)  # what a norm may be stored as
 _CHUNK = 1 << 20  # decode at most this many weights at a time (bounds the temporaries of a big table)
-
-
 _LOW4, _LOW2, _LOW1 = 0x0F0F0F0F0F0F0F0F, 0x0303030303030303, 0x0101010101010101  # per-byte masks of an int64
 
 # NOTE: the bit unpacking runs on the bytes viewed as int64 (8 at a time, masks per byte, little-endian), which
@@ -131,7 +129,8 @@ def dequantize(blocks: torch.Tensor, ggml_type: int, cols: int, dtype: torch.dty
     """blocks [rows, row_bytes] uint8 of one ggml type -> [rows, cols] in `dtype` (via float32, as quants.py)."""
     rows = blocks.shape[0]
     if ggml_type in _FLOAT_VIEWS:
-        return blocks.contiguous().view(_FLOAT_VIEWS[ggml_type]).float().to(dtype)  # [rows, cols]
+        x = blocks.contiguous().view(_FLOAT_VIEWS[ggml_type])  # [rows, cols]
+        return x.to(torch.float32, copy=True).to(dtype)  # a copy, never a view of the storage (F32)
     block, size = quants.block_layout(ggml_type)
     decode, step = _DECODERS[ggml_type], max(1, _CHUNK // cols)
     if rows <= step:
