@@ -13,6 +13,7 @@ from ftcore.data.config import DataConfig
 from ftcore.dtypes import AUTOCAST, DTYPES
 from ftcore.errors import FtcoreError
 from ftcore.peft.config import PeftConfig, is_principal
+from ftcore.quant.gguf import not_a_gguf_file
 from ftcore.quant.linear import QuantSpec
 from ftcore.schema import build, invalid, one_of
 
@@ -41,8 +42,7 @@ class ModelSpec:
         one_of("model.quantize", self.quantize, QUANTIZE)
         one_of("model.quant_block_size", self.quant_block_size, QUANT_BLOCK_SIZES)
         if self.quantize == "gguf" and not self.path.endswith(".gguf"):
-            raise FtcoreError(f"model.quantize=gguf: model.path {self.path!r} is not a .gguf file (gguf keeps a GGUF "
-                              "file's quantized blocks; for other checkpoints use model.quantize=nf4 or none)")  # fmt: skip
+            raise not_a_gguf_file(self.path)
 
     def quant_spec(self) -> QuantSpec | None:
         return None if self.quantize == "none" else QuantSpec(self.quantize, self.quant_block_size, self.double_quant)

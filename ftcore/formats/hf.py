@@ -16,6 +16,7 @@ import torch
 from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.model import ModelConfig, Transformer
+from ftcore.quant.gguf import not_a_gguf_file
 from ftcore.quant.linear import Linear4bit, QuantSpec
 from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
@@ -212,8 +213,7 @@ def gguf_file(path_or_repo_id) -> Path:
     """The .gguf file model.quantize=gguf reads (a path or pkg://...); anything else fails in one line."""
     ref = _local_ref(path_or_repo_id)
     if not ref.endswith(".gguf"):
-        raise FtcoreError(f"model.quantize=gguf: model.path {str(path_or_repo_id)!r} is not a .gguf file (gguf keeps "
-                          "a GGUF file's quantized blocks; for other checkpoints use model.quantize=nf4 or none)")  # fmt: skip
+        raise not_a_gguf_file(path_or_repo_id)
     path = Path(ref).expanduser()
     if not path.is_file():
         raise FtcoreError(f"{path}: GGUF file not found")

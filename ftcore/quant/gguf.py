@@ -197,6 +197,12 @@ class EmbeddingGGUF(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {quants.type_name(self.ggml_type)}"
 
 
+def not_a_gguf_file(path) -> FtcoreError:
+    """The one line for model.quantize=gguf with a model.path that is not a .gguf file."""
+    return FtcoreError(f"model.quantize=gguf: model.path {str(path)!r} is not a .gguf file (gguf keeps a GGUF file's "
+                       "quantized blocks; for other checkpoints use model.quantize=nf4 or none)")  # fmt: skip
+
+
 def check_kept_types(r: GGUFReader):
     """One line for the first tensor whose type cannot stay as it is: a norm must be a float, a weight a KEPT type."""
     kept = ", ".join(quants.type_name(t) for t in KEPT)
