@@ -268,6 +268,9 @@ def test_gguf_needs_a_gguf_file(tmp_path, smollm2_dir):
         load_model(tmp_path / "missing.gguf", quant=GGUF)
     with pytest.raises(FtcoreError, match=r"^model\.quantize=gguf: full fine-tuning trains the base weights"):
         run_config({"model": {"path": "x.gguf", "quantize": "gguf"}, "peft": {"method": "full"}})
+    with pytest.raises(FtcoreError, match=r"^model\.quantize=gguf: dist=fsdp is not supported yet"):
+        run_config({"model": {"path": "x.gguf", "quantize": "gguf"}, "dist": {"backend": "fsdp"}})
+    assert run_config({"model": {"quantize": "gguf"}}).model.path.endswith(".gguf")  # the demo model is one
 
 
 def test_lora_refuses_a_gguf_embedding(tiny_gguf):  # noqa: F811
