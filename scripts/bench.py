@@ -143,7 +143,7 @@ def memory(args) -> int:
             model_dir = write_random_checkpoint(RANDOM_SHAPES[args.model], Path(tmp) / args.model)
         else:
             model_dir = resolve_model(args.model, Path(tmp))
-        gguf = None if args.model in RANDOM_SHAPES or not _local_gguf(args.model) else gguf_file(args.model)
+        gguf = gguf_file(args.model) if args.model.endswith(".gguf") else None  # a path or pkg://...
         rows = memory_rows(model_dir, gguf=gguf)
     name = args.model if args.model in RANDOM_SHAPES else Path(args.model).name.split(".gguf")[0]
     text = memory_markdown(rows, name + (" (random weights)" if args.model in RANDOM_SHAPES else ""),
@@ -155,14 +155,6 @@ def memory(args) -> int:
     stem.with_suffix(".md").write_text(text)
     print(text + f"wrote {stem}.json and {stem}.md")
     return 0
-
-
-def _local_gguf(ref: str) -> bool:
-    try:
-        gguf_file(ref)
-        return True
-    except FtcoreError:
-        return False
 
 
 def worker(arm: str, spec: dict) -> int:
