@@ -200,6 +200,17 @@ def test_smollm2_gguf_native(smollm2_gguf, smollm2_dir, one_thread):
     assert peft.count_parameters(native)[1] == peft.count_parameters(imported)[1] == 134_515_008
 
 
+def test_bench_memory_row_for_a_gguf(tiny_gguf):  # noqa: F811
+    """scripts/bench.py --memory's gguf row (a fresh process): the resident bytes of the GGUF-native model."""
+    from ftcore.bench.memory import measure
+
+    path, _ = tiny_gguf(tied=True)
+    row = measure(path, "gguf")
+    model = load_model(path, quant=GGUF)
+    assert row["stored_bytes"] == resident_bytes(model) and row["params"] == peft.count_parameters(model)[1]
+    assert row["bytes_per_param"] < 2  # 8-bit and smaller blocks, F16/BF16, two F32 weights of 14 (~1.54)
+
+
 def demo_run(gguf, data_cache, run_dir, quantize: str, **train) -> dict:
     """The demo recipe (LoRA, the arithmetic set) cut to a few steps and a tiny evaluation."""
     return {
