@@ -244,6 +244,10 @@ def test_train_on_gguf_equals_train_on_the_import(tiny_gguf, tmp_path, monkeypat
     for q, cfg in runs.items():
         cfg["peft"]["target_modules"] = ["q_proj", "v_proj", "down_proj", "lm_head"]
         assert train(run_config(cfg))["status"] == "finished"
+        imported = sorted(p.parent.name for p in (tmp_path / "cache").rglob("tokenizer.json"))
+        weights = list((tmp_path / "cache").rglob("model.safetensors"))
+        if q == "gguf":  # the tokenizer files only were imported, no float32 weights written
+            assert len(imported) == 1 and imported[0].endswith("-tokenizer") and not weights, imported
     got, want = losses(tmp_path / "gguf"), losses(tmp_path / "none")
     assert len(got) == 4 and got[-1] != got[0]
     np.testing.assert_allclose(got, want, rtol=1e-5)

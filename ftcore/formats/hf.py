@@ -265,8 +265,11 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", quant: Q
     """Load (model, tokenizer) from a local directory, a .gguf file, `pkg://...` or a hub repo id."""
     from ftcore.formats.tokenizer import Tokenizer
 
-    if quant is not None and quant.quant_type == "gguf":  # the tokenizer from the GGUF's cached import
-        return load_gguf(path_or_repo_id, dtype, device), Tokenizer.from_dir(resolve(path_or_repo_id))
+    if quant is not None and quant.quant_type == "gguf":  # the tokenizer files imported once, no fp32 weights
+        from ftcore.formats.gguf import cached_import
+
+        model = load_gguf(path_or_repo_id, dtype, device)
+        return model, Tokenizer.from_dir(cached_import(gguf_file(path_or_repo_id), weights=False))
     model_dir = resolve(path_or_repo_id)
     return load_model(model_dir, dtype, device, quant), Tokenizer.from_dir(model_dir)
 
