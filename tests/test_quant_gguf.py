@@ -71,6 +71,28 @@ def test_decoder_equals_numpy_bit_for_bit(t, monkeypatch):
     assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, got.to(torch.bfloat16))  # what an import cast gives
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_big_weight_is_multiplied_by_row_blocks(monkeypatch, dtype):
+    """LinearGGUF over more than _CHUNK weights (a vocabulary's lm_head) never dequantizes the whole weight; its
+    forward and input gradient equal F.linear with the dequantized weight."""
+    rng = np.random.default_rng(0)
+    layer = LinearGGUF(torch.from_numpy(random_blocks(Q8_0, 50, 64, rng)), Q8_0, 64, dtype)
+    monkeypatch.setattr(qgguf, "_CHUNK", 64 * 16)  # 16 rows a block: 4 blocks, the last one short
+    whole = []
+    monkeypatch.setattr(qgguf.LinearGGUF, "dequantized", lambda *a, **k: whole.append(1))  # must not be called
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    w = qgguf.dequantize(layer.blocks, Q8_0, 64, dtype)
+    x2 = x.detach().clone().requires_grad_()
+    want = torch.nn.functional.linear(x2, w)
+    want.backward(torch.ones_like(want))
+    assert not whole and y.shape == (3, 5, 50) and y.dtype == dtype
+    tol = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(y, want, **tol)
+    torch.testing.assert_close(x.grad, x2.grad, **(tol if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
+
+
 def k_quant_gguf(path, tied: bool, seed: int = 0):
     """A tiny llama GGUF whose rows hold 256 weights, so every weight can be a K-quant: Q4_K, Q5_K, Q6_K linears,
     a Q6_K token embedding (and a Q4_K output if untied); F32 and F16 norms."""

@@ -14,6 +14,7 @@ shards it by rows like any weight.
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ftcore.errors import FtcoreError
@@ -165,8 +166,43 @@ class LinearGGUF(QuantLinear):
         """The weight [out, in] in `dtype` (default: the model's)."""
         return dequantize(self.blocks, self.ggml_type, self.in_features, dtype or self.dtype)
 
+    def row_chunks(self, dtype: torch.dtype):
+        """(first row, weight rows [n, in] in dtype) for consecutive row blocks of about _CHUNK weights."""
+        step = max(1, _CHUNK // self.in_features)
+        for i in range(0, self.out_features, step):
+            yield i, dequantize(self.blocks[i:i + step], self.ggml_type, self.in_features, dtype)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """As QuantLinear's; a big weight (a vocabulary's lm_head) is never dequantized whole, only by row blocks."""
+        if self.out_features * self.in_features <= _CHUNK:
+            return super().matmul(x, bias)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        y = _RowChunkedMatmul.apply(x.to(dtype), self, dtype)  # [..., out]
+        return y if bias is None else y + bias.to(y.dtype)
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {quants.type_name(self.ggml_type)}"
+
+
+class _RowChunkedMatmul(torch.autograd.Function):
+    """x @ W^T with W dequantized a row block at a time, in forward and again in backward (as _QuantMatmul,
+    weight.py, but with a peak of one block instead of the whole weight: 4 MiB, not 113 MiB for SmolLM2's head)."""
+
+    @staticmethod
+    def forward(ctx, x, layer: LinearGGUF, dtype):
+        ctx.layer, ctx.dtype = layer, dtype
+        return torch.cat([F.linear(x, w) for _, w in layer.row_chunks(dtype)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad_x = None
+        for i, w in ctx.layer.row_chunks(ctx.dtype):
+            part = grad[..., i:i + w.shape[0]] @ w  # [..., in]
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None, None
 
 
 class EmbeddingGGUF(nn.Module):
