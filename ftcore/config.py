@@ -13,6 +13,7 @@ from ftcore.data.config import DataConfig
 from ftcore.dtypes import AUTOCAST, DTYPES
 from ftcore.errors import FtcoreError
 from ftcore.peft.config import PeftConfig, is_principal
+from ftcore.quant.gguf import not_a_gguf_file
 from ftcore.quant.linear import QuantSpec
 from ftcore.schema import build, invalid, one_of
 
@@ -22,7 +23,7 @@ NONFINITE = ("stop", "skip")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 SPLITS = ("train", "validation", "test")
-QUANTIZE = ("none", "nf4", "fp4")
+QUANTIZE = ("none", "nf4", "fp4", "gguf")
 QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit block sizes
 
 
@@ -30,15 +31,18 @@ QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4
 class ModelSpec:
     path: str = DEMO_MODEL  # local dir, .gguf file, pkg://package/file or hub repo id
     dtype: str = "float32"  # dtype of the frozen base weights (trainable ones stay float32)
-    # QLoRA: the decoder's linear layers stored 4-bit (nf4 | fp4), quantized tensor by tensor while loading
+    # QLoRA: the decoder's linear layers stored 4-bit (nf4 | fp4), quantized tensor by tensor while loading;
+    # gguf: model.path is a .gguf file whose weights (embeddings and lm_head too) keep the file's blocks
     quantize: str = "none"
-    quant_block_size: int = 64  # weights per absmax (bitsandbytes' blocksize)
-    double_quant: bool = True  # the absmax themselves in 8 bits, blocks of 256 (QLoRA's double quantization)
+    quant_block_size: int = 64  # weights per absmax (bitsandbytes' blocksize); ignored by gguf (the file's blocks)
+    double_quant: bool = True  # the absmax in 8 bits, blocks of 256 (QLoRA's double quantization); ignored by gguf
 
     def __post_init__(self):
         one_of("model.dtype", self.dtype, tuple(DTYPES))
         one_of("model.quantize", self.quantize, QUANTIZE)
         one_of("model.quant_block_size", self.quant_block_size, QUANT_BLOCK_SIZES)
+        if self.quantize == "gguf" and not self.path.endswith(".gguf"):
+            raise not_a_gguf_file(self.path)
 
     def quant_spec(self) -> QuantSpec | None:
         return None if self.quantize == "none" else QuantSpec(self.quantize, self.quant_block_size, self.double_quant)
@@ -184,7 +188,10 @@ class RunConfig:
             raise FtcoreError(f"train.cuda_graph: {why}")
         if self.model.quantize != "none" and self.peft.method == "full":
             raise FtcoreError(f"model.quantize={self.model.quantize}: full fine-tuning trains the base weights, "
-                              "which a quantized base keeps frozen in 4 bits; use a PEFT method or model.quantize=none")
+                              "which a quantized base keeps frozen; use a PEFT method or model.quantize=none")
+        if self.model.quantize == "gguf" and self.dist.backend == "fsdp":
+            raise FtcoreError("model.quantize=gguf: dist=fsdp is not supported yet (the final save gathers the shards "
+                              "into a plain model, which has no GGUF blocks); use dist=single or dist=ddp")  # fmt: skip
         if self.model.quantize != "none" and self.peft.method in ("lora", "dora") and is_principal(self.peft.init):
             raise FtcoreError(f"peft.init={self.peft.init}: PiSSA/OLoRA replace the base weights by a residual, which a "
                               f"quantized base (model.quantize={self.model.quantize}) keeps frozen; use "

@@ -3,7 +3,8 @@
     python scripts/bench.py                                   # SmolLM2-135M, CPU or GPU, fp32/bf16
     python scripts/bench.py --model llama-1b --batch 8 --seq-len 2048 --dtype bf16 --fused-kernels
     python scripts/bench.py --model smollm2-135m --data random --cuda-graph --arms ftcore,ftcore-nograph
-    python scripts/bench.py --memory --model llama-1b                 # base memory: fp32 vs bf16 vs nf4
+    python scripts/bench.py --memory --model llama-1b                 # base memory: fp32 vs bf16 vs nf4 (vs gguf)
+    python scripts/bench.py --arms ftcore,ftcore-gguf --steps 20      # GGUF-native base vs the fp32 import
 
 Every arm runs in its own worker process (its peak memory is its own) and the parent steps them in
 turn, one step each, alternating who goes first: a machine whose load changes during the run slows
@@ -42,10 +43,11 @@ from ftcore.bench.shapes import RANDOM_SHAPES, resolve_model
 from ftcore.bench.workers import run_workers, serve
 from ftcore.cli import DEMO_MODEL, run_cli
 from ftcore.errors import FtcoreError
+from ftcore.formats.hf import gguf_file
 from ftcore.train.parallel import pick_device
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ARMS = ("ftcore", "ftcore-nograph", "ftcore-plain", "hf")
+ARMS = ("ftcore", "ftcore-nograph", "ftcore-plain", "ftcore-gguf", "hf")
 
 
 def parse_args(argv=None):
@@ -75,8 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--note", action="append", default=[], help="a line for the results' notes (repeatable)")
     p.add_argument("--memory", action="store_true",
-                   help="instead of timing: bytes per base parameter and the loading peak, fp32 / bf16 / nf4 "
-                        "(a named shape gets random bf16 weights written first)")
+                   help="instead of timing: bytes per base parameter and the loading peak, fp32 / bf16 / nf4, "
+                        "and gguf (model.quantize=gguf) for a .gguf model (a named shape gets random bf16 weights "
+                        "written first)")
     p.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -108,6 +111,8 @@ def main(argv=None) -> int:
                 "loss_chunk_size": args.loss_chunk_size, "fused_kernels": args.fused_kernels,
                 "fused_lora": args.fused_lora, "cuda_graph": args.cuda_graph,
                 "batches": str(tmp / "batches.pt")}  # fmt: skip
+        if "ftcore-gguf" in arms:
+            spec["gguf"] = str(gguf_file(args.model))  # one line unless --model is a .gguf
         (tmp / "spec.json").write_text(json.dumps(spec))
 
         def data():  # made while the workers start (they read it at their first step)
@@ -138,7 +143,8 @@ def memory(args) -> int:
             model_dir = write_random_checkpoint(RANDOM_SHAPES[args.model], Path(tmp) / args.model)
         else:
             model_dir = resolve_model(args.model, Path(tmp))
-        rows = memory_rows(model_dir)
+        gguf = gguf_file(args.model) if args.model.endswith(".gguf") else None  # a path or pkg://...
+        rows = memory_rows(model_dir, gguf=gguf)
     name = args.model if args.model in RANDOM_SHAPES else Path(args.model).name.split(".gguf")[0]
     text = memory_markdown(rows, name + (" (random weights)" if args.model in RANDOM_SHAPES else ""),
                            device_name("cpu"))  # fmt: skip

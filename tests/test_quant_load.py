@@ -94,7 +94,7 @@ def test_bad_quantization_settings_fail_with_one_line(checkpoint, tmp_path):
     with pytest.raises(FtcoreError, match=r"model.safetensors: model.layers.0.mlp.gate_proj.weight: "
                                           r"model.quant_block_size=128 does not divide the row length 64"):  # fmt: skip
         load_model(path, quant=QuantSpec("nf4", 128, True))
-    with pytest.raises(FtcoreError, match=r"^model.quantize='int3': expected one of none, nf4, fp4$"):
+    with pytest.raises(FtcoreError, match=r"^model.quantize='int3': expected one of none, nf4, fp4, gguf$"):
         run_config({"model": {"quantize": "int3"}})
     with pytest.raises(FtcoreError, match=r"^model.quant_block_size=48: expected one of 32, 64, 128"):
         run_config({"model": {"quantize": "nf4", "quant_block_size": 48}})

@@ -2,7 +2,8 @@
 switches, on the spec's model, LoRA settings, dtype and AdamW, as ftcore/train/loop.py runs it.
 
 Arms: "ftcore" (every switch asked for), "ftcore-nograph" (the same without the CUDA graph), "ftcore-plain"
-(no switches: eager LoRA, plain lm_head + cross-entropy, no fused kernels).
+(no switches: eager LoRA, plain lm_head + cross-entropy, no fused kernels), "ftcore-gguf" (the "ftcore" arm over
+a GGUF-native base, model.quantize=gguf: the .gguf file's blocks dequantized per layer; needs --model a .gguf).
 """
 
 import torch
@@ -11,6 +12,7 @@ from ftcore import peft
 from ftcore.config import OptimConfig
 from ftcore.data.format import IGNORE
 from ftcore.formats.hf import build_model, load_model, read_config
+from ftcore.quant.linear import QuantSpec
 from ftcore.train.optim import build_optimizer
 from ftcore.train.parallel import World
 from ftcore.train.step import EagerStep, GraphedStep, set_fast_paths
@@ -29,7 +31,9 @@ def random_model(model_dir, dtype: torch.dtype, device: torch.device):
 def ftcore_arm(arm: str, spec: dict, device: torch.device):
     """(step(batch) -> mean loss over target tokens, trainable parameter count)."""
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    if spec["random_weights"]:
+    if arm == "ftcore-gguf":
+        model = load_model(spec["gguf"], dtype=dtype, device=device, quant=QuantSpec("gguf", 64, True))
+    elif spec["random_weights"]:
         model = random_model(spec["model_dir"], dtype, device)
     else:
         model = load_model(spec["model_dir"], dtype=dtype, device=device)

@@ -6,6 +6,8 @@ the peak RSS growth while loading, each format measured in its own fresh process
     bfloat16   2 bytes per parameter
     nf4        the decoder's linears at 4 bits + one absmax code per 64 (model.quantize=nf4, double
                quantization); embeddings, norms and lm_head in bfloat16
+    gguf       a .gguf model only: every weight in the file's own blocks (model.quantize=gguf; the demo's
+               Q4_1 linears 0.625 bytes, its Q8_0 embedding, tied to lm_head, 1.0625); norms in float32
 """
 
 import json
@@ -35,12 +37,15 @@ model_dir, fmt = sys.argv[1], sys.argv[2]
 before, start = rss(), time.perf_counter()
 if fmt == "nf4":
     model = load_model(model_dir, dtype=torch.bfloat16, quant=QuantSpec("nf4", 64, True))
+elif fmt == "gguf":  # model_dir is the .gguf file here
+    model = load_model(model_dir, dtype=torch.float32, quant=QuantSpec("gguf", 64, True))
 else:
     model = load_model(model_dir, dtype=getattr(torch, fmt))
 seconds = time.perf_counter() - start
 tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}.values()  # tied once
 for t in tensors:
-    t.sum()  # touch every page (zero-copy mmap views included), no full-size temporaries
+    t.sum() if t.is_floating_point() else t.max()  # touch every page (mmap views too); no full-size temporaries
+                                                   # (an integer sum would widen the uint8 blocks to int64 first)
 stored = sum(t.numel() * t.element_size() for t in tensors)
 print(json.dumps({"format": fmt, "params": count_parameters(model)[1], "stored_bytes": stored,
                   "peak_rss_growth_bytes": hwm() - before, "load_s": seconds}))
@@ -78,20 +83,23 @@ def measure(model_dir: Path, fmt: str) -> dict:
     return row
 
 
-def memory_rows(model_dir: Path, formats=FORMATS) -> list[dict]:
-    return [measure(Path(model_dir), f) for f in formats]
+def memory_rows(model_dir: Path, formats=FORMATS, gguf: Path | None = None) -> list[dict]:
+    """The formats' rows, and a "gguf" row when the model is a .gguf file (`gguf`, which model_dir imports)."""
+    rows = [measure(Path(model_dir), f) for f in formats]
+    return rows + ([measure(Path(gguf), "gguf")] if gguf is not None else [])
 
 
 def memory_markdown(rows: list[dict], model: str, machine: str) -> str:
     checkpoint = next((r for r in rows if r["format"] == "bfloat16"), rows[0])
+    fp32 = next((r for r in rows if r["format"] == "float32"), rows[0])
     lines = [f"# Base model memory: {model}", "", f"Machine: {machine}; {time.strftime('%Y-%m-%d')}; torch "
              f"{torch.__version__}. Each format loaded in a fresh process (`scripts/bench.py --memory`); peak RSS "
              "growth is VmHWM minus the RSS before loading.", "",
-             "| format | base params | resident bytes | bytes / param | peak RSS growth while loading | vs bf16 | load (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| format | base params | resident bytes | bytes / param | peak RSS growth while loading | vs bf16 | vs fp32 "
+             "| load (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         ratio = r["stored_bytes"] / checkpoint["stored_bytes"]
         lines.append(f"| {r['format']} | {r['params']:,} | {r['stored_bytes'] / 2**20:,.1f} MiB | "
                      f"{r['bytes_per_param']:.3f} | {r['peak_rss_growth_bytes'] / 2**20:,.1f} MiB | {ratio:.2f}x | "
-                     f"{r['load_s']:.1f} |")  # fmt: skip
+                     f"{r['stored_bytes'] / fp32['stored_bytes']:.2f}x | {r['load_s']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -83,6 +83,13 @@ def compare(result: dict) -> tuple[dict, dict]:
                                         "tokens_per_s_paired_median": statistics.median(paired),
                                         "tokens_per_cpu_s": a["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"],
                                         "peak_mem": a["peak_mem_mb"] / hf["peak_mem_mb"]}  # fmt: skip
+    if "ftcore" in arms and "ftcore-gguf" in arms:  # model.quantize=gguf vs the fp32 (or bf16) import
+        a, b = arms["ftcore-gguf"], arms["ftcore"]
+        paired = [f / g for f, g in zip(b["step_times_s"], a["step_times_s"])]
+        out["gguf_vs_ftcore"] = {"tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
+                                 "tokens_per_s_paired_median": statistics.median(paired),
+                                 "tokens_per_cpu_s": a["tokens_per_cpu_s"] / b["tokens_per_cpu_s"],
+                                 "peak_mem": a["peak_mem_mb"] / b["peak_mem_mb"]}  # fmt: skip
     if "ftcore" in arms and "ftcore-nograph" in arms:
         speedup = arms["ftcore"]["tokens_per_s"] / arms["ftcore-nograph"]["tokens_per_s"]
         out["graph_vs_eager"] = {"tokens_per_s": speedup}

@@ -35,6 +35,7 @@ _VALUE_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: 
 IMPORT_VERSION = 1  # part of cached_import's key: bump when the output of import_gguf changes
 OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json")
+TOKENIZER_OUTPUT = tuple(f for f in OUTPUT_FILES if f != "model.safetensors")  # import_gguf(weights=False)
 
 
 @dataclass
@@ -140,6 +141,16 @@ class GGUFReader:
                               f"{start + nbytes}, but the file has {self.size} bytes")
         return np.frombuffer(self._mm, np.uint8, nbytes, start)
 
+    def release(self, name: str):
+        """Drop the pages of one tensor from memory after it was copied elsewhere (keeps the loading peak ~1x)."""
+        info = self.tensors[name]
+        block, size = quants.block_layout(info.ggml_type)
+        begin = self.data_start + info.offset
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE  # a read-only map: a page dropped early is just read again
+        stop = begin + math.prod(info.shape) // block * size
+        if stop > start and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def tensor(self, name: str) -> np.ndarray:
         """Dequantized float32 copy of a tensor, in numpy shape order."""
         info = self.tensors[name]
@@ -237,7 +248,7 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "ffn_down": "mlp.down_proj"}
 
 
-def _tensor_plan(r: GGUFReader, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+def tensor_plan(r: GGUFReader, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     """[(hf_name, gguf_name, shape)] for every weight, after checking names, shapes, types and bounds."""
     h, f, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -346,17 +357,18 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def import_gguf(gguf_path, out_dir) -> Path:
+def import_gguf(gguf_path, out_dir, weights: bool = True) -> Path:
     """Convert a llama GGUF into an HF-layout directory (float32 safetensors + tokenizer files).
 
-    `out_dir` must not exist or be empty; it appears complete or not at all.
+    `out_dir` must not exist or be empty; it appears complete or not at all. weights=False: all but
+    model.safetensors (model.quantize=gguf reads the weights from the GGUF itself).
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FtcoreError(f"{out_dir}: output directory exists and is not empty; remove it or pick another")
     with GGUFReader(gguf_path) as r:
         cfg = llama_config(r)
-        plan = _tensor_plan(r, cfg)
+        plan = tensor_plan(r, cfg)
         md, tokens = r.metadata, r.require("tokenizer.ggml.tokens")
         add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
         tok_json = build_tokenizer_json(r, add_bos)
@@ -367,7 +379,8 @@ def import_gguf(gguf_path, out_dir) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model dir
         try:
-            _write_safetensors(tmp / "model.safetensors", r, cfg, plan)
+            if weights:
+                _write_safetensors(tmp / "model.safetensors", r, cfg, plan)
             _write_json(tmp / "config.json", cfg)
             _write_json(tmp / "generation_config.json", {
                 "bos_token_id": cfg["bos_token_id"], "pad_token_id": cfg["pad_token_id"],
@@ -390,10 +403,11 @@ def import_gguf(gguf_path, out_dir) -> Path:
     return out_dir
 
 
-def cached_import(gguf_path, cache_root=None) -> Path:
+def cached_import(gguf_path, cache_root=None, weights: bool = True) -> Path:
     """Import `gguf_path` once into `<cache_root>/<stem>-<hash of size, mtime, path, IMPORT_VERSION>`; reuse it.
 
-    `cache_root` defaults to `$FTCORE_CACHE/gguf` or `~/.cache/ftcore/gguf`.
+    `cache_root` defaults to `$FTCORE_CACHE/gguf` or `~/.cache/ftcore/gguf`. weights=False: the tokenizer
+    and config files only, in `<...>-tokenizer` (or the full import when there is one).
     """
     path = Path(gguf_path).resolve()
     if not path.is_file():
@@ -402,14 +416,18 @@ def cached_import(gguf_path, cache_root=None) -> Path:
         cache_root = Path(os.environ.get("FTCORE_CACHE") or "~/.cache/ftcore").expanduser() / "gguf"
     st = path.stat()
     key = hashlib.sha256(f"{IMPORT_VERSION}:{st.st_size}:{st.st_mtime_ns}:{path}".encode()).hexdigest()[:12]
-    out = Path(cache_root) / f"{path.stem}-{key}"
-    if all((out / f).is_file() for f in OUTPUT_FILES):
+    out, files = Path(cache_root) / f"{path.stem}-{key}", OUTPUT_FILES
+    if all((out / f).is_file() for f in files):
         return out
+    if not weights:
+        out, files = out.with_name(f"{out.name}-tokenizer"), TOKENIZER_OUTPUT
+        if all((out / f).is_file() for f in files):
+            return out
     if out.exists():  # left by something other than import_gguf (which renames complete dirs only)
         shutil.rmtree(out)
     try:
-        return import_gguf(path, out)
+        return import_gguf(path, out, weights)
     except (FtcoreError, OSError):
-        if all((out / f).is_file() for f in OUTPUT_FILES):  # another process won the race
+        if all((out / f).is_file() for f in files):  # another process won the race
             return out
         raise

@@ -16,6 +16,7 @@ import torch
 from ftcore.errors import FtcoreError
 from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
 from ftcore.model import ModelConfig, Transformer
+from ftcore.quant.gguf import not_a_gguf_file
 from ftcore.quant.linear import Linear4bit, QuantSpec
 from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
@@ -45,6 +46,11 @@ def read_config(model_dir) -> tuple[ModelConfig, dict]:
     if not path.is_file():
         raise FtcoreError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
     hf = read_json_object(path)
+    return config_from_hf(hf, path), hf
+
+
+def config_from_hf(hf: dict, path) -> ModelConfig:
+    """A ModelConfig from config.json's contents (path: where they come from, for the error messages)."""
     check_types(hf, CONFIG_TYPES, path)
     for key in SIZES:
         if key not in hf:
@@ -94,7 +100,7 @@ def read_config(model_dir) -> tuple[ModelConfig, dict]:
         )
     except FtcoreError as e:  # a value ModelConfig refuses (heads not a multiple of the kv heads, a rope type)
         raise FtcoreError(f"{path}: {e}") from None
-    return cfg, hf
+    return cfg
 
 
 def _shard_files(model_dir: Path) -> list[Path]:
@@ -175,13 +181,7 @@ def resolve(path_or_repo_id) -> Path:
     Accepts a local directory, a `.gguf` file (imported once into the cache), `pkg://package/file`
     (a file inside an installed Python package, located without importing it), or a hub repo id.
     """
-    ref = str(path_or_repo_id)
-    if ref.startswith("pkg://"):
-        pkg, _, rel = ref[len("pkg://"):].partition("/")
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise FtcoreError(f"{ref}: Python package {pkg!r} is not installed")
-        ref = str(Path(list(spec.submodule_search_locations)[0]) / rel)
+    ref = _local_ref(path_or_repo_id)
     path = Path(ref).expanduser()
     if ref.endswith(".gguf"):
         if not path.is_file():
@@ -195,6 +195,43 @@ def resolve(path_or_repo_id) -> Path:
     if looks_local:
         raise FtcoreError(f"{ref}: model directory not found")
     return download(ref)
+
+
+def _local_ref(path_or_repo_id) -> str:
+    """`pkg://package/file` -> the file's path inside the installed package (located without importing it)."""
+    ref = str(path_or_repo_id)
+    if ref.startswith("pkg://"):
+        pkg, _, rel = ref[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise FtcoreError(f"{ref}: Python package {pkg!r} is not installed")
+        ref = str(Path(list(spec.submodule_search_locations)[0]) / rel)
+    return ref
+
+
+def gguf_file(path_or_repo_id) -> Path:
+    """The .gguf file model.quantize=gguf reads (a path or pkg://...); anything else fails in one line."""
+    ref = _local_ref(path_or_repo_id)
+    if not ref.endswith(".gguf"):
+        raise not_a_gguf_file(path_or_repo_id)
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise FtcoreError(f"{path}: GGUF file not found")
+    return path
+
+
+def load_gguf(path_or_repo_id, dtype=torch.float32, device="cpu") -> Transformer:
+    """model.quantize=gguf: the model straight from a GGUF file, its weights kept in the file's blocks
+    (ftcore/quant/gguf.py); never a full-precision copy of a quantized weight."""
+    from ftcore.formats.gguf import GGUFReader, llama_config
+    from ftcore.quant.gguf import load_gguf_weights
+
+    path = gguf_file(path_or_repo_id)
+    with GGUFReader(path) as r:
+        hf = llama_config(r)
+        model = load_gguf_weights(build_model(config_from_hf(hf, path)), r, hf, dtype, device)
+    model.hf_config = hf
+    return model
 
 
 def download(repo_id: str) -> Path:
@@ -215,6 +252,8 @@ def build_model(cfg: ModelConfig) -> Transformer:
 
 
 def load_model(path_or_repo_id, dtype=torch.float32, device="cpu", quant: QuantSpec | None = None) -> Transformer:
+    if quant is not None and quant.quant_type == "gguf":
+        return load_gguf(path_or_repo_id, dtype, device)
     model_dir = resolve(path_or_repo_id)
     cfg, hf = read_config(model_dir)
     model = load_weights(build_model(cfg), model_dir, dtype, device, quant)
@@ -226,6 +265,11 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", quant: Q
     """Load (model, tokenizer) from a local directory, a .gguf file, `pkg://...` or a hub repo id."""
     from ftcore.formats.tokenizer import Tokenizer
 
+    if quant is not None and quant.quant_type == "gguf":  # the tokenizer files imported once, no fp32 weights
+        from ftcore.formats.gguf import cached_import
+
+        model = load_gguf(path_or_repo_id, dtype, device)
+        return model, Tokenizer.from_dir(cached_import(gguf_file(path_or_repo_id), weights=False))
     model_dir = resolve(path_or_repo_id)
     return load_model(model_dir, dtype, device, quant), Tokenizer.from_dir(model_dir)
 

@@ -40,6 +40,7 @@ from ftcore.peft.prefix import PrefixEncoder
 from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.ptuning import PTuningEncoder
 from ftcore.peft.vera import VeraLinear, VeraProjections
+from ftcore.quant.gguf import EmbeddingGGUF
 from ftcore.quant.weight import QuantLinear
 from ftcore.schema import build
 
@@ -56,7 +57,7 @@ def peft_key(name: str) -> str:
 
 def linear_modules(model: nn.Module, embeddings: bool = False) -> dict[str, nn.Module]:
     """The base model's linear layers (nn.Linear or quantized) and its nn.Embedding layers if `embeddings`, by name."""
-    kinds = (nn.Linear, QuantLinear, nn.Embedding) if embeddings else (nn.Linear, QuantLinear)
+    kinds = (nn.Linear, QuantLinear, nn.Embedding, EmbeddingGGUF) if embeddings else (nn.Linear, QuantLinear)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not n.startswith(HOOKS)}
 
 
@@ -136,6 +137,9 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         principal = is_principal(cfg.init)
         for name in find_targets(model, cfg.target_modules, embeddings=True):
             base = model.get_submodule(name)
+            if isinstance(base, EmbeddingGGUF):
+                raise FtcoreError(f"peft.target_modules: {name} keeps its GGUF blocks (model.quantize=gguf), and LoRA "
+                                  "on an embedding needs a float table; leave it out or use model.quantize=none")  # fmt: skip
             if isinstance(base, nn.Embedding):
                 if cfg.method == "dora" or principal:
                     what = "peft.method=dora" if cfg.method == "dora" else f"peft.init={cfg.init!r}"
@@ -335,11 +339,14 @@ def trainables_to_float32(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT. A quantized layer counts
-    its weight's in x out (not its packed bytes and scales), as PEFT counts bitsandbytes' Params4bit."""
-    quantized = {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}.values()  # a tied one once
-    storage = {id(p) for m in quantized for n, p in m.named_parameters() if n != "bias"}
+    its weight's in x out (not its packed bytes and scales), as PEFT counts bitsandbytes' Params4bit; a GGUF
+    embedding and the lm_head tied to it (one `blocks` Parameter) count once."""
+    quantized = [m for m in model.modules() if isinstance(m, (QuantLinear, EmbeddingGGUF))]
+    weights = {tuple(id(p) for n, p in m.named_parameters() if n != "bias"): m.in_features * m.out_features
+               for m in quantized}  # keyed by storage: a module reached twice, or two over one storage, once
+    storage = {i for key in weights for i in key}
     params = [p for p in model.parameters() if id(p) not in storage]  # deduplicated by nn.Module
-    total = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in quantized)
+    total = sum(p.numel() for p in params) + sum(weights.values())
     return sum(p.numel() for p in params if p.requires_grad), total
 
 
