@@ -189,9 +189,6 @@ class RunConfig:
         if self.model.quantize != "none" and self.peft.method == "full":
             raise FtcoreError(f"model.quantize={self.model.quantize}: full fine-tuning trains the base weights, "
                               "which a quantized base keeps frozen; use a PEFT method or model.quantize=none")
-        if self.model.quantize == "gguf" and self.dist.backend == "fsdp":
-            raise FtcoreError("model.quantize=gguf: dist=fsdp is not supported yet (the final save gathers the shards "
-                              "into a plain model, which has no GGUF blocks); use dist=single or dist=ddp")  # fmt: skip
         if self.model.quantize != "none" and self.peft.method in ("lora", "dora") and is_principal(self.peft.init):
             raise FtcoreError(f"peft.init={self.peft.init}: PiSSA/OLoRA replace the base weights by a residual, which a "
                               f"quantized base (model.quantize={self.model.quantize}) keeps frozen; use "

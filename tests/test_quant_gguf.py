@@ -191,6 +191,22 @@ def test_lora_over_gguf_equals_lora_over_the_import(synthetic, one_thread):
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_merged_export_of_a_gguf_native_model(synthetic, one_thread):
+    """merge_and_unload over a GGUF base: a plain model (nn.Linear / nn.Embedding) equal to the adapted GGUF model and
+    to the merged imported model; the tied head's merge unties it, as over a plain base."""
+    path, imported = synthetic
+    native = lora(load_model(path, quant=GGUF)).eval()
+    lora(imported)
+    plain, ref = peft.merge_and_unload(native), peft.merge_and_unload(imported)
+    assert type(plain.embed_tokens) is torch.nn.Embedding and type(plain.layers[1].mlp.up_proj) is torch.nn.Linear
+    ids = torch.randint(0, native.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        # merged W + s B A against W x + s B (A x): float rounding, up to 1.3e-5 on the 256-wide K-quant model
+        torch.testing.assert_close(plain(ids), native(ids), rtol=0, atol=5e-5)
+        torch.testing.assert_close(plain(ids), ref(ids), rtol=0, atol=1e-5)
+    assert plain.state_dict().keys() == ref.state_dict().keys()
+
+
 def test_adapter_over_gguf_saves_and_loads(tiny_gguf, tmp_path):  # noqa: F811
     """save_adapter / load_adapter over a GGUF-native base (the tied lm_head adapted too): the same outputs."""
     path, _ = tiny_gguf(tied=True)
@@ -305,8 +321,6 @@ def test_gguf_needs_a_gguf_file(tmp_path, smollm2_dir):
         load_model(tmp_path / "missing.gguf", quant=GGUF)
     with pytest.raises(FtcoreError, match=r"^model\.quantize=gguf: full fine-tuning trains the base weights"):
         run_config({"model": {"path": "x.gguf", "quantize": "gguf"}, "peft": {"method": "full"}})
-    with pytest.raises(FtcoreError, match=r"^model\.quantize=gguf: dist=fsdp is not supported yet"):
-        run_config({"model": {"path": "x.gguf", "quantize": "gguf"}, "dist": {"backend": "fsdp"}})
     assert run_config({"model": {"quantize": "gguf"}}).model.path.endswith(".gguf")  # the demo model is one
 
 

@@ -281,8 +281,14 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.cfg).to(device or self.embed_tokens.weight.device)
 
     def tie_weights(self):
-        if self.cfg.tie_word_embeddings:
+        """lm_head computes with the embedding's weight; a quantized embedding's head (a GGUF base) shares its
+        storage tensors instead (the head itself, or the quantized base_layer of an adapter over it)."""
+        if not self.cfg.tie_word_embeddings:
+            return
+        if "weight" in self.embed_tokens._parameters:
             self.lm_head.weight = self.embed_tokens.weight
+        else:
+            getattr(self.lm_head, "base_layer", self.lm_head)._parameters.update(self.embed_tokens._parameters)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random init for from-scratch tests (HF's initializer_range convention)."""

@@ -41,7 +41,7 @@ from ftcore.peft.prompt import PromptEncoder, encode_init_text
 from ftcore.peft.ptuning import PTuningEncoder
 from ftcore.peft.vera import VeraLinear, VeraProjections
 from ftcore.quant.gguf import EmbeddingGGUF
-from ftcore.quant.weight import QuantLinear
+from ftcore.quant.weight import QuantLinear, QuantStorage
 from ftcore.schema import build
 
 ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
@@ -341,7 +341,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT. A quantized layer counts
     its weight's in x out (not its packed bytes and scales), as PEFT counts bitsandbytes' Params4bit; a GGUF
     embedding and the lm_head tied to it (one `blocks` Parameter) count once."""
-    quantized = [m for m in model.modules() if isinstance(m, (QuantLinear, EmbeddingGGUF))]
+    quantized = [m for m in model.modules() if isinstance(m, QuantStorage)]
     weights = {tuple(id(p) for n, p in m.named_parameters() if n != "bias"): m.in_features * m.out_features
                for m in quantized}  # keyed by storage: a module reached twice, or two over one storage, once
     storage = {i for key in weights for i in key}

@@ -18,7 +18,7 @@ from ftcore.errors import FtcoreError
 from ftcore.formats.hf import save_pretrained
 from ftcore.model import Transformer
 from ftcore.peft.attach import HOOKS, VIRTUAL_TOKENS, adapter_layers
-from ftcore.quant.weight import QuantLinear
+from ftcore.quant.weight import QuantStorage
 
 
 def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -28,7 +28,7 @@ def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         raise FtcoreError(f"export: {VIRTUAL_TOKENS[method]} adds virtual tokens and cannot be merged into a plain model; "
                           "save it with ftcore.peft.save_adapter")
     layers = adapter_layers(model)
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantStorage)}
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
         module, _, leaf = name.rpartition(".")
@@ -44,7 +44,7 @@ def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         if owner in layers:  # an adapted layer: the adapter merged into the dequantized base
             out[f"{owner}.weight"], bias = layers[owner].merged_weight(), layers[owner].merged_bias()
         else:
-            out[f"{name}.weight"], bias = base.dequantized(), base.bias
+            out[f"{name}.weight"], bias = base.dequantized(), getattr(base, "bias", None)
         if bias is not None:
             out[f"{owner}.bias"] = bias.detach()
     return out

@@ -5,7 +5,7 @@ and a GGUF file's blocks kept as they are (gguf.py: LinearGGUF, EmbeddingGGUF, m
 from ftcore.quant.fourbit import Quantized4bit, dequantize_4bit, quantize_4bit
 from ftcore.quant.gguf import EmbeddingGGUF, LinearGGUF
 from ftcore.quant.linear import Linear4bit
-from ftcore.quant.weight import QuantizedWeight, QuantLinear
+from ftcore.quant.weight import QuantizedWeight, QuantLinear, QuantStorage
 
-__all__ = ["EmbeddingGGUF", "Linear4bit", "LinearGGUF", "QuantLinear", "QuantizedWeight", "Quantized4bit",
+__all__ = ["EmbeddingGGUF", "Linear4bit", "LinearGGUF", "QuantLinear", "QuantStorage", "QuantizedWeight", "Quantized4bit",
            "dequantize_4bit", "quantize_4bit"]

@@ -20,7 +20,7 @@ from torch import nn
 from ftcore.errors import FtcoreError
 from ftcore.formats import quants
 from ftcore.formats.gguf import GGUFReader, tensor_plan, unpermute_qk
-from ftcore.quant.weight import QuantizedWeight, QuantLinear
+from ftcore.quant.weight import QuantLinear, QuantStorage
 
 F32, F16, BF16 = 0, 1, 30
 FLOATS = (F32, F16, BF16)  # what a norm may be stored as
@@ -205,7 +205,7 @@ class _RowChunkedMatmul(torch.autograd.Function):
         return grad_x, None, None
 
 
-class EmbeddingGGUF(nn.Module):
+class EmbeddingGGUF(QuantStorage):
     """A frozen token embedding over GGUF blocks [num_embeddings, row_bytes]; a lookup dequantizes only its rows.
 
     `weight` is a QuantizedWeight of shape [num_embeddings, embedding_dim] (out_features x in_features in
@@ -217,10 +217,6 @@ class EmbeddingGGUF(nn.Module):
         self.ggml_type, self.embedding_dim, self.num_embeddings = ggml_type, embedding_dim, blocks.shape[0]
         self.in_features, self.out_features = embedding_dim, self.num_embeddings  # QuantizedWeight's shape
         self.dtype = dtype
-
-    @property
-    def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.blocks, self.ggml_type, self.embedding_dim, dtype or self.dtype)

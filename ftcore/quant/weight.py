@@ -1,4 +1,5 @@
-"""QuantLinear and QuantizedWeight: a frozen linear layer whose weight stays quantized, and the tensor it shows.
+"""QuantLinear and QuantizedWeight: a frozen linear layer whose weight stays quantized, and the tensor it shows
+(QuantStorage: what a quantized linear layer and a quantized GGUF embedding share).
 
     x [..., in] ─ @ dequantize(W)^T [in, out] (compute dtype) ─ + b ─> y [..., out]
 
@@ -24,9 +25,10 @@ from torch.utils._pytree import tree_map
 from ftcore.errors import FtcoreError
 
 
-class QuantLinear(nn.Module):
-    """A frozen linear layer over quantized storage; subclasses set in/out_features, dtype, bias and implement
-    dequantized(dtype) -> [out, in]."""
+class QuantStorage(nn.Module):
+    """A frozen module whose [out, in] weight stays in quantized storage: a linear layer (QuantLinear) or a GGUF
+    token embedding. Subclasses set in_features, out_features, dtype and implement dequantized(dtype) -> [out, in];
+    storage tensors are Parameters (requires_grad=False) whose dim 0 is the weight's rows, so FSDP2 shards them."""
 
     in_features: int
     out_features: int
@@ -39,12 +41,16 @@ class QuantLinear(nn.Module):
     def weight(self) -> "QuantizedWeight":
         return QuantizedWeight(self)
 
-    def empty_copy(self) -> "QuantLinear":
-        """The same kind of layer (shape, settings) whose tensors are still to be assigned, e.g. by
-        load_state_dict(assign=True) from a gathered state dict; until then it shares this layer's tensors."""
+    def empty_copy(self) -> "QuantStorage":
+        """The same kind of module (shape, settings) whose tensors are still to be assigned, e.g. by
+        load_state_dict(assign=True) from a gathered state dict; until then it shares this module's tensors."""
         clone = copy.copy(self)
         clone._parameters, clone._buffers, clone._modules = dict(self._parameters), dict(self._buffers), {}
         return clone
+
+
+class QuantLinear(QuantStorage):
+    """A frozen linear layer over quantized storage (sets bias too); forward is the memory-saving matmul."""
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T (+ bias) [..., out]; W is dequantized to x's dtype, or to autocast's when it is on."""
@@ -74,15 +80,15 @@ class _QuantMatmul(torch.autograd.Function):
 class QuantizedWeight(torch.Tensor):
     """The [out, in] weight of a QuantLinear as a tensor; its values are dequantized where an op needs them."""
 
-    layer: QuantLinear
+    layer: QuantStorage
 
     @staticmethod
-    def __new__(cls, layer: QuantLinear):
+    def __new__(cls, layer: QuantStorage):
         device = next(iter(layer.parameters())).device
         return torch.Tensor._make_wrapper_subclass(cls, (layer.out_features, layer.in_features), dtype=layer.dtype,
                                                    device=device, requires_grad=False)  # fmt: skip
 
-    def __init__(self, layer: QuantLinear):
+    def __init__(self, layer: QuantStorage):
         self.layer = layer
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:

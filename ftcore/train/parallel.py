@@ -177,7 +177,7 @@ def gather_model(model: nn.Module, world: World) -> nn.Module | None:
 
     from ftcore import peft
     from ftcore.model import Transformer
-    from ftcore.quant.weight import QuantLinear
+    from ftcore.quant.weight import QuantStorage
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.rank != 0:
@@ -185,7 +185,7 @@ def gather_model(model: nn.Module, world: World) -> nn.Module | None:
     with torch.device("meta"):
         whole = Transformer(model.cfg)
     for name, layer in model.named_modules():  # a quantized base: the same quantized layers, to take the whole tensors
-        if isinstance(layer, QuantLinear):
+        if isinstance(layer, QuantStorage):
             parent, _, leaf = name.removesuffix(".base_layer").rpartition(".")
             setattr(whole.get_submodule(parent), leaf, layer.empty_copy())
     if getattr(model, "peft_config", None) is not None:
