@@ -5,6 +5,7 @@
     python scripts/bench.py --model smollm2-135m --data random --cuda-graph --arms ftcore,ftcore-nograph
     python scripts/bench.py --memory --model llama-1b                 # base memory: fp32 vs bf16 vs nf4 (vs gguf)
     python scripts/bench.py --arms ftcore,ftcore-gguf --steps 20      # GGUF-native base vs the fp32 import
+    python scripts/bench.py --arms ftcore,ftcore-nf4 --steps 20       # QLoRA (NF4 base) vs LoRA on the fp32 base
 
 Every arm runs in its own worker process (its peak memory is its own) and the parent steps them in
 turn, one step each, alternating who goes first: a machine whose load changes during the run slows
@@ -47,7 +48,7 @@ from ftcore.formats.hf import gguf_file
 from ftcore.train.parallel import pick_device
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ARMS = ("ftcore", "ftcore-nograph", "ftcore-plain", "ftcore-gguf", "hf")
+ARMS = ("ftcore", "ftcore-nograph", "ftcore-plain", "ftcore-gguf", "ftcore-nf4", "hf")
 
 
 def parse_args(argv=None):

@@ -3,7 +3,8 @@ switches, on the spec's model, LoRA settings, dtype and AdamW, as ftcore/train/l
 
 Arms: "ftcore" (every switch asked for), "ftcore-nograph" (the same without the CUDA graph), "ftcore-plain"
 (no switches: eager LoRA, plain lm_head + cross-entropy, no fused kernels), "ftcore-gguf" (the "ftcore" arm over
-a GGUF-native base, model.quantize=gguf: the .gguf file's blocks dequantized per layer; needs --model a .gguf).
+a GGUF-native base, model.quantize=gguf: the .gguf file's blocks dequantized per layer; needs --model a .gguf),
+"ftcore-nf4" (the "ftcore" arm over an NF4 base with double quantization, model.quantize=nf4: QLoRA).
 """
 
 import torch
@@ -33,6 +34,8 @@ def ftcore_arm(arm: str, spec: dict, device: torch.device):
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
     if arm == "ftcore-gguf":
         model = load_model(spec["gguf"], dtype=dtype, device=device, quant=QuantSpec("gguf", 64, True))
+    elif arm == "ftcore-nf4":
+        model = load_model(spec["model_dir"], dtype=dtype, device=device, quant=QuantSpec("nf4", 64, True))
     elif spec["random_weights"]:
         model = random_model(spec["model_dir"], dtype, device)
     else:

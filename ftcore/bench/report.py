@@ -36,11 +36,12 @@ def markdown(r: dict) -> str:
                      f"{c['tokens_per_s_paired_median']:.2f}x (median of per-step ratios, the arms alternating), "
                      f"{c['tokens_per_cpu_s']:.2f}x by CPU time (the work each step did; other processes' load "
                      "barely moves it).")  # fmt: skip
-    if "gguf_vs_ftcore" in r["comparisons"]:
-        c = r["comparisons"]["gguf_vs_ftcore"]
-        lines.append(f"GGUF-native (ftcore-gguf) vs the imported base (ftcore): {c['tokens_per_s']:.2f}x tokens/s, "
-                     f"{c['tokens_per_s_paired_median']:.2f}x (median of per-step ratios), {c['tokens_per_cpu_s']:.2f}x "
-                     f"by CPU time; peak memory {c['peak_mem']:.2f}x.")  # fmt: skip
+    for quant, what in (("gguf", "GGUF-native (ftcore-gguf)"), ("nf4", "NF4 base, QLoRA (ftcore-nf4)")):
+        if f"{quant}_vs_ftcore" in r["comparisons"]:
+            c = r["comparisons"][f"{quant}_vs_ftcore"]
+            lines.append(f"{what} vs the unquantized base (ftcore): {c['tokens_per_s']:.2f}x tokens/s, "
+                         f"{c['tokens_per_s_paired_median']:.2f}x (median of per-step ratios), {c['tokens_per_cpu_s']:.2f}x "
+                         f"by CPU time; peak memory {c['peak_mem']:.2f}x.")  # fmt: skip
     if r["targets"]:
         met = ", ".join(f"{k} {v['got']:.3g} (goal {v['goal']}: {'met' if v['met'] else 'MISSED'})"
                         for k, v in r["targets"].items())  # fmt: skip
