@@ -33,7 +33,7 @@ def parse_args(argv=None):
 
 def base_spec(adapter: Path, quantize: str | None) -> ModelSpec:
     """model.quantize and its settings: --quantize, else the run's config.json (<run>/final -> <run>), else none."""
-    run_config = adapter.parent / "config.json"
+    run_config = adapter.resolve().parent / "config.json"
     recorded = read_json_object(run_config).get("model", {}) if run_config.is_file() else {}
     spec = ModelSpec(**{k: recorded[k] for k in ("quantize", "quant_block_size", "double_quant") if k in recorded})
     return spec if quantize is None else dataclasses.replace(spec, quantize=quantize)
@@ -48,7 +48,10 @@ def main(argv=None) -> int:
     model, tokenizer = load_with_adapter(args.adapter, args.model, dtype=DTYPES[args.dtype], quant=spec.quant_spec())
     export_merged(model, out, tokenizer)
     base = args.model or "the recorded base"
-    base += f", dequantized from {spec.quantize}" if spec.quantize != "none" else ""
+    if spec.quantize != "none":
+        base += f", dequantized from {spec.quantize}"
+    elif args.quantize is None and not (Path(args.adapter).resolve().parent / "config.json").is_file():
+        base += "; no run config.json beside the adapter: if it was trained quantized, give --quantize"
     print(f"wrote {out} ({model.peft_config.method} merged into {base})")
     return 0
 

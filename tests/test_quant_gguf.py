@@ -5,6 +5,7 @@ the demo fine-tune on it, and the one-line errors."""
 import numpy as np
 import pytest
 import torch
+from peft_refs import SPECS, our_config, randomize_
 from test_gguf import (
     F16,
     F32,
@@ -144,7 +145,6 @@ def test_gguf_native_logits_equal_the_imported_model(synthetic, one_thread):
                if n.startswith("layers.") and isinstance(m, torch.nn.Linear))  # fmt: skip
     if native.cfg.tie_word_embeddings:
         assert native.lm_head.blocks is native.embed_tokens.blocks  # one storage, counted once
-        assert [n for n, _ in native.named_parameters() if n.endswith("blocks")].count("lm_head.blocks") == 0
     assert all(not p.requires_grad or p.dtype.is_floating_point for p in native.parameters())
     assert peft.count_parameters(native)[1] == peft.count_parameters(imported)[1]
     ids = torch.randint(0, native.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -191,6 +191,30 @@ def test_lora_over_gguf_equals_lora_over_the_import(synthetic, one_thread):
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+# every adapter spec of the parity tests but the base-rewriting inits, the text init and LoRA on the embedding (refused)
+OVER_GGUF = [s for s in SPECS if s not in ("pissa", "olora_rslora", "pissa_dora", "prompt_text", "lora_embed")]
+
+
+@pytest.mark.parametrize("spec", OVER_GGUF)
+def test_every_method_over_gguf_equals_it_over_the_import(tiny_gguf, tmp_path, spec, one_thread):  # noqa: F811
+    """Each adapter over the GGUF-native base (tied Q8_0 embedding and head, mixed-type linears) computes what it
+    computes over the fp32 import: logits and every adapter gradient."""
+    path, _ = tiny_gguf(tied=True)
+    native, imported = load_model(path, quant=GGUF), load_model(import_gguf(path, tmp_path / "imported"))
+    out = []
+    for model in (native, imported):
+        peft.apply(model, our_config(spec))
+        randomize_([(n, p) for n, p in model.named_parameters() if p.requires_grad], 0, 0.1)
+        logits = model.eval()(torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(7)))
+        logits.pow(2).mean().backward()
+        out.append((logits.detach(), [p.grad for p in peft.adapter_parameters(model)]))
+    (logits, grads), (ref_logits, ref_grads) = out
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    assert len(grads) == len(ref_grads) and all(g is not None for g in grads)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-5 * max(1.0, r.abs().max())
+
+
 def test_merged_export_of_a_gguf_native_model(synthetic, one_thread):
     """merge_and_unload over a GGUF base: a plain model (nn.Linear / nn.Embedding) equal to the adapted GGUF model and
     to the merged imported model; the tied head's merge unties it, as over a plain base."""
@@ -205,6 +229,28 @@ def test_merged_export_of_a_gguf_native_model(synthetic, one_thread):
         torch.testing.assert_close(plain(ids), native(ids), rtol=0, atol=5e-5)
         torch.testing.assert_close(plain(ids), ref(ids), rtol=0, atol=1e-5)
     assert plain.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_export_script_merges_over_the_recorded_gguf_base(tiny_gguf, tmp_path, monkeypatch):  # noqa: F811
+    """scripts/export.py on a run over model.quantize=gguf: the base loads GGUF-native again (only its tokenizer is
+    imported) and the merged model equals the adapted one."""
+    import json
+
+    from test_peft_export import run_script
+
+    monkeypatch.setenv("FTCORE_CACHE", str(tmp_path / "cache"))
+    path, _ = tiny_gguf(tied=True)
+    model = lora(load_model(path, quant=GGUF)).eval()
+    model.peft_config.base_model_name_or_path = str(path)
+    peft.save_adapter(model, tmp_path / "run" / "final")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {"quantize": "gguf"}}))
+    export = run_script("export.py", tmp_path / "run" / "final", tmp_path / "merged")
+    assert export.returncode == 0 and "dequantized from gguf" in export.stdout, export.stderr
+    assert not list((tmp_path / "cache").rglob("model.safetensors"))  # no float32 import on the way
+    merged = load_model(tmp_path / "merged").eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), model(ids), rtol=0, atol=5e-5)
 
 
 def test_adapter_over_gguf_saves_and_loads(tiny_gguf, tmp_path):  # noqa: F811

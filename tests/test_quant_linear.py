@@ -62,6 +62,27 @@ def test_storage_shapes_shard_by_rows():
     assert torch.equal(plain.quantized().absmax, quantize_4bit(plain.dequantized(), "nf4", 64).absmax)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_dtype_cast_of_the_model_leaves_the_scales_exact(double_quant):
+    """model.to(torch.bfloat16) casts floating tensors: the float32 scales are stored as int32 bits, so it cannot."""
+    lin, _, _ = layer(double_quant=double_quant)
+    before = lin.dequantized()
+    assert torch.equal(torch.nn.Sequential(lin).to(torch.bfloat16)[0].dequantized(), before)
+
+
+def test_the_weight_view_routes_f_linear_and_refuses_writes():
+    """F.linear with keywords takes the 4-bit matmul too; writes through .data or .detach() are refused like copy_."""
+    lin, _, b = layer()
+    x = torch.randn(2, 128)
+    ref = F.linear(x, lin.dequantized(), b)
+    assert torch.equal(F.linear(x, weight=lin.weight, bias=b), ref)
+    assert torch.equal(F.linear(input=x, weight=lin.weight, bias=b), ref)
+    for view in (lin.weight.data, lin.weight.detach()):
+        with pytest.raises(FtcoreError, match=r"^copy_: the base weight is quantized \(model.quantize\) and frozen"):
+            view.copy_(torch.zeros(48, 128))
+    assert torch.equal(lin.weight.float(), lin.dequantized()) and lin.weight.shape == (48, 128)
+
+
 def test_a_block_size_that_does_not_divide_the_row_names_the_tensor():
     with pytest.raises(FtcoreError, match=r"^layers.0.mlp.up_proj.weight: model.quant_block_size=64 does not divide "
                                           r"the row length 96 of this \[8, 96\] weight"):  # fmt: skip

@@ -38,11 +38,12 @@ def bnb_state(layer: Linear4bit):
     """bitsandbytes' QuantState for our layer's tensors (double quantization)."""
     from ftcore.quant.fourbit import NESTED_BLOCK, code4, dynamic_map
 
-    nested = bnb.functional.QuantState(absmax=layer.nested_absmax, code=dynamic_map().clone(), blocksize=NESTED_BLOCK,
+    q = layer.quantized()
+    nested = bnb.functional.QuantState(absmax=q.nested_absmax, code=dynamic_map().clone(), blocksize=NESTED_BLOCK,
                                        dtype=torch.float32)  # fmt: skip
     return bnb.functional.QuantState(absmax=layer.absmax.view(-1), shape=torch.Size([layer.out_features, layer.in_features]),
                                      code=code4(layer.quant_type).clone(), blocksize=layer.block_size,
-                                     quant_type=layer.quant_type, dtype=layer.dtype, offset=layer.offset, state2=nested)  # fmt: skip
+                                     quant_type=layer.quant_type, dtype=layer.dtype, offset=q.offset, state2=nested)  # fmt: skip
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

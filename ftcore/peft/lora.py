@@ -105,7 +105,8 @@ class LoraLinear(FrozenBase):
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base = (y if self.bias is None else y - self.bias).to(xa.dtype)  # W x
         else:
-            base = F.linear(xa, weight)  # W dropout(x), as PEFT
+            # W dropout(x), as PEFT; a quantized base's own matmul keeps no dequantized copy for backward
+            base = F.linear(xa, self.weight if self.quantized_base else weight)
         return y + ((scale - 1) * base + scale * lora * self.scaling).to(y.dtype)
 
     # -- merge ------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class PromptEncoder(nn.Module):
         if max(ids) >= vocab or min(ids) < 0:
             raise FtcoreError(f"peft.init_text: token id {max(ids)} is outside the model's vocabulary of {vocab}")
         idx = torch.tensor(ids, device=embed_tokens.weight.device)
-        self.embedding.weight.copy_(embed_tokens.weight[idx].float())
+        self.embedding.weight.copy_(embed_tokens(idx).float())  # the rows (a GGUF table: only these dequantized)
 
     @torch.no_grad()
     def init_sample_vocab(self, embed_tokens: nn.Embedding, generator: torch.Generator | None = None):

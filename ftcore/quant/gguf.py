@@ -132,7 +132,7 @@ def dequantize(blocks: torch.Tensor, ggml_type: int, cols: int, dtype: torch.dty
     if ggml_type in _FLOAT_VIEWS:
         x = blocks.contiguous().view(_FLOAT_VIEWS[ggml_type])  # [rows, cols]
         return x.to(torch.float32, copy=True).to(dtype)  # a copy, never a view of the storage (F32)
-    block, size = quants.block_layout(ggml_type)
+    _, size = quants.block_layout(ggml_type)
     decode, step = _DECODERS[ggml_type], max(1, _CHUNK // cols)
     if rows <= step:
         return decode(blocks.reshape(-1, size)).view(rows, cols).to(dtype)
@@ -192,7 +192,10 @@ class _RowChunkedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer: LinearGGUF, dtype):
         ctx.layer, ctx.dtype = layer, dtype
-        return torch.cat([F.linear(x, w) for _, w in layer.row_chunks(dtype)], dim=-1)
+        y = x.new_empty(*x.shape[:-1], layer.out_features)  # [..., out], filled a row block at a time
+        for i, w in layer.row_chunks(dtype):
+            y[..., i:i + w.shape[0]] = F.linear(x, w)
+        return y
 
     @staticmethod
     def backward(ctx, grad):

@@ -5,7 +5,7 @@ Storage (the tensors FSDP2 shards along dim 0, one row of the weight per row of 
     packed [out, in / 2] uint8      two 4-bit codes per byte
     absmax [out, in / block]        uint8 codes with double quantization; else the float32 absmax's bits as int32,
                                     so that FSDP2's mixed precision (which casts floating parameters) keeps them exact
-    nested_absmax [ceil(out * in / block / 256)] float32 and offset [] float32: buffers, small, unsharded
+    nested_absmax [ceil(out * in / block / 256)] and offset []: float32 as int32 bits, buffers, small, unsharded
 """
 
 from dataclasses import dataclass
@@ -37,8 +37,9 @@ class Linear4bit(QuantLinear):
         self.packed = nn.Parameter(q.packed.view(out_features, in_features // 2), requires_grad=False)
         absmax = q.absmax if q.double_quant else q.absmax.view(torch.int32)
         self.absmax = nn.Parameter(absmax.view(out_features, -1), requires_grad=False)
-        self.register_buffer("nested_absmax", q.nested_absmax)
-        self.register_buffer("offset", q.offset)
+        # float32 stored as int32 bits, as the absmax: a dtype cast of the model (model.to(torch.bfloat16)) leaves them
+        self.register_buffer("nested_absmax", None if q.nested_absmax is None else q.nested_absmax.view(torch.int32))
+        self.register_buffer("offset", None if q.offset is None else q.offset.view(torch.int32))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -57,11 +58,13 @@ class Linear4bit(QuantLinear):
 
     def quantized(self) -> Quantized4bit:
         """The weight as a Quantized4bit over this module's (possibly just gathered) tensors."""
-        absmax = self.absmax.reshape(-1)
-        absmax = absmax if self.nested_absmax is not None else absmax.view(torch.float32)
-        return Quantized4bit(self.packed.reshape(-1), absmax, (self.out_features, self.in_features),
-                             self.dtype, self.quant_type, self.block_size, self.nested_absmax,
-                             self.offset)  # fmt: skip
+        absmax, nested, offset = self.absmax.reshape(-1), self.nested_absmax, self.offset
+        if nested is None:
+            absmax = absmax.view(torch.float32)
+        else:
+            nested, offset = nested.view(torch.float32), offset.view(torch.float32)
+        return Quantized4bit(self.packed.reshape(-1), absmax, (self.out_features, self.in_features), self.dtype,
+                             self.quant_type, self.block_size, nested, offset)  # fmt: skip
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out, in] in `dtype` (default: the original weight's)."""

@@ -100,9 +100,10 @@ class QuantizedWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and isinstance(args[1], cls) and not isinstance(args[0], cls):
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return args[1].layer.matmul(args[0], bias)
+        if func is F.linear:
+            x, w, bias = (*args, *[kwargs.get(k) for k in ("input", "weight", "bias")[len(args):]])
+            if isinstance(w, cls) and not isinstance(x, cls):
+                return w.layer.matmul(x, bias)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -111,5 +112,10 @@ class QuantizedWeight(torch.Tensor):
         if func._schema.is_mutable:
             raise FtcoreError(f"{func.overloadpacket.__name__}: the base weight is quantized (model.quantize) and frozen; it cannot "
                               "be changed in place (merge by exporting: scripts/export.py dequantizes and merges)")  # fmt: skip
-        unwrap = lambda t: t.dequantized() if isinstance(t, cls) else t  # noqa: E731
-        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return cls(args[0].layer)  # `.detach()`, `.data`: still the view, so a write through them is refused too
+        return func(*tree_map(_dequantized, args), **tree_map(_dequantized, kwargs or {}))
+
+
+def _dequantized(t):
+    return t.dequantized() if isinstance(t, QuantizedWeight) else t
