@@ -160,11 +160,20 @@ class EvalConfig:
 class DistConfig:
     backend: str = "single"  # single | ddp | fsdp (launch ddp/fsdp with torchrun)
     timeout_minutes: int = 60  # how long ranks wait at a collective (e.g. while rank 0 evaluates alone)
+    # HSDP (dist=fsdp): N replicas of the model, each sharded over world / N ranks (e.g. N nodes, shard within a node)
+    replicate: int = 1
+    cpu_offload: bool = False  # dist=fsdp: sharded parameters, gradients and optimizer state on the host (FSDP2)
 
     def __post_init__(self):
         one_of("dist.backend", self.backend, BACKENDS)
         if self.timeout_minutes < 1:
             raise invalid("dist.timeout_minutes", self.timeout_minutes, ">= 1")
+        if self.replicate < 1:
+            raise invalid("dist.replicate", self.replicate, "a positive number of replicas")
+        for key, off in (("replicate", self.replicate == 1), ("cpu_offload", not self.cpu_offload)):
+            if not off and self.backend != "fsdp":
+                raise FtcoreError(f"dist.{key}={getattr(self, key)}: an FSDP2 setting; use dist=fsdp "
+                                  f"(dist.backend is {self.backend})")  # fmt: skip
 
 
 @dataclass

@@ -58,7 +58,10 @@ DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp
              "fsdp_loha": ("fsdp", "loha"), "fsdp_lokr": ("fsdp", "lokr"),
              "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora"), "fsdp_oft": ("fsdp", "oft"),
              "fsdp_lily": ("fsdp", "lily"), "fsdp_ptuning": ("fsdp", "ptuning"), "fsdp_boft": ("fsdp", "boft"),
-             "fsdp_qlora": ("fsdp", "qlora")}  # fmt: skip
+             "fsdp_qlora": ("fsdp", "qlora"), "hsdp_lora": ("fsdp", "lora"), "fsdp_lora_offload": ("fsdp", "lora")}  # fmt: skip
+# dist settings of a run beyond the backend: HSDP as 2 replicas of 1 shard each (the 2-D mesh's all-reduce across
+# replicas), and FSDP2's CPU offload policy
+DIST_OPTIONS = {"hsdp_lora": {"replicate": 2}, "fsdp_lora_offload": {"cpu_offload": True}}
 
 
 def single_cfg(tiny_dir, data_cache, run_dir, method, **extra):  # noqa: F811
@@ -110,7 +113,9 @@ def runs(tiny_dir, data_cache, tmp_path_factory):  # noqa: F811
     jobs = []
     for name, (backend, method) in DIST_RUNS.items():
         dirs[name] = root / name
-        jobs.append((dist_cfg(tiny_dir, data_cache, dirs[name], backend, method), None))
+        cfg = dist_cfg(tiny_dir, data_cache, dirs[name], backend, method)
+        cfg["dist"].update(DIST_OPTIONS.get(name, {}))
+        jobs.append((cfg, None))
     dirs["fsdp_lora_resumed"] = root / "fsdp_lora_resumed"
     resumed = dist_cfg(tiny_dir, data_cache, dirs["fsdp_lora_resumed"], "fsdp", "lora")
     jobs.append((resumed, 2))  # SIGTERM during step 3 -> checkpoint at step 3, stop
@@ -229,3 +234,13 @@ def test_dist_needs_torchrun(tiny_dir, data_cache, tmp_path, monkeypatch):  # no
         train(run_config(cfg))
     with pytest.raises(FtcoreError, match="train.precision=fp16 is not supported with dist=fsdp"):
         run_config({**cfg, "dist": {"backend": "fsdp"}, "train": {**cfg["train"], "precision": "fp16"}})
+    with pytest.raises(FtcoreError, match=r"^dist.replicate=2: an FSDP2 setting; use dist=fsdp \(dist.backend is ddp\)$"):
+        run_config({**cfg, "dist": {"backend": "ddp", "replicate": 2}})
+    with pytest.raises(FtcoreError, match=r"^dist.cpu_offload=True: an FSDP2 setting; use dist=fsdp"):
+        run_config({**cfg, "dist": {"cpu_offload": True}})
+    with pytest.raises(FtcoreError, match=r"^dist.replicate=0: expected a positive number of replicas"):
+        run_config({**cfg, "dist": {"backend": "fsdp", "replicate": 0}})
+    from ftcore.train.parallel import World, parallelize
+
+    with pytest.raises(FtcoreError, match=r"^dist.replicate=3 does not divide the world size 4: each replica needs"):
+        parallelize(torch.nn.Linear(2, 2), World("fsdp", 0, 4), replicate=3)

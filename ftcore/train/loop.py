@@ -203,7 +203,8 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    train_model = parallelize(model, world, cfg.train.precision)  # FSDP2 shards `model` in place; DDP wraps it
+    # FSDP2 shards `model` in place (HSDP with dist.replicate > 1); DDP wraps it
+    train_model = parallelize(model, world, cfg.train.precision, cfg.dist.replicate, cfg.dist.cpu_offload)
     if cfg.peft.method == "oft" and cfg.peft.coft:  # FSDP2: keep the stored shards projected (oft.project_shards)
         method_step = OftStep(model)
     sampler = Sampler(

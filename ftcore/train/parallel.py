@@ -134,26 +134,39 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, world: World, precision: str = "fp32") -> nn.Module:
+def parallelize(model: nn.Module, world: World, precision: str = "fp32", replicate: int = 1,
+                cpu_offload: bool = False) -> nn.Module:  # fmt: skip
     """What the train step calls: the model (single, or sharded in place by FSDP2) or its DDP wrapper.
 
     Apply PEFT, the float32 cast of trainable parameters and activation checkpointing first.
     FSDP2: one group per block, then the root (embeddings, final norm, lm_head, prefix/prompt
     encoders); with precision=bf16 the gathered parameters are bf16 and gradients reduce in fp32.
+    replicate > 1 (HSDP): a 2-D mesh [replicate, world / replicate]; each replica shards the model over its
+    row of ranks and gradients are reduce-scattered within it, then all-reduced across replicas.
+    cpu_offload: FSDP2's CPUOffloadPolicy (sharded parameters, gradients, optimizer state on the host).
     """
     if world.backend == "ddp":
         ids = [world.device.index] if world.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if world.backend == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(world.device.type, (world.size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
-                                  reduce_dtype=torch.float32)  # fmt: skip
+        if world.size % replicate:
+            raise FtcoreError(f"dist.replicate={replicate} does not divide the world size {world.size}: each replica "
+                              "needs the same number of ranks")  # fmt: skip
+        if replicate > 1:
+            mesh = init_device_mesh(world.device.type, (replicate, world.size // replicate),
+                                    mesh_dim_names=("replicate", "shard"))  # fmt: skip
+        else:
+            mesh = init_device_mesh(world.device.type, (world.size,))
+        options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if precision == "bf16" else None, reduce_dtype=torch.float32))
+        if cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
         for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(block, **options)
+        fully_shard(model, **options)
     return model
 
 
