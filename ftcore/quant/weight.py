@@ -102,8 +102,8 @@ class QuantizedWeight(torch.Tensor):
         kwargs = kwargs or {}
         if func is F.linear:
             x, w, bias = (*args, *[kwargs.get(k) for k in ("input", "weight", "bias")[len(args):]])
-            if isinstance(w, cls) and not isinstance(x, cls):
-                return w.layer.matmul(x, bias)
+            if isinstance(w, cls) and not isinstance(x, cls) and isinstance(w.layer, QuantLinear):
+                return w.layer.matmul(x, bias)  # (a GGUF embedding's table takes the dequantizing path below)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
