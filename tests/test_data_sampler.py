@@ -30,7 +30,7 @@ def test_deterministic_and_epochs_differ():
     assert len(ea[0]) == len(a) == 103 // 4
     used = [i for batch in ea[0] for i in batch]
     assert len(used) == len(set(used)) == 100  # the 3 left over sit out this epoch
-    assert a.state_dict() == {"epoch": 2, "seed": 1, "position": 0}
+    assert a.state_dict() == {"epoch": 2, "seed": 1, "position": 0, "split": [4, 1, 1]}
     assert epochs(Sampler(LENGTHS, 4, seed=2), 1) != ea[:1]
 
 
@@ -43,7 +43,7 @@ def test_resume_continues_on_the_exact_next_batch(bucketing):
     epochs(run, 1)
     got = take(run, 10)  # stop 10 micro-batches into epoch 1 ...
     state = run.state_dict()
-    assert state == {"epoch": 1, "seed": 5, "position": 40}
+    assert state == {"epoch": 1, "seed": 5, "position": 40, "split": [4, 2, 1]}
     resumed = Sampler(LENGTHS, 4, **{**kw, "seed": 0})  # ... and resume in a fresh process
     resumed.load_state_dict(state)
     got += [b for b in resumed]
@@ -79,9 +79,26 @@ def test_rank_states_resume_in_lockstep():
     ranks = [Sampler(LENGTHS, 4, world_size=2, rank=r) for r in range(2)]
     for r in ranks:
         take(r, 3)
-    assert ranks[0].state_dict() == ranks[1].state_dict() == {"epoch": 0, "seed": 0, "position": 24}
-    with pytest.raises(FtcoreError, match="not a multiple of batch_size x world size"):
+    assert ranks[0].state_dict() == ranks[1].state_dict() == {"epoch": 0, "seed": 0, "position": 24, "split": [4, 1, 2]}
+    with pytest.raises(FtcoreError, match=r"^sampler: the saved run's global batch is 4 x 1 x 2 = 8 \(train.batch_size x "
+                                          r"train.grad_accum x processes\), this run's 5 x 1 x 1 = 5; resume with the same "
+                                          r"global batch$"):  # fmt: skip
         Sampler(LENGTHS, 5).load_state_dict(ranks[0].state_dict())
+    old = {"epoch": 0, "seed": 0, "position": 24}  # a checkpoint from before the split was saved
+    with pytest.raises(FtcoreError, match="not a multiple of batch_size x world size"):
+        Sampler(LENGTHS, 5).load_state_dict(old)
+
+
+def test_the_same_global_batch_split_another_way_resumes():
+    """The order depends on the global batch only: 2 ranks x accumulation 1 -> 1 rank x accumulation 2 continues with
+    the same examples per step."""
+    ranks = [Sampler(LENGTHS, 4, world_size=2, rank=r, seed=2) for r in range(2)]
+    for r in ranks:
+        take(r, 3)
+    one = Sampler(LENGTHS, 4, grad_accum=2, seed=2)
+    one.load_state_dict(ranks[0].state_dict())
+    after = [take(r, 2) for r in ranks]
+    assert sorted(i for b in take(one, 4) for i in b) == sorted(i for s in after for b in s for i in b)
 
 
 def test_bucketing_groups_similar_lengths():

@@ -15,7 +15,7 @@ import torch
 import ftcore.train.loop
 import ftcore.train.step
 from ftcore.config import run_config
-from ftcore.errors import NonFiniteLoss
+from ftcore.errors import FtcoreError, NonFiniteLoss
 from ftcore.formats.hf import save_pretrained
 from ftcore.formats.safetensors import SafetensorsFile
 from ftcore.model import ModelConfig, Transformer
@@ -84,6 +84,18 @@ RESUMED = {"lora": {}, "ptuning_lstm": {"peft__method": "ptuning", "peft__num_vi
                                         "peft__encoder_reparameterization_type": "LSTM", "peft__encoder_hidden_size": 8,
                                         "peft__encoder_dropout": 0.1},
            "qlora": {"model__quantize": "nf4"}}  # LoRA (dropout 0.1) over an NF4 base, quantized again on resume  # fmt: skip
+
+
+def test_resume_with_another_global_batch_fails_in_one_line(tiny_dir, data_cache, tmp_path):
+    """The data order depends on the global batch: resuming with another one would not continue the run."""
+    options = dict(eval__baseline=False, train__max_steps=4, train__eval_every=2, train__batch_size=4)
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path, **options)))
+    more = {**options, "train__max_steps": 6, "train__resume": "auto", "train__batch_size": 2}
+    with pytest.raises(FtcoreError, match=r"^sampler: the saved run's global batch is 4 x 1 x 1 = 4 .*, this run's "
+                                          r"2 x 1 x 1 = 2; resume with the same global batch$"):  # fmt: skip
+        train(run_config(tiny_run(tiny_dir, data_cache, tmp_path, **more)))
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path, **{**more, "train__batch_size": 2, "train__grad_accum": 2})))
+    assert [e["step"] for e in read_metrics(tmp_path) if "loss" in e] == list(range(1, 7))  # 2 x 2 = 4: it continues
 
 
 @pytest.mark.parametrize("method", list(RESUMED))

@@ -7,8 +7,9 @@ shuffled. Global micro-batch m is order[m*B : (m+1)*B]; rank r's j-th micro-batc
 after j micro-steps on every rank exactly the first j*W*B examples of the order are used, and each
 optimizer step covers the same G examples for any split of G into ranks and accumulation steps.
 
-State (epoch, seed, position): position counts the examples of this epoch's order already handed
-out on all ranks together; state_dict() taken after a step resumes on the exact next batch.
+State (epoch, seed, position, split): position counts the examples of this epoch's order already handed
+out on all ranks together; state_dict() taken after a step resumes on the exact next batch. split is the
+saved run's [batch_size, grad_accum, world_size]: a resume with another global batch is refused in one line.
 """
 
 import numpy as np
@@ -23,7 +24,7 @@ class Sampler:
         if not 0 <= rank < world_size:
             raise FtcoreError(f"rank {rank} is outside world_size {world_size}")
         self.lengths = list(lengths)
-        self.B, self.W, self.rank = batch_size, world_size, rank
+        self.B, self.A, self.W, self.rank = batch_size, grad_accum, world_size, rank
         self.global_batch = batch_size * grad_accum * world_size
         if len(self.lengths) < self.global_batch:
             raise FtcoreError(
@@ -66,9 +67,15 @@ class Sampler:
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "seed": self.seed, "position": self.position}
+        return {"epoch": self.epoch, "seed": self.seed, "position": self.position,
+                "split": [self.B, self.A, self.W]}  # fmt: skip
 
     def load_state_dict(self, state: dict):
+        (b, a, w), G = state.get("split", (self.B, self.A, self.W)), self.global_batch
+        if b * a * w != G:  # the order depends on the global batch: another one would not continue this run
+            raise FtcoreError(f"sampler: the saved run's global batch is {b} x {a} x {w} = {b * a * w} (train.batch_size "
+                              f"x train.grad_accum x processes), this run's {self.B} x {self.A} x {self.W} = {G}; "
+                              "resume with the same global batch")  # fmt: skip
         if state["position"] % (self.B * self.W):
             raise FtcoreError(
                 f"sampler position {state['position']} is not a multiple of batch_size x world size "
