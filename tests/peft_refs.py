@@ -5,6 +5,8 @@ import json
 
 import torch
 
+from ftcore.model import ModelConfig
+
 VOCAB = 97
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -196,6 +198,23 @@ def randomize_(params, seed: int = 0, std: float = 0.3):
             p.mul_(1 + std * noise)
         else:
             p.copy_(std * noise)
+
+
+# SmolLM2-135M's shape, for the budget tests (no weights)
+SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                      num_kv_heads=3, tie_word_embeddings=True)  # fmt: skip
+
+
+def save_both(ref, path, spec: str, tmp_path):
+    """A new adapter of `spec` saved by PEFT (over the transformers model `ref`) to tmp_path/peft and by ftcore (over
+    the same checkpoint at `path`) to tmp_path/ours."""
+    import peft
+
+    from ftcore.formats.hf import load_model
+    from ftcore.peft import apply, save_adapter
+
+    peft.get_peft_model(copy.deepcopy(ref), peft_config(spec)).save_pretrained(tmp_path / "peft")
+    save_adapter(apply(load_model(path), our_config(spec)), tmp_path / "ours")
 
 
 def adapter_configs(tmp_path) -> tuple[dict, dict]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft_refs import SMOLLM2
 from test_train import ROOT, data_cache, tiny_dir, tiny_run  # noqa: F401  (fixtures)
 
 import ftcore.compare.config
@@ -28,8 +29,6 @@ from ftcore.eval.evaluate import headline
 from ftcore.model import ModelConfig, Transformer
 from ftcore.train.log import read_metrics
 
-SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                      num_kv_heads=3, tie_word_embeddings=True)  # fmt: skip
 TINY = ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                    tie_word_embeddings=True)  # fmt: skip
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -12,14 +12,14 @@ import warnings
 
 import pytest
 import torch
-from peft_refs import SPECS, adapter_configs, our_config, peft_config, randomize_, use_fbd_standin
+from peft_refs import SMOLLM2, SPECS, adapter_configs, randomize_, save_both, use_fbd_standin
 
 from ftcore.compare import count_trainable, solve_budget
 from ftcore.config import run_config
 from ftcore.errors import FtcoreError
 from ftcore.formats.hf import load_model
 from ftcore.model import ModelConfig, Transformer
-from ftcore.peft import PeftConfig, apply, count_parameters, load_adapter, merge_and_unload, save_adapter
+from ftcore.peft import PeftConfig, apply, count_parameters, load_adapter, merge_and_unload
 from ftcore.peft.boft import BoftLinear, block_layout
 from ftcore.peft.io import config_from_peft
 
@@ -122,8 +122,7 @@ def test_no_dropout_draws_nothing_in_training_mode(hf_checkpoint):
 def test_adapter_config_is_peft_s(hf_checkpoint, tmp_path, spec):
     """adapter_config.json has PEFT's keys and values (but the bookkeeping PEFT adds itself)."""
     path, ref = hf_checkpoint("llama_gqa_llama3")
-    peft.get_peft_model(copy.deepcopy(ref), peft_config(spec)).save_pretrained(tmp_path / "peft")
-    save_adapter(apply(load_model(path), our_config(spec)), tmp_path / "ours")
+    save_both(ref, path, spec, tmp_path)
     theirs, ours = adapter_configs(tmp_path)
     assert ours == theirs
     # the same tensors under the same names and shapes (boft_P is not saved by either); PEFT also saves a targeted
@@ -243,10 +242,6 @@ def test_cuda_graph_refuses_block_dropout():
         run_config({"data": {"static_shape": True}, "train": {"cuda_graph": True},
                     "peft": {"method": "boft", "boft_dropout": 0.1}})  # fmt: skip
     run_config({"data": {"static_shape": True}, "train": {"cuda_graph": True}, "peft": {"method": "boft"}})
-
-
-SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                      num_kv_heads=3, tie_word_embeddings=True)  # fmt: skip
 
 
 def test_budget_solving():

@@ -7,13 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from peft_refs import SPECS, adapter_configs, our_config, peft_config, randomize_
+from peft_refs import SMOLLM2, SPECS, adapter_configs, our_config, peft_config, randomize_, save_both
 
 from ftcore.compare import count_trainable, solve_budget
 from ftcore.errors import FtcoreError
 from ftcore.formats.hf import load_model
-from ftcore.model import ModelConfig
-from ftcore.peft import PeftConfig, adapter_state, apply, merge, save_adapter, unmerge
+from ftcore.peft import PeftConfig, adapter_state, apply, merge, unmerge
 from ftcore.peft.io import config_from_peft
 
 peft = pytest.importorskip("peft")
@@ -82,8 +81,7 @@ def test_merged_weight_is_peft_s_product(hf_checkpoint, apply_gs, r):
 def test_adapter_config_is_peft_s(hf_checkpoint, tmp_path, spec):
     """adapter_config.json has PEFT's keys and values (but the bookkeeping PEFT adds itself)."""
     path, ref = hf_checkpoint("llama_gqa_llama3")
-    peft.get_peft_model(copy.deepcopy(ref), peft_config(spec)).save_pretrained(tmp_path / "peft")
-    save_adapter(apply(load_model(path), our_config(spec)), tmp_path / "ours")
+    save_both(ref, path, spec, tmp_path)
     theirs, ours = adapter_configs(tmp_path)
     assert ours == theirs
 
@@ -114,10 +112,6 @@ def test_peft_config_both_ways(tmp_path):
         with pytest.raises(FtcoreError) as e:
             config_from_peft({"peft_type": "HRA", "r": 4, "target_modules": ["q_proj"], **change}, where)
         assert str(e.value).startswith(f"{where}: {message}"), str(e.value)
-
-
-SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                      num_kv_heads=3, tie_word_embeddings=True)  # fmt: skip
 
 
 def test_budget_knob_is_r():

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from peft_refs import ALL_LINEAR, SPECS, adapter_configs, our_config, peft_config, randomize_
+from peft_refs import ALL_LINEAR, SMOLLM2, SPECS, adapter_configs, peft_config, randomize_, save_both
 
 from ftcore.compare import count_trainable, solve_budget
 from ftcore.errors import FtcoreError
@@ -133,8 +133,7 @@ def test_coft_training_steps_equal_peft(hf_checkpoint, tmp_path):
 def test_adapter_config_is_peft_s(hf_checkpoint, tmp_path, spec):
     """adapter_config.json has PEFT's keys and values (but the bookkeeping PEFT adds itself)."""
     path, ref = hf_checkpoint("llama_gqa_llama3")
-    peft.get_peft_model(copy.deepcopy(ref), peft_config(spec)).save_pretrained(tmp_path / "peft")
-    save_adapter(apply(load_model(path), our_config(spec)), tmp_path / "ours")
+    save_both(ref, path, spec, tmp_path)
     versions = [json.loads((tmp_path / d / "adapter_config.json").read_text())["peft_version"] for d in ("peft", "ours")]
     assert versions == ["0.21.2", "0.21.2"]
     theirs, ours = adapter_configs(tmp_path)
@@ -199,10 +198,6 @@ def test_peft_defaults_when_keys_are_absent(tmp_path):
     cfg = config_from_peft({"peft_type": "OFT", "oft_block_size": 4, "target_modules": ["q_proj"]}, tmp_path / "a")
     assert (cfg.r, cfg.coft, cfg.eps, cfg.block_share, cfg.use_cayley_neumann, cfg.num_cayley_neumann_terms) == (
         0, False, 6e-5, False, True, 5)
-
-
-SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                      num_kv_heads=3, tie_word_embeddings=True)  # fmt: skip
 
 
 def test_budget_solving():

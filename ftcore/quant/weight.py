@@ -34,9 +34,6 @@ class QuantStorage(nn.Module):
     out_features: int
     dtype: torch.dtype  # the original weight's: what dequantized() and an export give by default
 
-    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
     @property
     def weight(self) -> "QuantizedWeight":
         return QuantizedWeight(self)
