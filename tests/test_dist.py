@@ -62,6 +62,8 @@ DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp
 # dist settings of a run beyond the backend: HSDP as 2 replicas of 1 shard each (the 2-D mesh's all-reduce across
 # replicas), and FSDP2's CPU offload policy
 DIST_OPTIONS = {"hsdp_lora": {"replicate": 2}, "fsdp_lora_offload": {"cpu_offload": True}}
+# methods resumed across world sizes: a run checkpointed by 1 process continues on 2, and one by 2 on 1
+RESHARDED = ("lora", "full")
 
 
 def single_cfg(tiny_dir, data_cache, run_dir, method, **extra):  # noqa: F811
@@ -120,8 +122,20 @@ def runs(tiny_dir, data_cache, tmp_path_factory):  # noqa: F811
     resumed = dist_cfg(tiny_dir, data_cache, dirs["fsdp_lora_resumed"], "fsdp", "lora")
     jobs.append((resumed, 2))  # SIGTERM during step 3 -> checkpoint at step 3, stop
     jobs.append(({**resumed, "train": {**resumed["train"], "resume": "auto"}}, None))
+    for method in RESHARDED:  # 1 -> 2 processes: the 1-process run's step-3 checkpoint, resumed by 2
+        dirs[f"fsdp_{method}_from_single"] = root / f"fsdp_{method}_from_single"
+        cfg = dist_cfg(tiny_dir, data_cache, dirs[f"fsdp_{method}_from_single"], "fsdp", method)
+        jobs.append(({**cfg, "train": {**cfg["train"], "resume": str(step_3(dirs[f"single_{method}"]))}}, None))
     mp.spawn(worker, args=(2, str(root / "rendezvous"), jobs), nprocs=2, join=True)
+    for method in RESHARDED:  # 2 -> 1: the 2-process run's sharded step-3 checkpoint, resumed by 1
+        dirs[f"single_{method}_from_fsdp"] = root / f"single_{method}_from_fsdp"
+        cfg = single_cfg(tiny_dir, data_cache, dirs[f"single_{method}_from_fsdp"], method)
+        train(run_config({**cfg, "train": {**cfg["train"], "resume": str(step_3(dirs[f"fsdp_{method}"]))}}))
     return dirs
+
+
+def step_3(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "step_00000003"
 
 
 def curve(run_dir, key):
@@ -244,3 +258,23 @@ def test_dist_needs_torchrun(tiny_dir, data_cache, tmp_path, monkeypatch):  # no
 
     with pytest.raises(FtcoreError, match=r"^dist.replicate=3 does not divide the world size 4: each replica needs"):
         parallelize(torch.nn.Linear(2, 2), World("fsdp", 0, 4), replicate=3)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("method", RESHARDED)
+@pytest.mark.parametrize("direction", ["1->2", "2->1"])
+def test_resume_on_another_world_size_continues_the_curve(runs, method, direction):
+    """A checkpoint resumed with another number of processes (same global batch): DCP reshards the trainable
+    parameters and the optimizer state (or a 1-process checkpoint is sent to the shards), the sampler continues the
+    same global order, so steps 4-6 are the uninterrupted run's."""
+    resumed = runs[f"fsdp_{method}_from_single" if direction == "1->2" else f"single_{method}_from_fsdp"]
+    straight = runs[f"single_{method}"]
+    assert [e["step"] for e in read_metrics(resumed) if "loss" in e] == [4, 5, 6]
+    for key in ("loss", "val_loss"):
+        after = [e[key] for e in read_metrics(straight) if key in e and e["step"] > 3]
+        diff = max_diff(curve(resumed, key), after)
+        print(f"{method} {direction} {key}: max abs diff {diff:.2e}")
+        assert diff < TOL, key
+    single, got = final_tensors(straight), final_tensors(resumed)
+    assert got.keys() == single.keys()
+    assert max(float((got[k].float() - single[k].float()).abs().max()) for k in got) < {"full": 1e-4}.get(method, TOL)

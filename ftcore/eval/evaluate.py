@@ -48,8 +48,13 @@ def headline(task, scores: dict) -> float:
 
 
 @torch.no_grad()
-def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, device) -> dict:
-    """Generate an answer for every example (greedy, batched, KV cache) and score it."""
+def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, device, world=None) -> dict:
+    """Generate an answer for every example (greedy, batched, KV cache) and score it.
+
+    world (a distributed World): every rank calls this together and generates a share of the batches (rank r
+    batches r, r + W, ...) on its model, whole (DDP) or sharded (FSDP2: all ranks step each forward together);
+    the answers are gathered and every rank returns the same result.
+    """
     task = get_task(data_cfg)
     if eval_cfg.max_examples:
         examples = examples[: eval_cfg.max_examples]
@@ -63,10 +68,18 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
     outputs = []
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
     max_new = eval_cfg.max_new_tokens or task.max_new_tokens
-    for start in range(0, len(order), eval_cfg.batch_size):
-        idx = order[start : start + eval_cfg.batch_size]
-        new = generate(model, [prompts[i] for i in idx], max_new, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
-        outputs += list(zip(idx, new))
+    batches = [order[start : start + eval_cfg.batch_size] for start in range(0, len(order), eval_cfg.batch_size)]
+    rank, size = (world.rank, world.size) if world is not None and world.distributed else (0, 1)
+    mine = batches[rank::size]
+    for i in range(-(-len(batches) // size)):
+        # FSDP2 needs the same forwards on every rank: a rank out of batches re-runs batch 0, its answers dropped
+        idx = mine[i] if i < len(mine) else batches[0]
+        new = generate(model, [prompts[j] for j in idx], max_new, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                       all_done=world.all if size > 1 else None)  # fmt: skip
+        if i < len(mine):
+            outputs += list(zip(idx, new))
+    if size > 1:
+        outputs = [pair for part in world.gather(outputs) for pair in part]
     model.train(was_training)
     texts = [""] * len(prompts)
     for i, new in outputs:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ftcore.errors import FtcoreError
-from ftcore.formats.safetensors import SafetensorsFile, save_safetensors
+from ftcore.formats.safetensors import SafetensorsFile, StreamedSafetensors
 from ftcore.model import ModelConfig, Transformer
 from ftcore.quant.gguf import not_a_gguf_file
 from ftcore.quant.linear import Linear4bit, QuantSpec
@@ -274,33 +274,49 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", quant: Q
     return load_model(model_dir, dtype, device, quant), Tokenizer.from_dir(model_dir)
 
 
-def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 4 << 30):
-    """Write config.json and (sharded) model.safetensors in HF layout, atomically as a directory."""
+def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes: int = 4 << 30,
+                    whole=None, writer: bool = True):  # fmt: skip
+    """Write config.json and (sharded) model.safetensors in HF layout, atomically as a directory.
+
+    Tensors are written one at a time. A sharded model: every rank calls this together with `whole` (a
+    parameter -> its whole tensor, a collective, e.g. parallel.whole_tensor) and `writer` true on one rank
+    only, which then holds one whole tensor at a time, never the model.
+    """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    hf = dict(getattr(model, "hf_config", None) or config_to_hf(model.cfg))
-    sd = {hf_name(n): p for n, p in model.named_parameters(remove_duplicate=True)}
-    dtype = next(iter(sd.values())).dtype
-    hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    params = {hf_name(n): p for n, p in model.named_parameters(remove_duplicate=True)}
     shards, cur, size = [], {}, 0
-    for name, t in sd.items():
-        if cur and size + t.numel() * t.element_size() > max_shard_bytes:
+    for name, p in params.items():
+        nbytes = p.numel() * p.element_size()
+        if cur and size + nbytes > max_shard_bytes:
             shards.append(cur)
             cur, size = {}, 0
-        cur[name] = t
-        size += t.numel() * t.element_size()
+        cur[name] = p
+        size += nbytes
     shards.append(cur)
-    if len(shards) == 1:
-        save_safetensors(shards[0], tmp / "model.safetensors")
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_safetensors(shard, tmp / fname)
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in sd.values())
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]  # fmt: skip
+    tmp = None
+    if writer:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        hf = dict(getattr(model, "hf_config", None) or config_to_hf(model.cfg))
+        hf["torch_dtype"] = hf["dtype"] = str(next(iter(params.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for fname, shard in zip(names, shards):
+        specs = {k: (tuple(p.shape), p.dtype) for k, p in shard.items()}  # a DTensor's shape is the whole one's
+        out = StreamedSafetensors(tmp / fname, specs) if writer else None
+        for name, p in shard.items():
+            t = p.detach() if whole is None else whole(p)
+            if out is not None:
+                out.write(name, t)
+            del t
+        if out is not None:
+            out.close()
+    if not writer:
+        return out_dir
+    if len(shards) > 1:
+        total = sum(p.numel() * p.element_size() for p in params.values())
+        weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:

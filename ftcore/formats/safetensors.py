@@ -1,4 +1,4 @@
-"""Memory-mapped safetensors reading with one-line errors, and atomic writing.
+"""Memory-mapped safetensors reading with one-line errors, and atomic writing (whole, or streamed tensor by tensor).
 
 We parse the 8-byte header length and JSON header ourselves so that a truncated or malformed
 file names the file and tensor, and so that tensors are zero-copy views of a private mmap
@@ -117,3 +117,58 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, path)
+
+
+CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+class StreamedSafetensors:
+    """A safetensors file written one tensor at a time, in the order of `specs` ({name: (shape, dtype)}), so that
+    only the tensor being written need be in memory; atomic: the file appears at `path` on close() only.
+
+        with StreamedSafetensors(path, {"w": ((2, 3), torch.float32)}) as out:
+            out.write("w", w)
+    """
+
+    def __init__(self, path, specs: dict, metadata: dict | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+        for name, (shape, dtype) in specs.items():
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+        self.specs, self.order = specs, iter(specs)
+        self.f = open(self.tmp, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, t: torch.Tensor):
+        expected = next(self.order, None)
+        shape, dtype = self.specs.get(expected, (None, None))
+        if name != expected or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise ValueError(f"{self.path}: tensor {name!r} {list(t.shape)} {t.dtype}: expected {expected!r} "
+                             f"{list(shape or [])} {dtype}")  # fmt: skip
+        if t.numel():
+            self.f.write(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
+
+    def close(self):
+        missing = next(self.order, None)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        if missing is not None:
+            os.unlink(self.tmp)
+            raise ValueError(f"{self.path}: tensor {missing!r} was never written")
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.f.close()
+            self.tmp.unlink(missing_ok=True)

@@ -46,20 +46,22 @@ def generate(
     pad_id: int = 0,
     seed: int | None = None,
     use_cache: bool = True,
+    all_done=None,
 ) -> list[list[int]]:
     """New tokens for each prompt, cut before the first stop token.
 
     use_cache=False recomputes the whole sequence every step (the reference the cache is tested against).
+    all_done: for a model sharded over ranks (FSDP2), which must all run each forward: a collective that is
+    true once every rank's rows are finished (World.all); decoding stops together.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
     device = model.embed_tokens.weight.device
-    dtype = model.embed_tokens.weight.dtype
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     tokens, mask = left_pad(prompts, pad_id, device)
     B, L = tokens.shape
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    cache = KVCache(model.cfg, B, L + max_new_tokens + model_extra_tokens(model), dtype, device) if use_cache else None
+    cache = KVCache(model.cfg, B, L + max_new_tokens + model_extra_tokens(model), None, device) if use_cache else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
@@ -69,7 +71,8 @@ def generate(
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)
         finished |= torch.isin(nxt, stop)
-        if finished.all() or step == max_new_tokens - 1:
+        done = bool(finished.all())
+        if (done if all_done is None else all_done(done)) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)

@@ -17,6 +17,8 @@ Multi-process runs (dist=ddp|fsdp) write a sharded checkpoint with torch.distrib
   state.pt               as above, minus the optimizer and RNG, plus the world size
 All ranks write into `.tmp_step_N/` and hash a share of its files; rank 0 writes the manifest and renames
 the directory into place.
+Either format resumes with any number of processes: DCP reshards a sharded checkpoint (or joins it for one
+process), and a single-process checkpoint is sent to the ranks' shards tensor by tensor.
 """
 
 import hashlib
@@ -262,33 +264,40 @@ def remove_unfinished(ckpt_root):
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load(ckpt_dir, model: torch.nn.Module) -> dict:
-    """Copy the saved trainable parameters into `model`, restore RNG states; return the saved state."""
+def load(ckpt_dir, model: torch.nn.Module, optimizer=None) -> dict:
+    """One process: the saved trainable parameters (and optimizer state) into `model`, the RNG states restored;
+    return the saved state. A sharded checkpoint (any world size) loads too, DCP joining its shards."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "state.pt").is_file():
         raise FtcoreError(f"{ckpt_dir}: not a checkpoint (no state.pt)")
     if is_sharded(ckpt_dir):
-        n = load_torch(ckpt_dir / "state.pt").get("world_size")
-        raise FtcoreError(f"{ckpt_dir}: a sharded checkpoint of a {n}-process run; resume it with "
-                          f"torchrun --nproc_per_node={n} ... dist=fsdp (or ddp)")  # fmt: skip
+        return _load_dcp(ckpt_dir, model, optimizer, rank=0, distributed=False)
     state = load_torch(ckpt_dir / "state.pt")
+    st = _trainable_file(ckpt_dir, model)
     params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in st.names():
+            params[name].copy_(st.get(name))
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def _trainable_file(ckpt_dir: Path, model: torch.nn.Module) -> SafetensorsFile:
+    """trainable.safetensors, checked against the model's trainable parameters (names and whole shapes)."""
     if not (ckpt_dir / "trainable.safetensors").is_file():
         raise FtcoreError(f"{ckpt_dir / 'trainable.safetensors'}: missing (the checkpoint is incomplete)")
     st = SafetensorsFile(ckpt_dir / "trainable.safetensors")
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    if set(st.names()) != trainable:
-        diff = sorted(set(st.names()) ^ trainable)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(st.names()) != set(trainable):
+        diff = sorted(set(st.names()) ^ set(trainable))
         raise FtcoreError(f"{ckpt_dir}: trainable parameters differ from the model's, e.g. {diff[0]!r}")
-    with torch.no_grad():
-        for name in st.names():
-            if st.shape(name) != tuple(params[name].shape):
-                raise FtcoreError(
-                    f"{ckpt_dir}: tensor {name!r} has shape {list(st.shape(name))}, model has {list(params[name].shape)}"
-                )
-            params[name].copy_(st.get(name))
-    set_rng_state(state["rng"])
-    return state
+    for name in st.names():  # a DTensor's shape is the whole parameter's
+        if st.shape(name) != tuple(trainable[name].shape):
+            raise FtcoreError(f"{ckpt_dir}: tensor {name!r} has shape {list(st.shape(name))}, model has "
+                              f"{list(trainable[name].shape)}")  # fmt: skip
+    return st
 
 
 # --- sharded checkpoints (dist=ddp|fsdp): every rank calls these together ---
@@ -348,25 +357,32 @@ def save_sharded(ckpt_root, step: int, model: torch.nn.Module, optimizer, state:
 
 
 def load_sharded(ckpt_dir, model: torch.nn.Module, optimizer=None) -> dict:
-    """Load a sharded checkpoint into the (sharded) model and optimizer on every rank; restore this
-    rank's RNG states; return rank 0's saved state (state.pt)."""
+    """Every rank together: a checkpoint into the (sharded) model and optimizer; return rank 0's saved state.
+
+    A sharded checkpoint may come from another world size: DCP reads each rank's slices from the saved shards
+    (resharding). A single-process checkpoint is read by rank 0 and sent tensor by tensor, each rank keeping its
+    shards. Each rank restores its own saved RNG states where the checkpoint has them (same or larger world).
+    """
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "state.pt").is_file():
         raise FtcoreError(f"{ckpt_dir}: not a checkpoint (no state.pt)")
-    if not is_sharded(ckpt_dir):
-        raise FtcoreError(f"{ckpt_dir}: a single-process checkpoint; resume it with dist=single (plain python)")
+    if is_sharded(ckpt_dir):
+        return _load_dcp(ckpt_dir, model, optimizer, dist.get_rank(), distributed=True)
+    return _load_whole_into_shards(ckpt_dir, model, optimizer, dist.get_rank())
+
+
+def _load_dcp(ckpt_dir: Path, model, optimizer, rank: int, distributed: bool) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
     state = load_torch(ckpt_dir / "state.pt")
-    world = dist.get_world_size()
-    if state["world_size"] != world:
-        raise FtcoreError(f"{ckpt_dir}: written by {state['world_size']} processes, resumed with {world}; "
-                          f"use torchrun --nproc_per_node={state['world_size']} (and the same batch settings)")  # fmt: skip
     to_load = _dcp_state(model, optimizer)
     try:
-        dcp.load(to_load, checkpoint_id=ckpt_dir / "dcp")
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes so
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(to_load, checkpoint_id=ckpt_dir / "dcp", no_dist=not distributed)
     except Exception as e:  # noqa: BLE001 - DCP reports missing keys/shapes in long multi-rank messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FtcoreError(f"{ckpt_dir}: cannot load into this model ({first[:300]})") from None
@@ -377,5 +393,44 @@ def load_sharded(ckpt_dir, model: torch.nn.Module, optimizer=None) -> dict:
     else:
         set_state_dict(model, [optimizer], model_state_dict=to_load["model"], optim_state_dict=to_load["optimizer"],
                        options=options)  # fmt: skip
-    set_rng_state(load_torch(ckpt_dir / f"rng_rank{dist.get_rank()}.pt"))
+    if (ckpt_dir / f"rng_rank{rank}.pt").is_file():
+        set_rng_state(load_torch(ckpt_dir / f"rng_rank{rank}.pt"))
     return state
+
+
+def _load_whole_into_shards(ckpt_dir: Path, model, optimizer, rank: int) -> dict:
+    """A single-process checkpoint into a sharded model: rank 0 reads it, set_state_dict sends each tensor."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    st = _trainable_file(ckpt_dir, model)  # every rank checks names and shapes, so all fail together
+    model_sd, optim_sd, state = {}, {}, None
+    if rank == 0:
+        state = load_torch(ckpt_dir / "state.pt")
+        model_sd = {name: st.get(name) for name in st.names()}
+        if optimizer is not None:
+            optim_sd = _optimizer_by_name(state.pop("optimizer"), model, optimizer)
+        set_rng_state(state["rng"])
+    box = [state]
+    dist.broadcast_object_list(box, src=0)  # the sampler and loop state, small
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, ignore_frozen_params=True,
+                               strict=False)  # fmt: skip
+    # separately: set_state_dict would take the other ranks' empty model dict for "optimizer only"
+    set_model_state_dict(model, model_sd, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, [optimizer], optim_sd, options=options)
+    return box[0]
+
+
+def _optimizer_by_name(saved: dict, model: torch.nn.Module, optimizer) -> dict:
+    """A torch optimizer state dict (parameters by position) keyed by parameter name instead, as DCP's is.
+    Positions follow the optimizer's groups, which build_optimizer fills in the same order at any world size."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups, i = [], 0
+    for group in saved["param_groups"]:
+        groups.append({**group, "params": order[i : i + len(group["params"])]})
+        i += len(group["params"])
+    if i != len(order):
+        raise FtcoreError(f"the checkpoint's optimizer has {i} parameters, this run's {len(order)}")
+    return {"state": {order[k]: v for k, v in saved["state"].items()}, "param_groups": groups}

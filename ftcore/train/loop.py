@@ -40,7 +40,14 @@ from ftcore.train import checkpoint
 from ftcore.train.flops import peak_flops, train_flops_per_token
 from ftcore.train.log import RunLogger, read_metrics, rewrite_metrics
 from ftcore.train.optim import build_optimizer, lr_at, set_lr
-from ftcore.train.parallel import World, enable_activation_checkpointing, gather_model, init_distributed, parallelize
+from ftcore.train.parallel import (
+    World,
+    enable_activation_checkpointing,
+    gather_model,
+    init_distributed,
+    parallelize,
+    whole_tensor,
+)
 from ftcore.train.run_info import write_run_info
 from ftcore.train.step import EagerStep, GraphedStep, autocast, set_fast_paths
 
@@ -221,11 +228,15 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
 
 def resume(run: Run, trainer: Trainer, path: Path):
     """Trainable parameters, optimizer, scaler, sampler, RNG and loop counters from a checkpoint."""
-    if run.world.distributed:
+    world = run.world
+    if world.distributed:  # either checkpoint format, from any world size (DCP reshards)
         saved = checkpoint.load_sharded(path, trainer.model, trainer.optimizer)
     else:
-        saved = checkpoint.load(path, trainer.model)
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+        saved = checkpoint.load(path, trainer.model, trainer.optimizer)
+    saved_world = saved.get("world_size", 1)
+    if saved_world != world.size:
+        world.print(f"resuming a {saved_world}-process checkpoint with {world.size}: the data order is the same "
+                    "(it follows the global batch); dropout's random draws are not")  # fmt: skip
     trainer.scaler.load_state_dict(saved["scaler"])
     trainer.sampler.load_state_dict(saved["sampler"])
     trainer.state = LoopState(**saved["loop"])
@@ -233,7 +244,7 @@ def resume(run: Run, trainer: Trainer, path: Path):
         trainer.model.adalora.load_state_dict(saved["adalora"])
     if run.rank0:
         truncate_metrics(run.run_dir, trainer.state.step)
-    run.world.print(f"resumed from {path} at step {trainer.state.step}")
+    world.print(f"resumed from {path} at step {trainer.state.step}")
 
 
 def loop(run: Run, trainer: Trainer, data: Data) -> Outcome:
@@ -294,7 +305,7 @@ def loop(run: Run, trainer: Trainer, data: Data) -> Outcome:
 
 
 def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, outcome: Outcome) -> dict:
-    """The best weights saved to final/ and scored on the test split (rank 0, on the whole model)."""
+    """The best weights saved to final/ and scored on the test split (every rank generating a share)."""
     cfg, world, state, model = run.cfg, run.world, trainer.state, trainer.model
     world.print(outcome.message)
     trainable = trainer.trainable
@@ -311,12 +322,12 @@ def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, outcome:
             checkpoint.load(best, model)
         world.print(f"loaded the best checkpoint (step {state.best_step}, val_loss {state.best_val_loss:.4f})")
     summary.update(best_step=state.best_step, best_val_loss=state.best_val_loss)
-    whole = gather_model(model, world)  # FSDP: every shard gathered into a copy on rank 0; None on other ranks
-    if whole is None:
-        world.barrier()  # wait for rank 0's export and evaluation
+    save_final(model, tokenizer, cfg, run.run_dir / "final", world)  # every rank: a sharded model's tensors gathered
+    split = data.splits[cfg.eval.split]
+    finetuned = evaluate_task(model, tokenizer, split, cfg.data, cfg.eval, world.device, world)  # a share per rank
+    if not run.rank0:
+        world.barrier()  # wait for rank 0's report
         return summary
-    save_final(whole, tokenizer, cfg, run.run_dir / "final")
-    finetuned = evaluate_task(whole, tokenizer, data.splits[cfg.eval.split], cfg.data, cfg.eval, world.device)
     report = write_eval(run.run_dir, cfg.eval.split, finetuned, baseline, summary)
     scores = {f"test_{k}": v for k, v in report["finetuned"].items() if isinstance(v, float)}
     run.logger.log({"step": state.step, **scores})
@@ -465,9 +476,16 @@ def make_progress(cfg: RunConfig, start: int, enabled: bool = True):
     return tqdm(total=cfg.train.max_steps, initial=start, disable=disable, dynamic_ncols=True)
 
 
-def save_final(model, tokenizer, cfg: RunConfig, out_dir: Path):
-    """The adapter in HF PEFT format, or (full fine-tuning) the whole model in HF layout."""
+def save_final(model, tokenizer, cfg: RunConfig, out_dir: Path, world: World):
+    """The adapter in HF PEFT format, or (full fine-tuning) the whole model in HF layout; rank 0 writes.
+
+    Every rank calls it. A sharded model (FSDP2) is never gathered whole: full fine-tuning streams one
+    parameter at a time to rank 0's file; an adapter is saved from a copy holding only the trainables.
+    """
+    sharded = world.backend == "fsdp"
     if cfg.peft.method == "full":
-        save_pretrained(model, out_dir, tokenizer)
+        save_pretrained(model, out_dir, tokenizer, whole=whole_tensor if sharded else None, writer=world.rank == 0)
     elif cfg.peft.method != "none":
-        peft.save_adapter(model, out_dir)
+        adapter = gather_model(model, world, frozen=False)
+        if adapter is not None:
+            peft.save_adapter(adapter, out_dir)

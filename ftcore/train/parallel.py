@@ -4,6 +4,7 @@
     enable_activation_checkpointing(model)                # before sharding: block forwards wrapped in place
     train_model = parallelize(model, world, precision)    # FSDP2 shards `model` in place; DDP returns a wrapper
     whole = gather_model(model, world)                    # rank 0: the unsharded model (all shards), else None
+    save_pretrained(model, out, whole=whole_tensor, writer=world.rank == 0)  # streamed: one whole tensor at a time
 
 FSDP2 (`fully_shard` per block, then the root) and DDP both average gradients over ranks; the step
 scales its loss by the world size so that average is the sum over the global batch (see step.py). The
@@ -64,6 +65,17 @@ class World:
 
     def any(self, flag: bool) -> bool:
         return self.sum(int(bool(flag))) > 0
+
+    def all(self, flag: bool) -> bool:
+        return self.sum(int(not flag)) == 0
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (anything picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self):
         if self.distributed:
@@ -177,12 +189,14 @@ def grad_sync(train_model: nn.Module, sync: bool):
     return nullcontext()
 
 
-def gather_model(model: nn.Module, world: World) -> nn.Module | None:
-    """The whole model on rank 0 (None elsewhere), for exports and generation.
+def gather_model(model: nn.Module, world: World, frozen: bool = True) -> nn.Module | None:
+    """The whole model on rank 0 (None elsewhere); every rank calls it together.
 
     FSDP2: every rank sends its shards and rank 0 builds a plain copy (same PEFT method, all
     tensors whole) on its device; never rank 0's slice alone. Single-process and DDP models
     (`model` is the unwrapped module) are whole already.
+    frozen=False: only the trainable parameters and the buffers are gathered, the frozen base of the copy
+    stays on the meta device (no memory): what saving an adapter reads.
     """
     if world.backend != "fsdp":
         return model if world.rank == 0 else None
@@ -192,29 +206,43 @@ def gather_model(model: nn.Module, world: World) -> nn.Module | None:
     from ftcore.model import Transformer
     from ftcore.quant.weight import QuantStorage
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen)
+    state = get_model_state_dict(model, options=options)
     if world.rank != 0:
         return None
     with torch.device("meta"):
         whole = Transformer(model.cfg)
     for name, layer in model.named_modules():  # a quantized base: the same quantized layers, to take the whole tensors
-        if isinstance(layer, QuantStorage):
+        if frozen and isinstance(layer, QuantStorage):
             parent, _, leaf = name.removesuffix(".base_layer").rpartition(".")
             setattr(whole.get_submodule(parent), leaf, layer.empty_copy())
     if getattr(model, "peft_config", None) is not None:
         peft.apply(whole, model.peft_config, init=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not frozen:  # the trainables only (the state also holds buffers, a quantized base's among them)
+        state = {k: v for k, v in state.items() if k in trainable}
     missing, unexpected = whole.load_state_dict(state, strict=False, assign=True)
     whole.tie_weights()
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_word_embeddings)]
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_word_embeddings)
+               and (frozen or k in trainable)]  # fmt: skip
     if missing or unexpected:
         raise RuntimeError(f"gather_model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     # buffers outside the state dict (FSDP2 does not shard them): VeRA's shared matrices, PiSSA's initial adapter
+    modules = dict(whole.named_modules())
     for name, buf in model.named_buffers():
         module, _, leaf = name.rpartition(".")
-        whole.get_submodule(module)._buffers[leaf] = buf.detach().to(world.device, copy=True)
+        if module in modules:  # frozen=False: a quantized base layer's buffers have no place in the plain copy
+            modules[module]._buffers[leaf] = buf.detach().to(world.device, copy=True)
     whole.reset_buffers(world.device)
     if getattr(model, "adalora", None) is not None:  # the saved adapter keeps only the allocator's kept ranks
         whole.adalora.rank_pattern = model.adalora.rank_pattern
     if getattr(model, "hf_config", None) is not None:
         whole.hf_config = model.hf_config
-    return whole.to(world.device).train(model.training)
+    return whole.to(world.device).train(model.training) if frozen else whole
+
+
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole tensor: an FSDP2 shard (DTensor) all-gathered (every rank calls it), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
