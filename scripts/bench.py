@@ -172,6 +172,7 @@ def memory(args) -> int:
 
 def dist_memory(args) -> int:
     """scripts/bench.py --dist-memory: train.py probed per rank, 1 process then 2 (ftcore.bench.dist_memory)."""
+    import shlex
     import shutil
     from datetime import datetime
 
@@ -197,7 +198,7 @@ def dist_memory(args) -> int:
     notes = [*(["random weights"] if random else []), *args.note]
     result = {"model": name, "method": args.method, "dtype": dtype, "machine": device_name("cpu"),
               "torch": torch.__version__, "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "notes": notes,
-              "command": "python scripts/bench.py " + " ".join(args.argv), "commands": commands, "runs": runs}  # fmt: skip
+              "command": shlex.join(["python", "scripts/bench.py", *args.argv]), "commands": commands, "runs": runs}  # fmt: skip
     result["criteria"] = summarize(runs)
     text = dist_markdown(result)
     out = Path(args.out)

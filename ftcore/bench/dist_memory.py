@@ -18,6 +18,7 @@ No ftcore library code changes for it: the probe wraps the two module attributes
 import json
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 import time
@@ -136,7 +137,7 @@ def run_both(model_dir: Path, train_script: Path, tmp: Path, method: str, dtype:
         out = tmp / "probe" / backend
         cmd = [*launcher(world), "-m", "ftcore.bench.dist_memory", str(out), str(train_script),
                *overrides(model_dir, tmp, method, dtype, world)]  # fmt: skip
-        commands.append(" ".join(cmd))
+        commands.append(shlex.join(cmd))
         start = time.perf_counter()
         r = subprocess.run(cmd, env=env, cwd=train_script.parents[1], capture_output=True, text=True)
         if r.returncode:
