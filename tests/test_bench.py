@@ -94,8 +94,8 @@ def test_dist_memory_status_parser_and_criteria():
     """--dist-memory's pure parts: /proc/self/status's Vm* fields in bytes; the criteria from rank records."""
     from ftcore.bench.dist_memory import summarize, vm_bytes
 
-    status = "Name:\tpython\nVmPeak:\t  2048 kB\nVmHWM:\t    1024 kB\nVmRSS:\t     512 kB\nThreads:\t4\n"
-    assert vm_bytes(status) == {"VmPeak": 2 << 20, "VmHWM": 1 << 20, "VmRSS": 512 << 10}
+    status = "Name:\tpython\nVmPeak:\t  2048 kB\nVmHWM:\t    1024 kB\nVmRSS:\t     512 kB\nRssAnon:\t  384 kB\nThreads:\t4\n"
+    assert vm_bytes(status) == {"VmPeak": 2 << 20, "VmHWM": 1 << 20, "VmRSS": 512 << 10, "RssAnon": 384 << 10}
     big = {"name": "embed_tokens.weight", "bytes": 100, "params": 1000}
     rank = lambda r, train, **kw: {"rank": r, "baseline_rss": 10, "train_hwm": train, "hwm_after": {"loop": train},  # noqa: E731
                                    **kw}  # fmt: skip

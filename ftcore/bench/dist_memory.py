@@ -12,7 +12,8 @@
 
 Peak RSS growth: a VmHWM minus the baseline (load + train), or minus the RSS when save_final starts (the
 export). Both runs see the same global batch: 1 process takes 2 micro-batches of 1 per step, each of 2 ranks one.
-No ftcore library code changes for it: the probe wraps the two module attributes the loop calls.
+No ftcore library code changes for it: the probe wraps the functions of ftcore.train.loop that train() calls
+(load, adapt, loop, save_final), as module attributes.
 """
 
 import json
