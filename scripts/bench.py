@@ -198,7 +198,8 @@ def dist_memory(args) -> int:
     notes = [*(["random weights"] if random else []), *args.note]
     result = {"model": name, "method": args.method, "dtype": dtype, "machine": device_name("cpu"),
               "torch": torch.__version__, "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "notes": notes,
-              "command": shlex.join(["python", "scripts/bench.py", *args.argv]), "commands": commands, "runs": runs}  # fmt: skip
+              "command": shlex.join(["python", "scripts/bench.py", *args.argv]), "commands": commands,
+              "runs": runs}  # fmt: skip
     result["criteria"] = summarize(runs)
     text = dist_markdown(result)
     out = Path(args.out)

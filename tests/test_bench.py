@@ -94,11 +94,14 @@ def test_dist_memory_status_parser_and_criteria():
     """--dist-memory's pure parts: /proc/self/status's Vm* fields in bytes; the criteria from rank records."""
     from ftcore.bench.dist_memory import summarize, vm_bytes
 
-    status = "Name:\tpython\nVmPeak:\t  2048 kB\nVmHWM:\t    1024 kB\nVmRSS:\t     512 kB\nRssAnon:\t  384 kB\nThreads:\t4\n"
-    assert vm_bytes(status) == {"VmPeak": 2 << 20, "VmHWM": 1 << 20, "VmRSS": 512 << 10, "RssAnon": 384 << 10}
+    status = "Name:\tpython\nVmPeak:\t  2048 kB\nVmHWM:\t    1024 kB\nVmRSS:\t     512 kB\nRssAnon:\t  384 kB\n"
+    assert vm_bytes(status + "Threads:\t4\n") == {"VmPeak": 2 << 20, "VmHWM": 1 << 20, "VmRSS": 512 << 10,
+                                                  "RssAnon": 384 << 10}  # fmt: skip
     big = {"name": "embed_tokens.weight", "bytes": 100, "params": 1000}
-    rank = lambda r, train, **kw: {"rank": r, "baseline_rss": 10, "train_hwm": train, "hwm_after": {"loop": train},  # noqa: E731
-                                   **kw}  # fmt: skip
+
+    def rank(r, train, **kw):
+        return {"rank": r, "baseline_rss": 10, "train_hwm": train, "hwm_after": {"loop": train}, **kw}
+
     runs = {"single": {"ranks": [rank(0, 1010, largest_tensor=big, export_start_rss=500, export_hwm=520)]},
             "fsdp": {"ranks": [rank(0, 610, export_start_rss=300, export_hwm=411), rank(1, 660)]}}  # fmt: skip
     c = summarize(runs)

@@ -120,7 +120,8 @@ def overrides(model_dir: Path, tmp: Path, method: str, dtype: str, world: int) -
             "train.eval_every=0", "train.eval_batches=1", "train.keep_checkpoints=1",
             *(["train.precision=bf16"] if dtype == "bfloat16" else []),
             "eval.baseline=false", "eval.max_examples=2", "eval.max_new_tokens=2", "eval.batch_size=2",
-            "logger.wandb.mode=disabled", "logger.progress=false", f"hydra.run.dir={tmp / 'runs' / backend}"]  # fmt: skip
+            "logger.wandb.mode=disabled", "logger.progress=false",
+            f"hydra.run.dir={tmp / 'runs' / backend}"]  # fmt: skip
 
 
 def launcher(world: int) -> list[str]:
@@ -202,10 +203,10 @@ def dist_markdown(result: dict) -> str:
     lines += ["", "RSS at each phase's end, anonymous + file-backed (a file-backed page, e.g. of the mmap'd "
               "checkpoint, is in the RSS of every process that maps it but in memory once):", "",
               "| run | rank | after load | after adapt | after the loop |", "| --- | ---: | ---: | ---: | ---: |"]
-    split = lambda r, p: "-" if p not in r["rss_after"] else "{} + {}".format(*map(mib, r["rss_after"][p].values()))  # noqa: E731
     for backend, run in result["runs"].items():
         for r in run["ranks"]:
-            lines.append(f"| {backend} | {r['rank']} | " + " | ".join(split(r, p) for p in PHASES) + " |")
+            split = [" + ".join(map(mib, r["rss_after"][p].values())) if p in r["rss_after"] else "-" for p in PHASES]
+            lines.append(f"| {backend} | {r['rank']} | " + " | ".join(split) + " |")
     met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     e, tr, lo = c["export"], c["train_ratio"], c["loop_ratio"]
     lines += ["", f"- Export: rank 0's export peak growth {mib(e['got'])} <= largest tensor + "
