@@ -4,6 +4,8 @@
     python scripts/bench.py --model llama-1b --batch 8 --seq-len 2048 --dtype bf16 --fused-kernels
     python scripts/bench.py --model smollm2-135m --data random --cuda-graph --arms ftcore,ftcore-nograph
     python scripts/bench.py --memory --model llama-1b                 # base memory: fp32 vs bf16 vs nf4 (vs gguf)
+    python scripts/bench.py --dist-memory --model llama-1b --method lora --dtype float32   # per-rank peak RSS:
+                                                      # train.py in 1 process vs 2 (FSDP2, gloo), and the export
     python scripts/bench.py --arms ftcore,ftcore-gguf --steps 20      # GGUF-native base vs the fp32 import
     python scripts/bench.py --arms ftcore,ftcore-nf4 --steps 20       # QLoRA (NF4 base) vs LoRA on the fp32 base
 
@@ -60,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per arm (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "float32", "bfloat16"], default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU (float32 and bfloat16 are fp32 and bf16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0 = torch's default)")
     p.add_argument("--lora-r", type=int, default=16)
@@ -81,9 +84,16 @@ def parse_args(argv=None):
                    help="instead of timing: bytes per base parameter and the loading peak, fp32 / bf16 / nf4, "
                         "and gguf (model.quantize=gguf) for a .gguf model (a named shape gets random bf16 weights "
                         "written first)")
+    p.add_argument("--dist-memory", action="store_true",
+                   help="instead of timing: each rank's peak RSS growth of scripts/train.py (2 steps, CPU) in 1 "
+                        "process vs 2 (dist=fsdp, torchrun), and rank 0's during the final export (a named shape "
+                        "gets random weights of --dtype written first)")
+    p.add_argument("--method", choices=["lora", "full"], default="lora", help="--dist-memory: the run's peft method")
     p.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(args.dtype, args.dtype)
+    return args
 
 
 def main(argv=None) -> int:
@@ -93,6 +103,8 @@ def main(argv=None) -> int:
         return worker(args.worker, json.loads(Path(args.spec).read_text()))
     if args.memory:
         return memory(args)
+    if args.dist_memory:
+        return dist_memory(args)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for a in arms:
         if a not in ARMS:
@@ -154,6 +166,48 @@ def memory(args) -> int:
     stem = out / f"{datetime.now():%Y%m%d-%H%M%S}-memory-{''.join(c if c.isalnum() or c in '-.' else '-' for c in name)}"
     stem.with_suffix(".json").write_text(json.dumps({"model": name, "rows": rows}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(text)
+    print(text + f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def dist_memory(args) -> int:
+    """scripts/bench.py --dist-memory: train.py probed per rank, 1 process then 2 (ftcore.bench.dist_memory)."""
+    import shlex
+    import shutil
+    from datetime import datetime
+
+    from ftcore.bench.dist_memory import dist_markdown, run_both, summarize
+    from ftcore.bench.memory import write_random_checkpoint
+    from ftcore.bench.results import device_name
+    from ftcore.formats.hf import resolve
+
+    dtype = "bfloat16" if args.dtype == "bf16" else "float32"  # auto: fp32 (the runs are on CPU)
+    random = args.model in RANDOM_SHAPES
+    with tempfile.TemporaryDirectory(prefix="ftcore-bench-") as tmp:
+        tmp = Path(tmp)
+        if random:  # written once, in the run's dtype; SmolLM2's tokenizer (its ids fit any of the shapes)
+            model_dir = write_random_checkpoint(RANDOM_SHAPES[args.model], tmp / args.model,
+                                                dtype=getattr(torch, dtype))  # fmt: skip
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(resolve(DEMO_MODEL) / name, model_dir / name)
+        else:
+            model_dir = resolve(args.model)
+        runs, commands = run_both(model_dir, ROOT / "scripts" / "train.py", tmp, args.method, dtype)
+        commands = [c.replace(str(tmp), "$TMP").replace(sys.executable, "python") for c in commands]
+    name = args.model if random else Path(args.model).name.split(".gguf")[0]
+    notes = [*(["random weights"] if random else []), *args.note]
+    result = {"model": name, "method": args.method, "dtype": dtype, "machine": device_name("cpu"),
+              "torch": torch.__version__, "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "notes": notes,
+              "command": shlex.join(["python", "scripts/bench.py", *args.argv]), "commands": commands,
+              "runs": runs}  # fmt: skip
+    result["criteria"] = summarize(runs)
+    text = dist_markdown(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in name)
+    stem = out / f"{datetime.now():%Y%m%d-%H%M%S}-dist-memory-{slug}-{args.method}"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(text)
     print(text + f"wrote {stem}.json and {stem}.md")
     return 0
 

@@ -88,3 +88,23 @@ def test_memory_mode_bytes_per_parameter(tmp_path):
     nf4 = linears * (0.5 + 1 / 64) + (params - linears) * 2  # codes, absmax codes; the rest bf16
     assert rows["nf4"]["stored_bytes"] == pytest.approx(nf4, rel=0.01)
     assert "| nf4 | " in memory_markdown(list(rows.values()), "tiny", "test")
+
+
+def test_dist_memory_status_parser_and_criteria():
+    """--dist-memory's pure parts: /proc/self/status's Vm* fields in bytes; the criteria from rank records."""
+    from ftcore.bench.dist_memory import summarize, vm_bytes
+
+    status = "Name:\tpython\nVmPeak:\t  2048 kB\nVmHWM:\t    1024 kB\nVmRSS:\t     512 kB\nRssAnon:\t  384 kB\n"
+    assert vm_bytes(status + "Threads:\t4\n") == {"VmPeak": 2 << 20, "VmHWM": 1 << 20, "VmRSS": 512 << 10,
+                                                  "RssAnon": 384 << 10}  # fmt: skip
+    big = {"name": "embed_tokens.weight", "bytes": 100, "params": 1000}
+
+    def rank(r, train, **kw):
+        return {"rank": r, "baseline_rss": 10, "train_hwm": train, "hwm_after": {"loop": train}, **kw}
+
+    runs = {"single": {"ranks": [rank(0, 1010, largest_tensor=big, export_start_rss=500, export_hwm=520)]},
+            "fsdp": {"ranks": [rank(0, 610, export_start_rss=300, export_hwm=411), rank(1, 660)]}}  # fmt: skip
+    c = summarize(runs)
+    assert c["train_ratio"]["got"] == pytest.approx(0.65) and c["train_ratio"]["met"]
+    assert c["export"]["got"] == 111 and not c["export"]["met"]  # limit 110: the largest tensor + 10%
+    assert runs["fsdp"]["ranks"][1]["train_growth"] == 650 and "export_growth" not in runs["fsdp"]["ranks"][1]

@@ -52,8 +52,9 @@ print(json.dumps({"format": fmt, "params": count_parameters(model)[1], "stored_b
 """
 
 
-def write_random_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0) -> Path:
-    """An HF-layout checkpoint of random bfloat16 weights of the given shape (built in bfloat16, never fp32)."""
+def write_random_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0, dtype=torch.bfloat16) -> Path:
+    """An HF-layout checkpoint of random weights of the given shape, built and written in `dtype` (bfloat16 by
+    default: never an fp32 copy first)."""
     from ftcore.formats.hf import read_config, save_pretrained
     from ftcore.model import Transformer
 
@@ -62,7 +63,7 @@ def write_random_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0) -> Pa
     (out_dir / "config.json").write_text(json.dumps(hf_config))
     cfg, hf = read_config(out_dir)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         model = Transformer(cfg)
     finally:
