@@ -85,6 +85,7 @@ def worker(rank, world, init_file, jobs):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     real_lr_at = ftcore.train.loop.lr_at
     real_chunked = ftcore.model.loss.linear_cross_entropy
+    real_load_meta, real_load_pretrained = ftcore.train.loop.load_meta, ftcore.train.loop.load_pretrained
     for cfg, sigterm_step in jobs:
         chunked = {"train": 0, "eval": 0}
 
@@ -93,6 +94,17 @@ def worker(rank, world, init_file, jobs):
             return real_chunked(*args, **kwargs)
 
         ftcore.model.loss.linear_cross_entropy = counting
+        loads = {"meta": 0, "whole": 0}  # sharded loading builds on the meta device; the others load the whole base
+
+        def counted(kind, real):
+            def load(*args, **kwargs):
+                loads[kind] += 1
+                return real(*args, **kwargs)
+
+            return load
+
+        ftcore.train.loop.load_meta = counted("meta", real_load_meta)
+        ftcore.train.loop.load_pretrained = counted("whole", real_load_pretrained)
 
         def lr_at(step, optim_cfg, max_steps, _at=sigterm_step):
             if step == _at and rank == 1:
@@ -102,6 +114,7 @@ def worker(rank, world, init_file, jobs):
         ftcore.train.loop.lr_at = lr_at
         train(run_config(cfg))
         (Path(cfg["run_dir"]) / f"chunked_calls_rank{rank}.json").write_text(json.dumps(chunked))
+        (Path(cfg["run_dir"]) / f"loads_rank{rank}.json").write_text(json.dumps(loads))
     dist.destroy_process_group()
 
 
@@ -278,3 +291,18 @@ def test_resume_on_another_world_size_continues_the_curve(runs, method, directio
     single, got = final_tensors(straight), final_tensors(resumed)
     assert got.keys() == single.keys()
     assert max(float((got[k].float() - single[k].float()).abs().max()) for k in got) < {"full": 1e-4}.get(method, TOL)
+
+
+# methods whose init reads the base weights, and QLoRA's base quantized as it is read: every rank loads the whole base
+WHOLE_BASE = {"pissa", "ln_tuning", "qlora"}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", [n for n, (backend, _) in DIST_RUNS.items() if backend == "fsdp"])
+def test_fsdp_ranks_load_their_shards_only(runs, name):
+    """Under FSDP2 the model is built on the meta device and each rank reads its own shards (sharded_load.py): the
+    whole base is never loaded, except where the method's init needs it; the curves above equal 1 process's."""
+    sharded = DIST_RUNS[name][1] not in WHOLE_BASE
+    for rank in (0, 1):
+        loads = json.loads((runs[name] / f"loads_rank{rank}.json").read_text())
+        assert loads == ({"meta": 1, "whole": 0} if sharded else {"meta": 0, "whole": 1}), (rank, loads)

@@ -261,6 +261,26 @@ def load_model(path_or_repo_id, dtype=torch.float32, device="cpu", quant: QuantS
     return model
 
 
+def load_meta(path_or_repo_id, dtype=torch.float32):
+    """(model on the meta device, tokenizer, model dir): the architecture, its parameters in `dtype`, without
+    their values, which a sharded load reads later (ftcore/train/sharded_load.py), each rank its own shards only."""
+    from ftcore.formats.tokenizer import Tokenizer
+
+    model_dir = resolve(path_or_repo_id)
+    cfg, hf = read_config(model_dir)
+    model = build_model(cfg)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    model.tie_weights()
+    model.hf_config = hf
+    return model, Tokenizer.from_dir(model_dir), model_dir
+
+
+def checkpoint_files(model_dir) -> dict[str, tuple[SafetensorsFile, str]]:
+    """Every tensor of an HF-layout checkpoint by our name -> (the open safetensors file holding it, its name there)."""
+    return {our_name(n): (st, n) for st in map(SafetensorsFile, _shard_files(Path(model_dir))) for n in st.names()}
+
+
 def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", quant: QuantSpec | None = None):
     """Load (model, tokenizer) from a local directory, a .gguf file, `pkg://...` or a hub repo id."""
     from ftcore.formats.tokenizer import Tokenizer

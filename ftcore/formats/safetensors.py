@@ -98,6 +98,20 @@ class SafetensorsFile:
         t = torch.frombuffer(self.mm, dtype=torch.uint8, count=count, offset=self.data_start + begin)
         return t.view(dtype).reshape(shape)
 
+    def read_rows(self, name, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (along dim 0), read with pread into new memory: only those bytes are
+        touched, and no file pages stay mapped in this process (what each rank of a sharded load keeps)."""
+        e = self.entries[name]
+        dtype, shape = DTYPES[e["dtype"]], e["shape"]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        out = torch.empty((stop - start) * row, dtype=torch.uint8)
+        if out.numel():
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.data_start + e["data_offsets"][0] + start * row)
+                if f.readinto(memoryview(out.numpy())) != out.numel():
+                    raise FtcoreError(f"{self.path}: tensor {name!r}: short read (the file changed?)")
+        return out.view(dtype).reshape(stop - start, *shape[1:])
+
     def release(self, name):
         """Drop the pages of one tensor from memory after it was copied elsewhere (keeps peak RSS ~1x)."""
         begin, end = self.entries[name]["data_offsets"]

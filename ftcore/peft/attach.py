@@ -278,6 +278,19 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
     return model
 
 
+def init_reads_base(cfg: PeftConfig) -> str | None:
+    """What of the base weights the method's init reads (so it needs them loaded first), or None."""
+    if cfg.method == "dora":
+        return "DoRA's magnitude is the norm of the base weight"
+    if cfg.method in ("lora", "dora") and is_principal(cfg.init):
+        return f"peft.init={cfg.init} starts from the base weight's singular vectors"
+    if cfg.method == "prompt" and cfg.prompt_init != "random":
+        return f"peft.prompt_init={cfg.prompt_init} copies embedding rows"
+    if cfg.method == "ln_tuning":
+        return "LN tuning starts from a copy of the base norms"
+    return None
+
+
 def is_feedforward(feedforward_modules, name: str) -> bool:
     """PEFT's rule: a regex must match the whole key; a list entry matches a key *ending* in it (no dot)."""
     key = peft_key(name)

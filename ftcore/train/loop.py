@@ -33,7 +33,7 @@ from ftcore.errors import FtcoreError, NonFiniteLoss
 from ftcore.eval.evaluate import evaluate_task, validation_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
-from ftcore.formats.hf import load_pretrained, save_pretrained
+from ftcore.formats.hf import load_meta, load_pretrained, save_pretrained
 from ftcore.peft.adalora import AdaLoraStep
 from ftcore.peft.oft import OftStep
 from ftcore.train import checkpoint
@@ -49,6 +49,7 @@ from ftcore.train.parallel import (
     whole_tensor,
 )
 from ftcore.train.run_info import write_run_info
+from ftcore.train.sharded_load import materialize, why_not_sharded
 from ftcore.train.step import EagerStep, GraphedStep, autocast, set_fast_paths
 
 
@@ -79,6 +80,7 @@ class Run:
     logger: RunLogger
     peak_flops: float | None  # one device's dense bf16 peak, where known (for MFU)
     stop: "StopSignal"  # SIGINT/SIGTERM: deferred to the end of the step inside the loop, at once elsewhere
+    base_dir: Path | None = None  # sharded loading: the checkpoint each rank reads its shards from (sharded_load.py)
 
     @property
     def rank0(self) -> bool:
@@ -162,10 +164,20 @@ def setup(cfg: RunConfig, stop: "StopSignal") -> Run:
 
 
 def load(run: Run):
-    """The base model and tokenizer, the tokenized splits and their batchers."""
+    """The base model and tokenizer, the tokenized splits and their batchers.
+
+    dist=fsdp: the model is built on the meta device and each rank reads its own shards after sharding
+    (adapt), unless the method's init reads the base weights or the base is quantized as it is read.
+    """
     cfg, world = run.cfg, run.world
-    model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=world.device,
-                                       quant=cfg.model.quant_spec())
+    why_whole = why_not_sharded(cfg.peft, cfg.model.quantize) if world.backend == "fsdp" else None
+    if world.backend == "fsdp" and why_whole is None:
+        model, tokenizer, run.base_dir = load_meta(cfg.model.path, DTYPES[cfg.model.dtype])
+    else:
+        if why_whole is not None:
+            world.print(f"every rank loads the whole base before sharding it: {why_whole}")
+        model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=world.device,
+                                           quant=cfg.model.quant_spec())  # fmt: skip
     splits, data_report = build_datasets(cfg.data, tokenizer)
     if run.rank0:
         (run.run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
@@ -178,15 +190,23 @@ def load(run: Run):
 
 
 def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) -> dict | None:
-    """The base model's test score (rank 0, on the whole model; the others wait at the first step)."""
-    cfg, path = run.cfg, run.run_dir / "baseline_eval.json"
+    """The base model's test score, every rank generating a share. Sharded loading: on a sharded copy of the
+    base, loaded as the run's model will be and dropped after."""
+    cfg, world, path = run.cfg, run.world, run.run_dir / "baseline_eval.json"
     if resuming:
         return json.loads(path.read_text()) if path.exists() else None
-    if not (cfg.eval.baseline and run.rank0):
+    if not cfg.eval.baseline:
         return None
-    print("evaluating the base model ...", flush=True)
-    baseline = evaluate_task(model, tokenizer, data.splits[cfg.eval.split], cfg.data, cfg.eval, run.world.device)
-    path.write_text(json.dumps(baseline, indent=2) + "\n")
+    world.print("evaluating the base model ...")
+    base = model
+    if run.base_dir is not None:
+        base, _, _ = load_meta(run.base_dir, DTYPES[cfg.model.dtype])
+        parallelize(base, world, cfg.train.precision, cfg.dist.replicate, cfg.dist.cpu_offload)
+        materialize(base, run.base_dir, DTYPES[cfg.model.dtype], world.device, None)
+    baseline = evaluate_task(base, tokenizer, data.splits[cfg.eval.split], cfg.data, cfg.eval, world.device, world)
+    del base
+    if run.rank0:
+        path.write_text(json.dumps(baseline, indent=2) + "\n")
     return baseline
 
 
@@ -200,7 +220,8 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
         peft_cfg = replace(cfg.peft, base_model_name_or_path=base, total_step=cfg.peft.total_step or cfg.train.max_steps)
     else:
         peft_cfg = replace(cfg.peft, base_model_name_or_path=base)
-    peft.apply(model, peft_cfg, tokenizer=tokenizer)
+    sharded_load = run.base_dir is not None  # the model is on the meta device: its init comes with its shards
+    peft.apply(model, peft_cfg, tokenizer=tokenizer, init=not sharded_load)
     if cfg.peft.method == "adalora":
         method_step = AdaLoraStep(model.adalora, cfg.peft.orth_reg_weight)
     peft.trainables_to_float32(model)
@@ -212,6 +233,8 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
     model.train()
     # FSDP2 shards `model` in place (HSDP with dist.replicate > 1); DDP wraps it
     train_model = parallelize(model, world, cfg.train.precision, cfg.dist.replicate, cfg.dist.cpu_offload)
+    if sharded_load:  # each rank's shards of the base from the checkpoint, of the method from its seeded init
+        materialize(model, run.base_dir, DTYPES[cfg.model.dtype], world.device, peft_cfg, tokenizer)
     if cfg.peft.method == "oft" and cfg.peft.coft:  # FSDP2: keep the stored shards projected (oft.project_shards)
         method_step = OftStep(model)
     sampler = Sampler(
