@@ -31,7 +31,7 @@ EXPORT_SLACK = 0.10  # rank 0's export peak growth <= the largest tensor + 10%
 TRAIN_RATIO_GOAL = 0.65  # 2-process per-rank train peak (max over ranks) / 1-process train peak
 RUNS = {"single": 1, "fsdp": 2}  # dist backend -> processes
 # ftcore.train.loop's phases before the export, as train() calls them: the base and the data; the PEFT method,
-# optimizer and (FSDP2) sharding; the steps and the last checkpoint. Then finish(): gather_model, save_final.
+# optimizer and (FSDP2) sharding; the steps and the last checkpoint. Then finish(): save_final (the export).
 PHASES = ("load", "adapt", "loop")
 
 
@@ -80,13 +80,13 @@ def probe(out_dir: Path, script: str, argv: list[str]):
 
         return wrapped
 
-    def save_wrapped(model, tokenizer, cfg, out):
+    def save_wrapped(model, tokenizer, cfg, out, *rest):
         rec["train_hwm"] = vm()["VmHWM"]
         rec["largest_tensor"] = largest_tensor(model)
         reset_peak_rss()
         rec["export_start_rss"] = vm()["VmRSS"]
         try:
-            return save_final(model, tokenizer, cfg, out)
+            return save_final(model, tokenizer, cfg, out, *rest)
         finally:
             rec["export_hwm"] = vm()["VmHWM"]
             rec["export_bytes"] = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
@@ -111,10 +111,12 @@ def probe(out_dir: Path, script: str, argv: list[str]):
         (out_dir / f"rank{rank}.json").write_text(json.dumps(rec, indent=2) + "\n")
 
 
-def overrides(model_dir: Path, tmp: Path, method: str, dtype: str, world: int) -> list[str]:
-    """scripts/train.py's Hydra overrides: a tiny demo run (2 steps, a global batch of 2 micro-batches of 1)."""
+def overrides(model_dir: Path, tmp: Path, method: str, dtype: str, world: int, freeze=()) -> list[str]:
+    """scripts/train.py's Hydra overrides: a tiny demo run (2 steps, a global batch of 2 micro-batches of 1).
+    freeze: full fine-tuning's frozen globs (the export still writes every parameter)."""
     backend = "single" if world == 1 else "fsdp"
     return [f"model.path={model_dir}", f"model.dtype={dtype}", f"peft={method}", f"dist={backend}",
+            *([f"peft.freeze=[{','.join(freeze)}]"] if freeze else []),
             "data=arithmetic", f"data.cache_dir={tmp / 'data'}", "data.max_length=128",
             "train.device=cpu", "train.max_steps=2", "train.batch_size=1", f"train.grad_accum={2 // world}",
             "train.eval_every=0", "train.eval_batches=1", "train.keep_checkpoints=1",
@@ -130,7 +132,8 @@ def launcher(world: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
 
 
-def run_both(model_dir: Path, train_script: Path, tmp: Path, method: str, dtype: str) -> tuple[dict, list[str]]:
+def run_both(model_dir: Path, train_script: Path, tmp: Path, method: str, dtype: str,
+             freeze=()) -> tuple[dict, list[str]]:  # fmt: skip
     """The 1-process and the 2-process run, each rank probed; ({backend: {ranks, wall_s}}, the commands)."""
     paths = [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # the ranks import this module by name
@@ -138,7 +141,7 @@ def run_both(model_dir: Path, train_script: Path, tmp: Path, method: str, dtype:
     for backend, world in RUNS.items():
         out = tmp / "probe" / backend
         cmd = [*launcher(world), "-m", "ftcore.bench.dist_memory", str(out), str(train_script),
-               *overrides(model_dir, tmp, method, dtype, world)]  # fmt: skip
+               *overrides(model_dir, tmp, method, dtype, world, freeze)]  # fmt: skip
         commands.append(shlex.join(cmd))
         start = time.perf_counter()
         r = subprocess.run(cmd, env=env, cwd=train_script.parents[1], capture_output=True, text=True)
@@ -185,10 +188,10 @@ def dist_markdown(result: dict) -> str:
              "once in 1 process and once in 2 (torchrun, gloo), each rank under ftcore.bench.dist_memory's probe. "
              "Peak growth: VmHWM minus the rank's RSS after `import torch, ftcore.train.loop`; the export's: VmHWM "
              "after `save_final` minus the RSS when it starts (VmHWM reset there through /proc/self/clear_refs). "
-             "'load + train' ends where save_final starts (so on rank 0 it includes the FSDP2 gather of the whole "
-             "model); other ranks never export: theirs is the whole run. 'After load' (base and data), 'after "
-             "adapt' (PEFT, optimizer, FSDP2 sharding) and 'after the loop' (steps, last checkpoint; the gather "
-             "follows) are the peak so far at each phase's end.",
+             "'load + train' ends where save_final starts (every rank takes part in the export; rank 0 writes). "
+             "'After load' (the base, or under FSDP2 its meta-device skeleton, and the data), 'after adapt' (PEFT, "
+             "FSDP2 sharding and each rank's shards read, optimizer) and 'after the loop' (steps, last checkpoint) "
+             "are the peak so far at each phase's end.",
              "", f"Model: {t['params']:,} parameters; largest tensor {t['name']} {t['shape']} {t['dtype']}, "
              f"{mib(t['bytes'])}.", "",
              "| run | rank | baseline RSS | peak growth: load + train | so far after load | after adapt | after the "
@@ -212,7 +215,8 @@ def dist_markdown(result: dict) -> str:
     lines += ["", f"- Export: rank 0's export peak growth {mib(e['got'])} <= largest tensor + "
               f"{100 * EXPORT_SLACK:.0f}% ({mib(e['limit'])}): {met(e['met'])}.",
               f"- Train: per-rank peak growth of load + train, 2 processes (max over ranks) / 1 process = "
-              f"{tr['got']:.2f}x (goal <= {tr['goal']}): {met(tr['met'])}. Before the gather: {lo['got']:.2f}x "
+              f"{tr['got']:.2f}x (goal <= {tr['goal']}): {met(tr['met'])}. Up to the end of the loop: "
+              f"{lo['got']:.2f}x "
               f"({met(lo['met'])}).", *[f"- {n}" for n in result["notes"]], "", "Commands ($TMP: the run's "
               "temporary directory, removed after):", "", f"    {result['command']}",
               *[f"    {cmd}" for cmd in result["commands"]]]  # fmt: skip

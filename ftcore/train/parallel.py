@@ -151,8 +151,9 @@ def parallelize(model: nn.Module, world: World, precision: str = "fp32", replica
     """What the train step calls: the model (single, or sharded in place by FSDP2) or its DDP wrapper.
 
     Apply PEFT, the float32 cast of trainable parameters and activation checkpointing first.
-    FSDP2: one group per block, then the root (embeddings, final norm, lm_head, prefix/prompt
-    encoders); with precision=bf16 the gathered parameters are bf16 and gradients reduce in fp32.
+    FSDP2: one group per block, one for untied embeddings, then the root (final norm, lm_head (with the
+    embeddings when tied), prefix/prompt encoders); the root stays gathered from the first forward to the
+    end of backward. With precision=bf16 the gathered parameters are bf16 and gradients reduce in fp32.
     replicate > 1 (HSDP): a 2-D mesh [replicate, world / replicate]; each replica shards the model over its
     row of ranks and gradients are reduce-scattered within it, then all-reduced across replicas.
     cpu_offload: FSDP2's CPUOffloadPolicy (sharded parameters, gradients, optimizer state on the host).
@@ -178,6 +179,8 @@ def parallelize(model: nn.Module, world: World, precision: str = "fp32", replica
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
         for block in model.layers:
             fully_shard(block, **options)
+        if not model.cfg.tie_word_embeddings:  # gathered for the lookup only; a tied one is lm_head's too: the root's
+            fully_shard(model.embed_tokens, **options)
         fully_shard(model, **options)
     return model
 
@@ -206,8 +209,11 @@ def gather_model(model: nn.Module, world: World, frozen: bool = True) -> nn.Modu
     from ftcore.model import Transformer
     from ftcore.quant.weight import QuantStorage
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen)
-    state = get_model_state_dict(model, options=options)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if frozen:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:  # one trainable at a time, the frozen shards never gathered (the state dict API gathers them all first)
+        state = {n: whole_tensor(p).cpu() for n, p in model.named_parameters() if n in trainable}
     if world.rank != 0:
         return None
     with torch.device("meta"):
@@ -218,9 +224,6 @@ def gather_model(model: nn.Module, world: World, frozen: bool = True) -> nn.Modu
             setattr(whole.get_submodule(parent), leaf, layer.empty_copy())
     if getattr(model, "peft_config", None) is not None:
         peft.apply(whole, model.peft_config, init=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if not frozen:  # the trainables only (the state also holds buffers, a quantized base's among them)
-        state = {k: v for k, v in state.items() if k in trainable}
     missing, unexpected = whole.load_state_dict(state, strict=False, assign=True)
     whole.tie_weights()
     missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_word_embeddings)
