@@ -59,6 +59,7 @@ class TrainConfig:
     precision: str = "fp32"  # autocast dtype: fp32 | bf16 | fp16 (GradScaler)
     resume: str = ""  # "" = fresh, "auto" = latest checkpoint in the run dir, or a checkpoint path
     gradient_checkpointing: bool = False
+    activation_offload: bool = False  # CUDA: the activations backward needs kept in pinned host memory; CPU: no-op
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = never
     save_every: int = 0  # checkpoint every N steps; 0 = at every evaluation
     keep_checkpoints: int = 2
@@ -215,6 +216,8 @@ class RunConfig:
             return "it runs with dist=single only"
         if self.train.gradient_checkpointing:
             return "capturing activation checkpointing is not supported; set train.gradient_checkpointing=false"
+        if self.train.activation_offload:
+            return "train.activation_offload copies to the host in every step; set it to false"
         if self.peft.method in ("loha", "lokr") and (self.peft.rank_dropout or self.peft.module_dropout):
             return ("peft.rank_dropout and peft.module_dropout draw on the host at every forward (a replayed graph "
                     "would repeat one draw); set them to 0")  # fmt: skip

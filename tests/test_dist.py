@@ -326,3 +326,30 @@ def test_fsdp_ranks_load_their_shards_only(runs, name):
     for rank in (0, 1):
         loads = json.loads((runs[name] / f"loads_rank{rank}.json").read_text())
         assert loads == ({"meta": 1, "whole": 0} if sharded else {"meta": 0, "whole": 1}), (rank, loads)
+
+
+def gather_worker(rank, world, init_file, out_file):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from ftcore.train.parallel import whole_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    got = {}
+    for rows in (5, 4, 1):  # uneven shards, even ones, and a rank with no rows
+        full = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
+        whole = whole_tensor(distribute_tensor(full, mesh, [Shard(0)]))
+        got[rows] = None if whole is None else whole.tolist()
+    (Path(out_file).parent / f"{Path(out_file).name}.{rank}").write_text(json.dumps(got))
+    dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_whole_tensor_gathers_every_rows_shard_on_rank_0_only(tmp_path):
+    """The export's gather: rank 0 receives each rank's rows into one tensor (torch.chunk's uneven shards too);
+    the other ranks get nothing."""
+    mp.spawn(gather_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "got")), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"got.{r}").read_text()) for r in (0, 1))
+    assert rank0 == {str(n): torch.arange(n * 3.0).reshape(n, 3).tolist() for n in (5, 4, 1)}
+    assert rank1 == {"5": None, "4": None, "1": None}

@@ -17,13 +17,14 @@ SMOLLM2_135M = {
     "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0, "max_position_embeddings": 8192,
     "bos_token_id": 1, "eos_token_id": 2,
 }  # fmt: skip
-# TinyLlama-1.1B's shape: 1.10B parameters, 22 layers, GQA 32/4, untied embeddings (its own lm_head).
-TINYLLAMA_1B = {
-    **LLAMA_1B, "vocab_size": 32000, "intermediate_size": 5632, "num_hidden_layers": 22, "num_key_value_heads": 4,
+# TinyLlama-1.1B's body (22 layers, GQA 32/4, intermediate 5632) with untied embeddings, and SmolLM2's
+# vocabulary (49152: the bench's tokenizer) for both: 1.17B parameters, lm_head its own tensor.
+UNTIED_1B = {
+    **LLAMA_1B, "vocab_size": 49152, "intermediate_size": 5632, "num_hidden_layers": 22, "num_key_value_heads": 4,
     "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False, "bos_token_id": 1,
     "eos_token_id": 2,
 }  # fmt: skip
-RANDOM_SHAPES = {"llama-1b": LLAMA_1B, "tinyllama-1.1b": TINYLLAMA_1B, "smollm2-135m": SMOLLM2_135M}
+RANDOM_SHAPES = {"llama-1b": LLAMA_1B, "llama-1b-untied": UNTIED_1B, "smollm2-135m": SMOLLM2_135M}
 
 
 def resolve_model(ref: str, tmp: Path) -> Path:

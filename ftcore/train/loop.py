@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -242,7 +243,11 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
         rank=world.rank, seed=cfg.data.seed + cfg.train.seed, bucketing=cfg.data.bucketing and not cfg.data.packing,
     )  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
-    eager = EagerStep(model, optimizer, world, cfg.train.precision, cfg.optim.grad_clip, train_model, method_step)
+    if cfg.train.activation_offload and world.device.type != "cuda":
+        warnings.warn(f"train.activation_offload: a no-op on {world.device.type} (activations are in host memory "
+                      "already)", stacklevel=2)  # fmt: skip
+    eager = EagerStep(model, optimizer, world, cfg.train.precision, cfg.optim.grad_clip, train_model, method_step,
+                      cfg.train.activation_offload)  # fmt: skip
     step = eager
     if cfg.train.cuda_graph:  # the whole step captured once and replayed; other shapes run eagerly
         step = GraphedStep(model, optimizer, eager, cfg.train.precision, cfg.optim.grad_clip)

@@ -213,9 +213,10 @@ def gather_model(model: nn.Module, world: World, frozen: bool = True) -> nn.Modu
     if frozen:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:  # one trainable at a time, the frozen shards never gathered (the state dict API gathers them all first)
-        state = {n: whole_tensor(p).cpu() for n, p in model.named_parameters() if n in trainable}
+        state = {n: whole_tensor(p) for n, p in model.named_parameters() if n in trainable}
     if world.rank != 0:
         return None
+    state = {n: t.cpu() for n, t in state.items()}
     with torch.device("meta"):
         whole = Transformer(model.cfg)
     for name, layer in model.named_modules():  # a quantized base: the same quantized layers, to take the whole tensors
@@ -244,8 +245,26 @@ def gather_model(model: nn.Module, world: World, frozen: bool = True) -> nn.Modu
     return whole.to(world.device).train(model.training) if frozen else whole
 
 
-def whole_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A parameter's whole tensor: an FSDP2 shard (DTensor) all-gathered (every rank calls it), else itself."""
-    from torch.distributed.tensor import DTensor
+def whole_tensor(t: torch.Tensor) -> torch.Tensor | None:
+    """A parameter's whole tensor on rank 0, None on the others (every rank calls it together).
 
-    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+    An FSDP2 shard (a DTensor sharded by rows over all ranks): each rank sends its rows and rank 0 receives
+    them in place into one buffer, so rank 0 holds one whole tensor and the others nothing more (full_tensor()
+    would all-gather it to every rank, and copy it once more). Other layouts (HSDP): full_tensor(). Not a
+    DTensor: the tensor itself.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t.detach()
+    mesh, rank = t.device_mesh, dist.get_rank()
+    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or mesh.size() != dist.get_world_size():
+        full = t.full_tensor()
+        return full if rank == 0 else None
+    world, local = mesh.size(), t.to_local().detach()
+    rows = -(-t.shape[0] // world)  # FSDP2's shards: torch.chunk's, the last ones shorter (or empty)
+    if local.shape[0] != rows:
+        local = torch.cat([local, local.new_zeros(rows - local.shape[0], *local.shape[1:])])
+    full = local.new_empty(rows * world, *local.shape[1:]) if rank == 0 else None
+    dist.gather(local.contiguous(), list(full.chunk(world)) if rank == 0 else None, dst=0)
+    return full[: t.shape[0]] if rank == 0 else None

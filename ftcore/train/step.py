@@ -53,6 +53,11 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
     return torch.autocast(device.type, dtype=AUTOCAST[precision], cache_enabled=cache_enabled)
 
 
+def saved_on_host():
+    """Autograd's saved tensors in pinned host memory until backward (copied back then): activation offloading."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
+
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to the global grad norm (over every rank's shards under FSDP2); the norm before clipping, on device."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -67,14 +72,16 @@ class EagerStep:
     """The step as plain PyTorch: forward and backward per micro-batch, then clip, (unscale,) step, zero."""
 
     def __init__(self, model: nn.Module, optimizer, world: World, precision: str = "fp32", grad_clip: float = 1.0,
-                 train_model: nn.Module | None = None, method=None):  # fmt: skip
+                 train_model: nn.Module | None = None, method=None, activation_offload: bool = False):  # fmt: skip
         """model: the (possibly FSDP2-sharded) Transformer; train_model: what forward runs on (DDP's wrapper);
         method: what a PEFT method adds to the step (AdaLoRA's AdaLoraStep: regularizer() joins the loss of
         the last micro-batch once per step, after_step() runs after the update, before the gradients go; COFT's
-        OftStep projects the FSDP2 shards after the update)."""
+        OftStep projects the FSDP2 shards after the update). activation_offload (CUDA): the tensors autograd
+        saves for backward go to pinned host memory in forward and come back in backward (save_on_cpu)."""
         self.model, self.train_model, self.method = model, train_model or model, method
         self.optimizer, self.world, self.grad_clip = optimizer, world, grad_clip
         self.device = world.device
+        self.offload = activation_offload and self.device.type == "cuda"
         self.autocast = autocast(self.device, precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
@@ -83,7 +90,7 @@ class EagerStep:
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             with grad_sync(self.train_model, last):
-                with self.autocast:
+                with self.autocast, saved_on_host() if self.offload else nullcontext():
                     loss_sum, _ = batch_loss_sum(self.train_model, batch, self.device)
                 loss = loss_sum / step_tokens * self.world.size
                 extra = self.method.regularizer() if self.method is not None and last else None
