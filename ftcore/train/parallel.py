@@ -265,6 +265,13 @@ def whole_tensor(t: torch.Tensor) -> torch.Tensor | None:
     rows = -(-t.shape[0] // world)  # FSDP2's shards: torch.chunk's, the last ones shorter (or empty)
     if local.shape[0] != rows:
         local = torch.cat([local, local.new_zeros(rows - local.shape[0], *local.shape[1:])])
-    full = local.new_empty(rows * world, *local.shape[1:]) if rank == 0 else None
-    dist.gather(local.contiguous(), list(full.chunk(world)) if rank == 0 else None, dst=0)
-    return full[: t.shape[0]] if rank == 0 else None
+    if rank != 0:
+        dist.send(local.contiguous(), dst=0)
+        return None
+    full = local.new_empty(rows * world, *local.shape[1:])
+    for src, chunk in enumerate(full.chunk(world)):  # received in place (gloo's gather would copy once more)
+        if src == 0:
+            chunk.copy_(local)
+        else:
+            dist.recv(chunk, src=src)
+    return full[: t.shape[0]]
