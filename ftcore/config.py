@@ -160,7 +160,7 @@ class EvalConfig:
 @dataclass
 class DistConfig:
     backend: str = "single"  # single | ddp | fsdp (launch ddp/fsdp with torchrun)
-    timeout_minutes: int = 60  # how long ranks wait at a collective (e.g. while rank 0 evaluates alone)
+    timeout_minutes: int = 60  # how long ranks wait at a collective (e.g. while rank 0 writes final/)
     # HSDP (dist=fsdp): N replicas of the model, each sharded over world / N ranks (e.g. N nodes, shard within a node)
     replicate: int = 1
     cpu_offload: bool = False  # dist=fsdp: sharded parameters, gradients and optimizer state on the host (FSDP2)

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -322,16 +323,19 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
         hf = dict(getattr(model, "hf_config", None) or config_to_hf(model.cfg))
         hf["torch_dtype"] = hf["dtype"] = str(next(iter(params.values())).dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    for fname, shard in zip(names, shards):
-        specs = {k: (tuple(p.shape), p.dtype) for k, p in shard.items()}  # a DTensor's shape is the whole one's
-        out = StreamedSafetensors(tmp / fname, specs) if writer else None
-        for name, p in shard.items():
-            t = p.detach() if whole is None else whole(p)
-            if out is not None:
-                out.write(name, t)
-            del t
-        if out is not None:
-            out.close()
+    try:
+        for fname, shard in zip(names, shards):
+            specs = {k: (tuple(p.shape), p.dtype) for k, p in shard.items()}  # a DTensor's shape is the whole one's
+            with StreamedSafetensors(tmp / fname, specs) if writer else nullcontext() as out:
+                for name, p in shard.items():
+                    t = p.detach() if whole is None else whole(p)
+                    if out is not None:
+                        out.write(name, t)
+                    del t
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if not writer:
         return out_dir
     if len(shards) > 1:

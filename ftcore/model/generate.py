@@ -56,7 +56,7 @@ def generate(
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
-    device = model.embed_tokens.weight.device
+    device = model.inv_freq.device  # a buffer: on the compute device also when FSDP2 keeps parameters on the host
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     tokens, mask = left_pad(prompts, pad_id, device)
     B, L = tokens.shape

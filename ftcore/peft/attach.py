@@ -114,7 +114,8 @@ def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
 def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) -> nn.Module:
     """Freeze the base model and attach `cfg.method` in place; returns the model.
 
-    Call it after the base weights are loaded (DoRA's magnitude and the prompt inits read them).
+    Call it after the base weights are loaded when the init reads them (init_reads_base); sharded loading
+    attaches the layers on the meta device with init=False and takes the init from a stand-in (sharded_load.py).
     tokenizer: only for prompt_init="text" (an ftcore Tokenizer; else loaded from cfg.tokenizer_path).
     init=False skips the adapter init (load_adapter overwrites the values anyway).
     """

@@ -404,22 +404,29 @@ def _load_whole_into_shards(ckpt_dir: Path, model, optimizer, rank: int) -> dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     st = _trainable_file(ckpt_dir, model)  # every rank checks names and shapes, so all fail together
-    model_sd, optim_sd, state = {}, {}, None
+    model_sd, optim_sd, state, error = {}, {}, None, None
     if rank == 0:
-        state = load_torch(ckpt_dir / "state.pt")
-        model_sd = {name: st.get(name) for name in st.names()}
-        if optimizer is not None:
-            optim_sd = _optimizer_by_name(state.pop("optimizer"), model, optimizer)
-        set_rng_state(state["rng"])
-    box = [state]
-    dist.broadcast_object_list(box, src=0)  # the sampler and loop state, small
+        try:
+            state = load_torch(ckpt_dir / "state.pt")
+            saved_optimizer, rng = state.pop("optimizer"), state.pop("rng")
+            model_sd = {name: st.get(name) for name in st.names()}
+            if optimizer is not None:
+                optim_sd = _optimizer_by_name(saved_optimizer, model, optimizer)
+            set_rng_state(rng)
+        except FtcoreError as e:
+            error = str(e)
+    box = [(state, error)]
+    dist.broadcast_object_list(box, src=0)  # the sampler and loop state, small (or rank 0's error)
+    state, error = box[0]
+    if error is not None:
+        raise FtcoreError(error)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, ignore_frozen_params=True,
                                strict=False)  # fmt: skip
     # separately: set_state_dict would take the other ranks' empty model dict for "optimizer only"
     set_model_state_dict(model, model_sd, options=options)
     if optimizer is not None:
         set_optimizer_state_dict(model, [optimizer], optim_sd, options=options)
-    return box[0]
+    return state
 
 
 def _optimizer_by_name(saved: dict, model: torch.nn.Module, optimizer) -> dict:

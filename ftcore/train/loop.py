@@ -7,9 +7,11 @@ resumed run needs to continue bit for bit (trainable params, optimizer, scaler, 
 
 Under torchrun (dist=ddp|fsdp) every rank runs this same function on its share of each global batch
 (the sampler is sharded by rank); token counts and loss sums are all-reduced, so the step loss is
-the global batch's, as one process would compute it. Rank 0 alone logs, writes files and evaluates.
+the global batch's, as one process would compute it. Rank 0 alone logs and writes files; every rank
+takes part in the evaluations and the export (a share of the generations; its shards).
 """
 
+import gc
 import json
 import math
 import os
@@ -205,7 +207,14 @@ def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) ->
         parallelize(base, world, cfg.train.precision, cfg.dist.replicate, cfg.dist.cpu_offload)
         materialize(base, run.base_dir, DTYPES[cfg.model.dtype], world.device, None)
     baseline = evaluate_task(base, tokenizer, data.splits[cfg.eval.split], cfg.data, cfg.eval, world.device, world)
-    del base
+    if base is not model:  # freed now (FSDP2's hooks make a reference cycle), before the run's shards are made
+        for module in base.modules():
+            if hasattr(module, "reshard"):
+                module.reshard()
+        del base
+        gc.collect()
+        if world.device.type == "cuda":
+            torch.cuda.empty_cache()
     if run.rank0:
         path.write_text(json.dumps(baseline, indent=2) + "\n")
     return baseline
@@ -265,6 +274,11 @@ def resume(run: Run, trainer: Trainer, path: Path):
     if saved_world != world.size:
         world.print(f"resuming a {saved_world}-process checkpoint with {world.size}: the data order is the same "
                     "(it follows the global batch); dropout's random draws are not")  # fmt: skip
+        if run.cfg.train.eval_batches and world.rank == 0:
+            n = run.cfg.train.eval_batches
+            warnings.warn(f"train.eval_batches={n} is per process: validation scores up to {n * world.size} batches "
+                          f"now, {n * saved_world} before, so val_loss (the best checkpoint, early stopping) "
+                          "compares over other examples; train.eval_batches=0 scores the whole split", stacklevel=2)
     trainer.scaler.load_state_dict(saved["scaler"])
     trainer.sampler.load_state_dict(saved["sampler"])
     trainer.state = LoopState(**saved["loop"])

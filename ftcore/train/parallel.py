@@ -6,7 +6,7 @@
     whole = gather_model(model, world)                    # rank 0: the unsharded model (all shards), else None
     save_pretrained(model, out, whole=whole_tensor, writer=world.rank == 0)  # streamed: one whole tensor at a time
 
-FSDP2 (`fully_shard` per block, then the root) and DDP both average gradients over ranks; the step
+FSDP2 (`fully_shard` per block, on untied embeddings, then the root) and DDP both average gradients over ranks; the step
 scales its loss by the world size so that average is the sum over the global batch (see step.py). The
 loss is computed inside the model's forward, so neither wrapper needs a special case.
 Single-process runs get a World of size 1 whose collectives are identities.
@@ -258,10 +258,11 @@ def whole_tensor(t: torch.Tensor) -> torch.Tensor | None:
     if not isinstance(t, DTensor):
         return t.detach()
     mesh, rank = t.device_mesh, dist.get_rank()
+    local = t.to_local().detach().to(mesh.device_type)  # dist.cpu_offload keeps shards on the host; NCCL needs a GPU
     if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or mesh.size() != dist.get_world_size():
-        full = t.full_tensor()
+        full = DTensor.from_local(local, mesh, t.placements, shape=t.shape, stride=t.stride()).full_tensor()
         return full if rank == 0 else None
-    world, local = mesh.size(), t.to_local().detach()
+    world = mesh.size()
     rows = -(-t.shape[0] // world)  # FSDP2's shards: torch.chunk's, the last ones shorter (or empty)
     if local.shape[0] != rows:
         local = torch.cat([local, local.new_zeros(rows - local.shape[0], *local.shape[1:])])

@@ -8,13 +8,15 @@
 Each rank reads only the rows of its own shards from the safetensors files (pread at the shard's byte
 offset: FSDP2 shards a parameter by rows, and a row range is one contiguous byte range), converted to
 the run's dtype, so a rank's memory is its shards plus one shard-sized read; nothing is sent between
-ranks. We chose this over rank 0 reading and scattering each tensor: it reads every byte once in total,
-needs no communication, and rank 0 never holds more than the others.
+ranks. We chose this over rank 0 reading and scattering each tensor: it reads every byte once in total
+(once per replica under HSDP), needs no communication, and rank 0 never holds more than the others.
 The adapter's parameters come from the same seeded init a 1-process run draws (peft.apply on a
 stand-in of the base whose weights are zero-stride views, which costs no memory): every rank computes
 the same whole adapter (it is small) and keeps its shards. Methods whose init reads the base weights
 (peft.init_reads_base) and a quantized base (quantized as it is read) load the whole base instead.
 """
+
+import warnings
 
 import torch
 from torch import nn
@@ -91,7 +93,9 @@ def adapter_init(model: nn.Module, peft_cfg: PeftConfig, tokenizer, dtype: torch
             module.register_parameter(name, nn.Parameter(zeros, requires_grad=False))
     stand_in.tie_weights()
     stand_in.reset_buffers(torch.device("cpu"))
-    peft.apply(stand_in, peft_cfg, tokenizer=tokenizer)
+    with warnings.catch_warnings():  # the method's warnings were given when it was attached to the run's model
+        warnings.simplefilter("ignore")
+        peft.apply(stand_in, peft_cfg, tokenizer=tokenizer)
     peft.trainables_to_float32(stand_in)
     return dict(stand_in.named_parameters()), dict(stand_in.named_buffers())
 

@@ -54,8 +54,20 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
 
 
 def saved_on_host():
-    """Autograd's saved tensors in pinned host memory until backward (copied back then): activation offloading."""
-    return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    """Activation offloading: the tensors autograd saves for backward, in pinned host memory until backward
+    (copied back then); parameters (also FSDP2's gathered ones) stay where they are: they are not activations."""
+
+    def pack(t: torch.Tensor):
+        if isinstance(t, nn.Parameter) or t.device.type == "cpu":
+            return t
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return t.device, host
+
+    def unpack(saved):
+        return saved if isinstance(saved, torch.Tensor) else saved[1].to(saved[0], non_blocking=True)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -76,8 +88,8 @@ class EagerStep:
         """model: the (possibly FSDP2-sharded) Transformer; train_model: what forward runs on (DDP's wrapper);
         method: what a PEFT method adds to the step (AdaLoRA's AdaLoraStep: regularizer() joins the loss of
         the last micro-batch once per step, after_step() runs after the update, before the gradients go; COFT's
-        OftStep projects the FSDP2 shards after the update). activation_offload (CUDA): the tensors autograd
-        saves for backward go to pinned host memory in forward and come back in backward (save_on_cpu)."""
+        OftStep projects the FSDP2 shards after the update). activation_offload (CUDA): the activations autograd
+        saves for backward go to pinned host memory in forward and come back in backward (saved_on_host)."""
         self.model, self.train_model, self.method = model, train_model or model, method
         self.optimizer, self.world, self.grad_clip = optimizer, world, grad_clip
         self.device = world.device
