@@ -25,6 +25,7 @@ def plain_step(model, optimizer):
 
 
 @needs_cuda
+@pytest.mark.cuda
 def test_offloaded_steps_equal_the_plain_ones_on_a_gpu(monkeypatch):
     data = [{k: v.cuda() for k, v in b.items()} for b in batches(8)]
     moved = []
