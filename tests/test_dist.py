@@ -62,10 +62,11 @@ DIST_RUNS = {"fsdp_full": ("fsdp", "full"), "fsdp_lora": ("fsdp", "lora"), "fsdp
              "ddp_adalora": ("ddp", "adalora"), "fsdp_adalora": ("fsdp", "adalora"), "fsdp_oft": ("fsdp", "oft"),
              "fsdp_lily": ("fsdp", "lily"), "fsdp_ptuning": ("fsdp", "ptuning"), "fsdp_boft": ("fsdp", "boft"),
              "fsdp_qlora": ("fsdp", "qlora"), "hsdp_lora": ("fsdp", "lora"), "fsdp_lora_offload": ("fsdp", "lora"),
-             "fsdp_full_untied": ("fsdp", "full_untied")}  # fmt: skip
+             "fsdp_full_untied": ("fsdp", "full_untied"), "hsdp_full": ("fsdp", "full")}  # fmt: skip
 # dist settings of a run beyond the backend: HSDP as 2 replicas of 1 shard each (the 2-D mesh's all-reduce across
-# replicas), and FSDP2's CPU offload policy
-DIST_OPTIONS = {"hsdp_lora": {"replicate": 2}, "fsdp_lora_offload": {"cpu_offload": True}}
+# replicas; the full fine-tune's export gathers from it), and FSDP2's CPU offload policy
+DIST_OPTIONS = {"hsdp_lora": {"replicate": 2}, "hsdp_full": {"replicate": 2},
+                "fsdp_lora_offload": {"cpu_offload": True}}  # fmt: skip
 # methods resumed across world sizes: a run checkpointed by 1 process continues on 2, and one by 2 on 1
 RESHARDED = ("lora", "full")
 
