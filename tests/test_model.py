@@ -56,7 +56,7 @@ def test_kv_cache_matches_full_forward(hf_checkpoint, variant):
     path, _ = hf_checkpoint(variant)
     model = load_model(path).eval()
     tokens = torch.randint(0, VOCAB, (2, 20))
-    cache = KVCache(model.cfg, 2, 32, torch.float32, "cpu")
+    cache = KVCache(model.cfg, 2, 32, torch.float32)
     with torch.no_grad():
         full = model(tokens)
         parts = [model(tokens[:, :12], kv_cache=cache)]

@@ -128,37 +128,18 @@ def load_weights(model: Transformer, model_dir, dtype=torch.float32, device="cpu
     quant: the decoder's linear weights become Linear4bit layers, each quantized as it is read (then its
     pages are released), so the peak is the quantized model plus about one full-precision tensor.
     """
-    model_dir = Path(model_dir)
-    expected = {hf_name(n): p.shape for n, p in model.named_parameters()}  # tied lm_head appears once
     quantized = set() if quant is None else {hf_name(f"{n}.weight") for n in decoder_linears(model)}
-    files = [SafetensorsFile(f) for f in _shard_files(model_dir)]
-    tied_head = model.cfg.tie_word_embeddings
-    state, four_bit, seen = {}, {}, set()
-    for st in files:
-        for name in st.names():
-            if tied_head and name == "lm_head.weight":
-                continue  # HF ignores a stored lm_head when embeddings are tied
-            if name not in expected:
-                raise FtcoreError(f"{st.path}: unexpected tensor {name!r} (not a parameter of this model)")
-            if st.shape(name) != tuple(expected[name]):
-                raise FtcoreError(
-                    f"{st.path}: tensor {name!r} has shape {list(st.shape(name))}, expected {list(expected[name])}"
-                )
-            t = st.get(name)
-            if name in quantized:
-                four_bit[our_name(name)] = Linear4bit.from_weight(t.to(device), None, quant, f"{st.path}: {name}", dtype)
-                st.release(name)
-                seen.add(name)
-                continue
-            if t.dtype != dtype or torch.device(device).type != "cpu":
-                t = t.to(device=device, dtype=dtype, copy=True)
-                st.release(name)
-            state[our_name(name)] = t
-            seen.add(name)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FtcoreError(f"{model_dir}: checkpoint is missing tensor {missing[0]!r}{more}")
+    state, four_bit = {}, {}
+    for name, (st, stored) in checkpoint_tensors(model_dir, model).items():
+        t = st.get(stored)
+        if stored in quantized:
+            four_bit[name] = Linear4bit.from_weight(t.to(device), None, quant, f"{st.path}: {stored}", dtype)
+            st.release(stored)
+            continue
+        if t.dtype != dtype or torch.device(device).type != "cpu":
+            t = t.to(device=device, dtype=dtype, copy=True)
+            st.release(stored)
+        state[name] = t
     for weight_name, layer in four_bit.items():  # swap each nn.Linear for its 4-bit layer, with its bias
         module = weight_name.removesuffix(".weight")
         bias = state.pop(f"{module}.bias", None)
@@ -277,9 +258,28 @@ def load_meta(path_or_repo_id, dtype=torch.float32):
     return model, Tokenizer.from_dir(model_dir), model_dir
 
 
-def checkpoint_files(model_dir) -> dict[str, tuple[SafetensorsFile, str]]:
-    """Every tensor of an HF-layout checkpoint by our name -> (the open safetensors file holding it, its name there)."""
-    return {our_name(n): (st, n) for st in map(SafetensorsFile, _shard_files(Path(model_dir))) for n in st.names()}
+def checkpoint_tensors(model_dir, model: Transformer) -> dict[str, tuple[SafetensorsFile, str]]:
+    """The checkpoint's tensors by our parameter name -> (the open safetensors file, the name there), checked
+    against the model's parameters (a meta-device model will do): none unexpected, none missing, the same whole
+    shapes. A stored lm_head of tied embeddings is skipped, as HF skips it."""
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied lm_head appears once
+    tensors = {}
+    for st in map(SafetensorsFile, _shard_files(Path(model_dir))):
+        for stored in st.names():
+            if model.cfg.tie_word_embeddings and stored == "lm_head.weight":
+                continue
+            name = our_name(stored)
+            if name not in expected:
+                raise FtcoreError(f"{st.path}: unexpected tensor {stored!r} (not a parameter of this model)")
+            if st.shape(stored) != expected[name]:
+                raise FtcoreError(f"{st.path}: tensor {stored!r} has shape {list(st.shape(stored))}, expected "
+                                  f"{list(expected[name])}")  # fmt: skip
+            tensors[name] = (st, stored)
+    missing = sorted(hf_name(n) for n in set(expected) - set(tensors))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FtcoreError(f"{model_dir}: checkpoint is missing tensor {missing[0]!r}{more}")
+    return tensors
 
 
 def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", quant: QuantSpec | None = None):

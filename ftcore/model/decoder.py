@@ -114,20 +114,18 @@ class KVCache:
     Prompt tuning's soft tokens are (the first model.num_virtual_tokens slots, filled on prefill).
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype | None, device):
-        """dtype None: each layer's cache takes its first keys' dtype (bf16 under FSDP2's mixed precision)."""
-        self.shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [None if dtype is None else torch.zeros(self.shape, dtype=dtype, device=device)
-                  for _ in range(cfg.num_layers)]  # fmt: skip
-        self.v = list(self.k) if dtype is None else [torch.zeros(self.shape, dtype=dtype, device=device)
-                                                     for _ in range(cfg.num_layers)]  # fmt: skip
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype | None = None):
+        """Each layer's cache is made at its first keys, on their device, in `dtype` or else theirs (bf16 under
+        FSDP2's mixed precision)."""
+        self.shape, self.dtype = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim), dtype
+        self.k, self.v = [None] * cfg.num_layers, [None] * cfg.num_layers
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, n_kv, T, hd] at the current length; return all filled keys and values."""
         if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(self.shape)
-            self.v[layer] = v.new_zeros(self.shape)
+            self.k[layer] = k.new_zeros(self.shape, dtype=self.dtype or k.dtype)
+            self.v[layer] = v.new_zeros(self.shape, dtype=self.dtype or v.dtype)
         start, end = self.length, self.length + k.shape[2]
         if end > self.shape[2]:
             raise FtcoreError(f"KV cache overflow: {end} tokens > max_len {self.shape[2]}")

@@ -61,7 +61,7 @@ def generate(
     tokens, mask = left_pad(prompts, pad_id, device)
     B, L = tokens.shape
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    cache = KVCache(model.cfg, B, L + max_new_tokens + model_extra_tokens(model), None, device) if use_cache else None
+    cache = KVCache(model.cfg, B, L + max_new_tokens + model_extra_tokens(model)) if use_cache else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out = []

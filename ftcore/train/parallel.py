@@ -6,9 +6,9 @@
     whole = gather_model(model, world)                    # rank 0: the unsharded model (all shards), else None
     save_pretrained(model, out, whole=whole_tensor, writer=world.rank == 0)  # streamed: one whole tensor at a time
 
-FSDP2 (`fully_shard` per block, on untied embeddings, then the root) and DDP both average gradients over ranks; the step
-scales its loss by the world size so that average is the sum over the global batch (see step.py). The
-loss is computed inside the model's forward, so neither wrapper needs a special case.
+FSDP2 (`fully_shard` per block, on untied embeddings, then the root) and DDP both average gradients over
+ranks; the step scales its loss by the world size so that average is the sum over the global batch (see
+step.py). The loss is computed inside the model's forward, so neither wrapper needs a special case.
 Single-process runs get a World of size 1 whose collectives are identities.
 """
 

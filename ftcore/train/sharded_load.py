@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from ftcore import peft
-from ftcore.errors import FtcoreError
-from ftcore.formats.hf import build_model, checkpoint_files, hf_name
+from ftcore.formats.hf import build_model, checkpoint_tensors
 from ftcore.peft.config import PeftConfig
 
 
@@ -55,31 +54,19 @@ def local(param: torch.Tensor) -> torch.Tensor:
 def fill_from_checkpoint(model: nn.Module, model_dir, dtype: torch.dtype) -> set[str]:
     """Copy this rank's rows of every checkpoint tensor into the (materialized) model; return the names filled.
 
-    Names and whole shapes are checked as the whole-model load checks them. A tensor is read in the
-    checkpoint's dtype, cast to `dtype` (model.dtype) and then to the parameter's (the float32 trainables of
-    full fine-tuning), as the whole-model load followed by the float32 cast computes it.
+    Names and whole shapes are checked as the whole-model load checks them (checkpoint_tensors). A tensor is
+    read in the checkpoint's dtype, cast to `dtype` (model.dtype) and then to the parameter's (the float32
+    trainables of full fine-tuning), as the whole-model load followed by the float32 cast computes it.
     """
-    files = checkpoint_files(model_dir)
-    stand_in = build_model(model.cfg)
+    stand_in = build_model(model.cfg)  # the base's parameters, by name and whole shape
     stand_in.tie_weights()
-    base = {n for n, _ in stand_in.named_parameters()}  # a tied lm_head appears once, as embed_tokens
-    tied = model.cfg.tie_word_embeddings
-    for name, (st, stored) in files.items():
-        if name not in base and not (tied and name == "lm_head.weight"):  # HF ignores a stored head when tied
-            raise FtcoreError(f"{st.path}: unexpected tensor {stored!r} (not a parameter of this model)")
-    missing = sorted(base - set(files))
-    if missing:
-        raise FtcoreError(f"{model_dir}: checkpoint is missing tensor {hf_name(missing[0])!r}")
-    for name, p in model.named_parameters():
-        if name not in base:
-            continue  # the method's own parameters
-        st, stored = files[name]
-        if st.shape(stored) != tuple(p.shape):
-            raise FtcoreError(f"{st.path}: tensor {stored!r} has shape {list(st.shape(stored))}, "
-                              f"expected {list(p.shape)}")  # fmt: skip
+    tensors = checkpoint_tensors(model_dir, stand_in)
+    params = dict(model.named_parameters())
+    for name, (st, stored) in tensors.items():
+        p = params[name]
         start, stop = local_rows(p)
         local(p).copy_(st.read_rows(stored, start, stop).to(dtype).to(p.dtype))
-    return base
+    return set(tensors)
 
 
 @torch.no_grad()
