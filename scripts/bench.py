@@ -89,6 +89,9 @@ def parse_args(argv=None):
                         "process vs 2 (dist=fsdp, torchrun), and rank 0's during the final export (a named shape "
                         "gets random weights of --dtype written first)")
     p.add_argument("--method", choices=["lora", "full"], default="lora", help="--dist-memory: the run's peft method")
+    p.add_argument("--mmap-threshold", type=int, default=0,
+                   help="--dist-memory: glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for both runs: freed tensors from that "
+                        "size up leave the RSS (default 0: glibc's own, dynamic up to 32 MiB)")
     p.add_argument("--freeze", action="append", default=[],
                    help="--dist-memory --method full: a parameter glob kept frozen (repeatable; the export writes all)")
     p.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
@@ -194,7 +197,8 @@ def dist_memory(args) -> int:
                 shutil.copy(resolve(DEMO_MODEL) / name, model_dir / name)
         else:
             model_dir = resolve(args.model)
-        runs, commands = run_both(model_dir, ROOT / "scripts" / "train.py", tmp, args.method, dtype, args.freeze)
+        runs, commands = run_both(model_dir, ROOT / "scripts" / "train.py", tmp, args.method, dtype, args.freeze,
+                                  args.mmap_threshold)  # fmt: skip
         commands = [c.replace(str(tmp), "$TMP").replace(sys.executable, "python") for c in commands]
     name = args.model if random else Path(args.model).name.split(".gguf")[0]
     notes = [*(["random weights"] if random else []), *args.note]

@@ -132,17 +132,24 @@ def launcher(world: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
 
 
-def run_both(model_dir: Path, train_script: Path, tmp: Path, method: str, dtype: str,
-             freeze=()) -> tuple[dict, list[str]]:  # fmt: skip
-    """The 1-process and the 2-process run, each rank probed; ({backend: {ranks, wall_s}}, the commands)."""
+def run_both(model_dir: Path, train_script: Path, tmp: Path, method: str, dtype: str, freeze=(),
+             mmap_threshold: int = 0) -> tuple[dict, list[str]]:  # fmt: skip
+    """The 1-process and the 2-process run, each rank probed; ({backend: {ranks, wall_s}}, the commands).
+
+    mmap_threshold > 0: both runs under glibc's MALLOC_MMAP_THRESHOLD_ (bytes): allocations from that size up are
+    mapped and unmapped when freed. By default glibc raises the threshold to each freed mapping's size (up to
+    32 MiB), after which freed 1-32 MiB tensors stay in the heap, in the RSS, as much as they are reused.
+    """
     paths = [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # the ranks import this module by name
+    malloc = {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold else {}
+    env.update(malloc)
     runs, commands = {}, []
     for backend, world in RUNS.items():
         out = tmp / "probe" / backend
         cmd = [*launcher(world), "-m", "ftcore.bench.dist_memory", str(out), str(train_script),
                *overrides(model_dir, tmp, method, dtype, world, freeze)]  # fmt: skip
-        commands.append(shlex.join(cmd))
+        commands.append(" ".join([*(f"{k}={v}" for k, v in malloc.items()), shlex.join(cmd)]))
         start = time.perf_counter()
         r = subprocess.run(cmd, env=env, cwd=train_script.parents[1], capture_output=True, text=True)
         if r.returncode:

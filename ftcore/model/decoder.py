@@ -267,6 +267,7 @@ class Transformer(nn.Module):
         self.register_module("prefix_encoder", None)
         self.register_module("prompt_encoder", None)
         self.loss_chunk_size = 0  # lm_head + cross-entropy in chunks of N target tokens; 0 = plain (set_fast_paths)
+        self.vocab_stream = None  # VocabStream: frozen tables used from their FSDP2 shards (set by parallelize)
 
     def set_fast_paths(self, fused_kernels: bool, loss_chunk_size: int):
         """The speed switches (same values up to rounding; a new model runs the eager references)."""
@@ -321,7 +322,13 @@ class Transformer(nn.Module):
 
         select_targets=False keeps every shape fixed and the device free of host syncs (CUDA graphs).
         """
-        x = self.embed_tokens(tokens) if input_embeds is None else input_embeds
+        stream = self.vocab_stream
+        if input_embeds is not None:
+            x = input_embeds
+        elif stream is not None and stream.embed:
+            x = stream.embedding(self.embed_tokens.weight, tokens)
+        else:
+            x = self.embed_tokens(tokens)
         B, T, _ = x.shape
         if prefix_kv is None and self.prefix_encoder is not None:
             prefix_kv = self.prefix_encoder(B)
@@ -347,5 +354,7 @@ class Transformer(nn.Module):
             kv_cache.length += x.shape[1]
         x = self.norm(x[:, -T:])  # the real tokens
         if targets is not None:
-            return token_loss_sum(self.lm_head, x, targets, self.loss_chunk_size, select_targets)
+            return token_loss_sum(self.lm_head, x, targets, self.loss_chunk_size, select_targets, stream)
+        if stream is not None and stream.head:
+            return stream.logits(self.lm_head.weight, x)
         return self.lm_head(x)

@@ -34,17 +34,20 @@ def batch_loss_sum(model, batch: dict, device, select_targets: bool = True) -> t
 
 
 def token_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                   select_targets: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   select_targets: bool = True, stream=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(summed CE of head(hidden) against targets, target count); hidden [B, T, D], targets [B, T].
 
     select_targets: only positions with a target go through lm_head (with the loss on answers only, a small
     fraction of the tokens); False projects every position with the ignored ones masked, for fixed shapes.
+    stream: a VocabStream whose `head` is set: head.weight used from its FSDP2 shards (vocab_stream.py).
     """
     keep = targets != IGNORE  # [B, T]
     if select_targets:
         h, t = hidden[keep], targets[keep]  # [N, D], [N]
     else:
         h, t = hidden.flatten(0, 1), targets.flatten()
+    if stream is not None and stream.head:
+        return stream.loss_sum(head.weight, h, t), keep.sum()
     return lm_head_loss(head, h, t, chunk_size), keep.sum()
 
 

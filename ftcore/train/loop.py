@@ -204,6 +204,7 @@ def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) ->
     base = model
     if run.base_dir is not None:
         base, _, _ = load_meta(run.base_dir, DTYPES[cfg.model.dtype])
+        base.requires_grad_(False)  # evaluated only: FSDP2 leaves its token table and lm_head sharded (streamed)
         parallelize(base, world, cfg.train.precision, cfg.dist.replicate, cfg.dist.cpu_offload)
         materialize(base, run.base_dir, DTYPES[cfg.model.dtype], world.device, None)
     baseline = evaluate_task(base, tokenizer, data.splits[cfg.eval.split], cfg.data, cfg.eval, world.device, world)

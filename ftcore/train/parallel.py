@@ -6,7 +6,7 @@
     whole = gather_model(model, world)                    # rank 0: the unsharded model (all shards), else None
     save_pretrained(model, out, whole=whole_tensor, writer=world.rank == 0)  # streamed: one whole tensor at a time
 
-FSDP2 (`fully_shard` per block, on untied embeddings, then the root) and DDP both average gradients over
+FSDP2 (`fully_shard` per block, on the token table and lm_head, then the root) and DDP both average gradients over
 ranks; the step scales its loss by the world size so that average is the sum over the global batch (see
 step.py). The loss is computed inside the model's forward, so neither wrapper needs a special case.
 Single-process runs get a World of size 1 whose collectives are identities.
@@ -151,9 +151,10 @@ def parallelize(model: nn.Module, world: World, precision: str = "fp32", replica
     """What the train step calls: the model (single, or sharded in place by FSDP2) or its DDP wrapper.
 
     Apply PEFT, the float32 cast of trainable parameters and activation checkpointing first.
-    FSDP2: one group per block, one for untied embeddings, then the root (final norm, lm_head (with the
-    embeddings when tied), prefix/prompt encoders); the root stays gathered from the first forward to the
-    end of backward. With precision=bf16 the gathered parameters are bf16 and gradients reduce in fp32.
+    FSDP2: one group per block; a frozen token table and lm_head in a group that is never gathered (each rank
+    broadcasts its rows block by block where they are used: model/vocab_stream.py); a trainable untied table in
+    its own group; then the root (final norm, a trainable lm_head (with the embeddings when tied), prefix/prompt
+    encoders), which stays gathered from the first forward to the end of backward. With precision=bf16 the gathered parameters are bf16 and gradients reduce in fp32.
     replicate > 1 (HSDP): a 2-D mesh [replicate, world / replicate]; each replica shards the model over its
     row of ranks and gradients are reduce-scattered within it, then all-reduced across replicas.
     cpu_offload: FSDP2's CPUOffloadPolicy (sharded parameters, gradients, optimizer state on the host).
@@ -179,10 +180,29 @@ def parallelize(model: nn.Module, world: World, precision: str = "fp32", replica
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
         for block in model.layers:
             fully_shard(block, **options)
-        if not model.cfg.tie_word_embeddings:  # gathered for the lookup only; a tied one is lm_head's too: the root's
+        stream = vocab_stream(model, precision)
+        streamed = [m for m, on in ((model.embed_tokens, stream.embed), (model.lm_head, stream.head)) if on]
+        if streamed:  # one group that is never gathered: its rows are broadcast block by block where used
+            fully_shard(streamed, **options)
+            model.vocab_stream = stream
+        if not model.cfg.tie_word_embeddings and not stream.embed:  # gathered for the lookup only
             fully_shard(model.embed_tokens, **options)
-        fully_shard(model, **options)
+        fully_shard(model, **options)  # the rest; a trainable tied table is lm_head's too: the root's
+        if world.device.type == "cpu":  # no streams to overlap with: free each all-gather buffer at its copy-out
+            model._set_unshard_async_op(True)  # (synchronous, FSDP2 keeps it until the next one, for CUDA streams)
     return model
+
+
+def vocab_stream(model: nn.Module, precision: str):
+    """Which of the token table and lm_head FSDP2 leaves sharded, used block by block (model/vocab_stream.py):
+    each one that is frozen and plain (nn.Embedding, bias-free nn.Linear: no adapter over it)."""
+    from ftcore.model.vocab_stream import VocabStream
+
+    embed = type(model.embed_tokens) is nn.Embedding and not model.embed_tokens.weight.requires_grad
+    head = type(model.lm_head) is nn.Linear and model.lm_head.bias is None and not model.lm_head.weight.requires_grad
+    if model.cfg.tie_word_embeddings:
+        embed = head = embed and head
+    return VocabStream(embed, head, dtype=torch.bfloat16 if precision == "bf16" else None)
 
 
 def grad_sync(train_model: nn.Module, sync: bool):
