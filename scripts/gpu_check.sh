@@ -15,7 +15,7 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 status=0
 if [[ $stage == all || $stage == tests ]]; then
   python3 -m pytest -q -rs -m cuda tests/test_ops.py tests/test_lora_fused.py tests/test_cuda_graph.py \
-    tests/test_activation_offload.py \
+    tests/test_activation_offload.py tests/test_vocab_stream.py \
     2>&1 | tee "$out/cuda_tests.log" || status=1
 fi
 if [[ $stage == all || $stage == bench ]]; then

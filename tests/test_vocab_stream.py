@@ -42,28 +42,32 @@ def reference(weight, hidden, targets, ids) -> dict:
             "dh": h.grad}  # fmt: skip
 
 
-def stream_worker(rank, world, init_file, out_dir):
+def stream_worker(rank, world, init_file, out_dir, device="cpu"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from ftcore.model.vocab_stream import VocabStream
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)  # fmt: skip
     errors = {}
     for mesh_shape, placements in (((world,), [Shard(0)]), ((1, world), [Replicate(), Shard(0)])):  # FSDP2, HSDP
-        mesh = init_device_mesh("cpu", mesh_shape)
+        mesh = init_device_mesh(device, mesh_shape)
         for n in (7, TOKENS[rank]):
             for dtype in (torch.float32, torch.bfloat16):
                 weight = whole_weight()
                 hidden, targets, ids = rank_inputs(rank, n)
                 ref = reference(weight.to(dtype).double(), hidden.to(dtype).double(), targets, ids)
-                shard = distribute_tensor(weight.float(), mesh, placements)
+                shard = distribute_tensor(weight.float().to(device), mesh, placements)
                 stream = VocabStream(embed=True, head=True, dtype=dtype, rows=ROWS, token_chunk=CHUNK)
-                h = hidden.to(dtype).requires_grad_(True)
-                loss = stream.loss_sum(shard, h, targets)
+                h = hidden.to(device, dtype).requires_grad_(True)
+                loss = stream.loss_sum(shard, h, targets.to(device))
                 (loss * 2.0).backward()
-                got = {"embed": stream.embedding(shard, ids), "logits": stream.logits(shard, hidden.to(dtype)),
-                       "loss": loss.detach(), "dh": h.grad / 2.0}  # fmt: skip
+                got = {"embed": stream.embedding(shard, ids.to(device)), "loss": loss.detach(), "dh": h.grad / 2.0,
+                       "logits": stream.logits(shard, hidden.to(device, dtype))}  # fmt: skip
+                got = {k: v.cpu() for k, v in got.items()}
                 key = f"{len(mesh_shape)}d n={n} {dtype}"
                 errors[key] = {k: (got[k].double() - ref[k]).abs().max().item() if ref[k].numel() else 0.0
                                for k in ref}  # fmt: skip
@@ -76,8 +80,22 @@ def stream_worker(rank, world, init_file, out_dir):
 @pytest.mark.dist
 def test_streamed_tables_equal_the_whole_tables(tmp_path):
     mp.spawn(stream_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        errors = json.loads((tmp_path / f"errors.{rank}.json").read_text())
+    check(tmp_path, ranks=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streamed_tables_on_a_gpu_with_nccl(tmp_path):
+    """The same on the GPUs there are (NCCL's broadcast; CUDA matmuls), 2 processes where 2 GPUs are, else 1."""
+    world = min(torch.cuda.device_count(), 2)
+    mp.spawn(stream_worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path), "cuda"), nprocs=world,
+             join=True)  # fmt: skip
+    check(tmp_path, ranks=world)
+
+
+def check(out_dir: Path, ranks: int):
+    for rank in range(ranks):
+        errors = json.loads((out_dir / f"errors.{rank}.json").read_text())
         assert len(errors) == 8, errors
         for key, err in errors.items():
             assert all(err.pop("shapes")), key
