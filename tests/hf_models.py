@@ -18,6 +18,15 @@ VARIANTS = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
     # rows of whole 64-blocks everywhere (model.quantize's default block), biases included
     "llama_quant": ("LlamaConfig", dict(num_key_value_heads=2, intermediate_size=128, attention_bias=True)),
+    # per-head q/k norms, biases, layer 1 sliding (a window shorter than the tests' sequences)
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, attention_bias=True, use_sliding_window=True,
+                                  sliding_window=8, max_window_layers=1)),
+    "qwen3_tied": ("Qwen3Config", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    # q/k norms over the whole projections, norms on the sublayers' outputs
+    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2, attention_bias=True)),
+    # layer 1 without RoPE (NoPE), and that layer sliding
+    "smollm3": ("SmolLM3Config", dict(num_key_value_heads=2, num_hidden_layers=3, no_rope_layers=[1, 0, 1],
+                                      use_sliding_window=True, sliding_window=8, attention_bias=True, pad_token_id=0)),
 }  # fmt: skip
 
 

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hf_models import VARIANTS
 
-from ftcore.formats.hf import load_model
+from ftcore.data.format import IGNORE
+from ftcore.formats.hf import load_model, save_pretrained
 from ftcore.model import KVCache
 
 VOCAB = 97
@@ -22,7 +24,10 @@ def test_logits_match_transformers(hf_checkpoint, variant):
     assert expected.abs().max().item() > 0.5  # the comparison is not between near-zero tensors
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen2", "mistral_window"])
+NEW_FAMILIES = ["qwen3", "olmo2", "smollm3"]
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen2", "mistral_window", *NEW_FAMILIES])
 def test_left_padded_logits_match_transformers(hf_checkpoint, variant):
     path, ref = hf_checkpoint(variant)
     model = load_model(path).eval()
@@ -51,7 +56,7 @@ def test_sliding_window_changes_long_sequences(hf_checkpoint):
     assert (windowed[:, 8:] - full[:, 8:]).abs().max() > 1e-3  # beyond it: the window matters
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen2", *NEW_FAMILIES])
 def test_kv_cache_matches_full_forward(hf_checkpoint, variant):
     path, _ = hf_checkpoint(variant)
     model = load_model(path).eval()
@@ -71,3 +76,40 @@ def test_tied_embeddings_share_storage(hf_checkpoint):
     assert model.lm_head.weight is model.embed_tokens.weight
     untied = load_model(hf_checkpoint("llama_gqa_llama3")[0])
     assert untied.lm_head.weight is not untied.embed_tokens.weight
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_llama3", "llama_tied", *NEW_FAMILIES, "qwen3_tied"])
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_training_loss_equals_cross_entropy_over_transformers_logits(hf_checkpoint, variant, chunk):
+    """The loss inside forward (plain, or chunked over 7 target tokens at a time) against F.cross_entropy over
+    transformers' logits, with left padding and ignored positions."""
+    path, ref = hf_checkpoint(variant)
+    model = load_model(path).eval()
+    model.loss_chunk_size = chunk
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=g)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :6] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    targets = torch.randint(0, VOCAB, (2, 24), generator=g)
+    targets[mask == 0] = IGNORE
+    targets[0, :4] = IGNORE
+    with torch.no_grad():
+        logits = ref(tokens, attention_mask=mask, position_ids=positions).logits
+        expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        loss, count = model(tokens, attention_mask=mask, position_ids=positions, targets=targets)
+    assert count.item() == (targets != IGNORE).sum().item()
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+
+
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+def test_saved_model_loads_in_transformers_with_equal_logits(hf_checkpoint, variant, tmp_path):
+    import transformers
+
+    path, ref = hf_checkpoint(variant)
+    model = load_model(path).eval()
+    save_pretrained(model, tmp_path / "saved")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    tokens = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert (back(tokens).logits - ref(tokens).logits).abs().max().item() < 1e-5

@@ -86,6 +86,26 @@ def test_error_unsupported_architecture(ckpt):
         load_model(ckpt)
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+     "unsupported rope_scaling type 'yarn'; supported: default, linear, llama3"),
+    ({"architectures": ["SmolLM3ForCausalLM"], "no_rope_layers": [1]},
+     "no_rope_layers has 1 entries for num_hidden_layers=2"),
+    ({"architectures": ["Qwen3ForCausalLM"], "use_sliding_window": True, "sliding_window": 4,
+      "layer_types": ["full_attention"]}, "layer_types has 1 entries for 2 layers"),
+    ({"architectures": ["Qwen3ForCausalLM"], "use_sliding_window": True, "sliding_window": 4,
+      "layer_types": ["full_attention", "chunked_attention"]},
+     "unsupported layer type 'chunked_attention'; supported: full_attention, sliding_attention"),
+])  # fmt: skip
+def test_error_family_config_values(ckpt, change, message):
+    """A value of a family's config that the decoder cannot honour: one line naming it (and the file)."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(FtcoreError, match="config.json: " + message.replace("(", r"\(")) as e:
+        load_model(ckpt)
+    assert "\n" not in str(e.value)
+
+
 def test_error_missing_tensor(ckpt):
     rewrite_tensors(ckpt, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(FtcoreError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):

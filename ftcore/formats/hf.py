@@ -22,14 +22,16 @@ from ftcore.quant.linear import Linear4bit, QuantSpec
 from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3"}  # fmt: skip
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types they must have
     **dict.fromkeys(SIZES, int), "num_key_value_heads": int | None, "head_dim": int | None,
     "max_position_embeddings": int, "sliding_window": int | None, "rms_norm_eps": float, "rope_theta": float,
     "rope_parameters": dict | None, "rope_scaling": dict | None, "tie_word_embeddings": bool,
     "attention_bias": bool, "mlp_bias": bool, "use_sliding_window": bool, "architectures": list[str] | None,
-    "model_type": str | None, "hidden_act": str,
+    "model_type": str | None, "hidden_act": str, "layer_types": list[str] | None, "max_window_layers": int | None,
+    "no_rope_layers": list[int] | None, "no_rope_layer_interval": int,
 }  # fmt: skip
 
 
@@ -58,11 +60,8 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             raise FtcoreError(f"{path}: missing key {key!r}")
         if hf[key] <= 0:
             raise FtcoreError(f"{path}: {key}={hf[key]}: expected a positive integer")
-    archs = hf.get("architectures") or [
-        {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            hf.get("model_type"), str(hf.get("model_type"))
-        )
-    ]
+    by_type = {v: k for k, v in ARCHITECTURES.items()}
+    archs = hf.get("architectures") or [by_type.get(hf.get("model_type"), str(hf.get("model_type")))]
     if archs[0] not in ARCHITECTURES:
         raise FtcoreError(
             f"{path}: unsupported architecture {archs[0]!r}; supported: {', '.join(ARCHITECTURES)}"
@@ -77,9 +76,14 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     check_types({"rope_parameters.rope_theta": theta}, {"rope_parameters.rope_theta": float}, path)
     attention_bias = hf.get("attention_bias", False)
-    sliding = 0
-    if model_type == "mistral" or (model_type == "qwen2" and hf.get("use_sliding_window")):
-        sliding = hf.get("sliding_window") or 0
+    sliding, layer_types = windows(hf, model_type, path)
+    nope = []
+    if model_type == "smollm3":  # no_rope_layers[i] = 1: layer i uses RoPE (default: every 4th one does not)
+        n, every = hf["num_hidden_layers"], hf.get("no_rope_layer_interval", 4)
+        uses = hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
+        if len(uses) != n:
+            raise FtcoreError(f"{path}: no_rope_layers has {len(uses)} entries for num_hidden_layers={n}")
+        nope = [i for i, use in enumerate(uses) if not use]
     try:
         cfg = ModelConfig(
             vocab_size=hf["vocab_size"],
@@ -98,6 +102,10 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             o_bias=attention_bias,
             mlp_bias=hf.get("mlp_bias", False),
             sliding_window=sliding,
+            layer_types=layer_types,
+            qk_norm={"qwen3": "head", "olmo2": "proj"}.get(model_type, ""),
+            block_norms="post" if model_type == "olmo2" else "pre",
+            nope_layers=nope,
         )
     except FtcoreError as e:  # a value ModelConfig refuses (heads not a multiple of the kv heads, a rope type)
         raise FtcoreError(f"{path}: {e}") from None
@@ -351,9 +359,30 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     return out_dir
 
 
+def windows(hf: dict, model_type: str, path) -> tuple[int, list[str]]:
+    """(sliding_window, layer_types) as transformers reads them: Mistral slides on every layer; Qwen2/3 and
+    SmolLM3 only with use_sliding_window, on the layers layer_types names (Qwen: default from max_window_layers on;
+    SmolLM3: the NoPE layers). Llama and OLMo 2 never slide."""
+    if model_type == "mistral":
+        return hf.get("sliding_window") or 0, []
+    if model_type not in ("qwen2", "qwen3", "smollm3") or not hf.get("use_sliding_window"):
+        return 0, []
+    window, n = hf.get("sliding_window") or 0, hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is None and model_type == "smollm3":
+        raise FtcoreError(f"{path}: use_sliding_window=true without layer_types; expected a layer type per layer")
+    if types is None:
+        first = hf.get("max_window_layers") or 0
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return window, list(types)
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     """A config.json for a model that was not loaded from one (e.g. built in a test)."""
-    arch = "Qwen2ForCausalLM" if cfg.qkv_bias and not cfg.o_bias else "LlamaForCausalLM"
+    if cfg.qk_norm or cfg.nope_layers or cfg.layer_types:
+        arch = {"head": "Qwen3ForCausalLM", "proj": "Olmo2ForCausalLM"}.get(cfg.qk_norm, "SmolLM3ForCausalLM")
+    else:
+        arch = "Qwen2ForCausalLM" if cfg.qkv_bias and not cfg.o_bias else "LlamaForCausalLM"
     hf = {
         "architectures": [arch],
         "model_type": ARCHITECTURES[arch],
@@ -373,4 +402,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
     if arch == "LlamaForCausalLM":
         hf.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    elif arch != "Qwen2ForCausalLM":
+        hf.update(attention_bias=cfg.o_bias)
+    if cfg.layer_types:
+        hf.update(use_sliding_window=True, sliding_window=cfg.sliding_window, layer_types=cfg.layer_types)
+    if arch == "SmolLM3ForCausalLM":
+        hf["no_rope_layers"] = [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]
     return hf

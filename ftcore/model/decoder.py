@@ -1,4 +1,5 @@
-"""One Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2 and SmolLM2 differ only by ModelConfig.
+"""One Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2/3, OLMo 2, SmolLM2/3 differ only by ModelConfig
+(per-layer sliding windows, q/k norms, post-norm blocks, NoPE layers).
 
 Module and parameter names follow the Hugging Face layout minus its leading `model.`
 (`layers.3.self_attn.q_proj.weight`), so checkpoints map by one rule (weights.py) and PEFT
@@ -8,6 +9,7 @@ target-module names (`q_proj`, `down_proj`, ...) mean the same thing here as in 
                             v   [soft prompt; x]   prompt_encoder: the prompt-tuning hook
       ┌── Block x N ─────────────────────────────────────────────────────┐
       │ x + o_proj(SDPA(rope(q), [prefix_k; cache_k; rope(k)], [...v]))  │  prefix_kv: the prefix-tuning hook
+      │   (q, k normed first with qk_norm; no rope on nope_layers)       │
       │ x + down_proj(silu(gate_proj(x)) * up_proj(x))                   │
       └──────────────────────────────────────────────────────────────────┘
                             v
@@ -34,6 +36,9 @@ from ftcore.model import ops
 from ftcore.model.loss import token_loss_sum
 
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+QK_NORMS = ("", "head", "proj")
+BLOCK_NORMS = ("pre", "post")
 
 
 @dataclass
@@ -54,6 +59,12 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int = 0  # Mistral; 0 = full attention
+    # per layer "full_attention" | "sliding_attention" (Qwen2/3, SmolLM3); empty: every layer slides when
+    # sliding_window > 0 (Mistral)
+    layer_types: list = field(default_factory=list)
+    qk_norm: str = ""  # RMSNorm on q and k before RoPE: "head" over each head (Qwen3), "proj" over all (OLMo 2)
+    block_norms: str = "pre"  # "pre": x + f(norm(x)) (Llama); "post": x + norm(f(x)) (OLMo 2)
+    nope_layers: list = field(default_factory=list)  # layers that skip RoPE (SmolLM3's NoPE layers)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -65,6 +76,21 @@ class ModelConfig:
         rope_type = self.rope_scaling.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise FtcoreError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise FtcoreError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        unknown = set(self.layer_types) - set(LAYER_TYPES)
+        if unknown:
+            raise FtcoreError(f"unsupported layer type {sorted(unknown)[0]!r}; supported: {', '.join(LAYER_TYPES)}")
+        for key, allowed in (("qk_norm", QK_NORMS), ("block_norms", BLOCK_NORMS)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise FtcoreError(f"{key}={value!r}; supported: {', '.join(map(repr, allowed))}")
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s attention window (0: all earlier tokens)."""
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return 0
+        return self.sliding_window
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -143,6 +169,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # Qwen3: over each head's hd; OLMo 2: over the whole projection
+            self.q_norm = RMSNorm(self.hd if cfg.qk_norm == "head" else self.n_heads * self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd if cfg.qk_norm == "head" else self.n_kv * self.hd, cfg.rms_norm_eps)
+        self.use_rope = layer_idx not in cfg.nope_layers
         self.fused_kernels = False  # RoPE through kernels/ on CUDA tensors
 
     def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None, alive=None):
@@ -153,10 +184,16 @@ class Attention(nn.Module):
         (the prefix-tuning hook); `mask` must then cover the P prefix columns first.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        q, k = self.q_proj(x), self.k_proj(x)  # [B, T, H * hd], [B, T, Hkv * hd]
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, self.n_heads, self.hd), k.view(B, T, self.n_kv, self.hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = ops.rope(q, cos, sin, self.fused_kernels), ops.rope(k, cos, sin, self.fused_kernels)  # rotate halves
+        if self.use_rope:  # (SmolLM3's NoPE layers: none)
+            q, k = ops.rope(q, cos, sin, self.fused_kernels), ops.rope(k, cos, sin, self.fused_kernels)  # rotate halves
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, Hkv, S_cache, hd]
         if prefix_kv is not None:
@@ -185,14 +222,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """block_norms="pre" (Llama): input_layernorm before attention, post_attention_layernorm before the MLP;
+    "post" (OLMo 2): post_attention_layernorm on attention's output, post_feedforward_layernorm on the MLP's,
+    inside the residual (HF's names in both)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norms = cfg.block_norms == "post"
+        if not self.post_norms:
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if self.post_norms:
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None, alive=None):
+        if self.post_norms:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, kv_cache, prefix_kv, alive))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix_kv, alive)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -347,8 +395,10 @@ class Transformer(nn.Module):
                 soft_pos = torch.arange(soft, device=x.device)[None].expand(B, soft)
                 position_ids = torch.cat([soft_pos, position_ids], dim=1)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
-        mask, alive = build_mask(x.shape[1], past, prefix, attention_mask, self.cfg.sliding_window, x.device)
+        windows = [self.cfg.window(i) for i in range(len(self.layers))]
+        masks = {w: build_mask(x.shape[1], past, prefix, attention_mask, w, x.device) for w in set(windows)}
         for i, layer in enumerate(self.layers):
+            mask, alive = masks[windows[i]]  # (mask, alive) of the layer's window
             x = layer(x, cos, sin, mask, kv_cache, None if prefix_kv is None else prefix_kv[i], alive)
         if kv_cache is not None:
             kv_cache.length += x.shape[1]
