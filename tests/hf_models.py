@@ -27,6 +27,11 @@ VARIANTS = {
     # layer 1 without RoPE (NoPE), and that layer sliding
     "smollm3": ("SmolLM3Config", dict(num_key_value_heads=2, num_hidden_layers=3, no_rope_layers=[1, 0, 1],
                                       use_sliding_window=True, sliding_window=8, attention_bias=True, pad_token_id=0)),
+    # every Gemma 2 switch: sandwich norms (1 + w), GeGLU, embeddings * sqrt(hidden), query_pre_attn_scalar,
+    # attention and final-logit soft-capping (small caps, so that they bind), layer 0 sliding over 8 tokens
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=8,
+                                    pad_token_id=0)),
 }  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from ftcore import peft
 from ftcore.data.collate import collate
 from ftcore.data.format import IGNORE
 from ftcore.model import ModelConfig, Transformer
-from ftcore.model.loss import batch_loss_sum, chunkable, linear_cross_entropy
+from ftcore.model.loss import batch_loss_sum, chunkable, linear_cross_entropy, softcap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,6 +42,25 @@ def test_matches_plain_fp32(chunk, train_weight):
         torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
     else:
         assert got[2] is None
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_soft_capped_logits_match_plain_fp32(chunk):
+    """Gemma 2's final soft-cap (cap * tanh(logits / cap)) inside the chunked loss: loss and both gradients equal
+    autograd through the capped plain path; the cap (2.0, well under the logits' range) binds."""
+    N, D, V, cap = 37, 16, 101, 2.0
+    hidden, weight = torch.randn(N, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[::5] = IGNORE
+
+    def capped(h, w, t):
+        return F.cross_entropy(softcap(F.linear(h, w), cap).float(), t, ignore_index=IGNORE, reduction="sum")
+
+    ref = grads(capped, hidden, weight, targets)
+    got = grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk, cap), hidden, weight, targets)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    assert (ref[0] - plain(hidden, weight, targets)).abs() > 1.0  # the cap changes the loss
 
 
 def test_no_grad_and_all_ignored():

@@ -24,7 +24,7 @@ def test_logits_match_transformers(hf_checkpoint, variant):
     assert expected.abs().max().item() > 0.5  # the comparison is not between near-zero tensors
 
 
-NEW_FAMILIES = ["qwen3", "olmo2", "smollm3"]
+NEW_FAMILIES = ["qwen3", "olmo2", "smollm3", "gemma2"]
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen2", "mistral_window", *NEW_FAMILIES])

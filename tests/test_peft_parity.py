@@ -32,7 +32,7 @@ CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "hra", "hra_gs",
 CASES += [("lora_embed", "llama_tied")]
 # q/k norms, post-norms, NoPE (PEFT has no default LN-tuning targets for OLMo 2 and SmolLM3)
 CASES += [("lora", "qwen3"), ("ln_tuning", "qwen3"), ("lora", "olmo2"), ("ln_tuning_regex", "olmo2"), ("lora", "smollm3"),
-          ("ln_tuning_regex", "smollm3")]  # fmt: skip  # the embedding's adapter acts on the lookup only, lm_head keeps the base
+          ("ln_tuning_regex", "smollm3"), ("lora", "gemma2"), ("ln_tuning", "gemma2")]  # fmt: skip  # the embedding's adapter acts on the lookup only, lm_head keeps the base
 
 
 @pytest.fixture(scope="module")

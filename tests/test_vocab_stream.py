@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ftcore.data.format import IGNORE
+from ftcore.model.loss import softcap
 
 V, D, ROWS, CHUNK = 37, 8, 5, 4
 TOKENS = {0: 9, 1: 0}  # per rank; rank 1 has no target tokens in the second case
@@ -33,10 +34,10 @@ def rank_inputs(rank: int, n: int):
     return hidden, targets, ids
 
 
-def reference(weight, hidden, targets, ids) -> dict:
-    """The whole table's ops in float64."""
+def reference(weight, hidden, targets, ids, cap: float = 0.0) -> dict:
+    """The whole table's ops in float64 (the loss over soft-capped logits when cap > 0)."""
     h = hidden.clone().requires_grad_(True)
-    loss = F.cross_entropy(F.linear(h, weight), targets, ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(softcap(F.linear(h, weight), cap), targets, ignore_index=IGNORE, reduction="sum")
     loss.backward()
     return {"embed": F.embedding(ids, weight), "logits": F.linear(hidden, weight), "loss": loss.detach(),
             "dh": h.grad}  # fmt: skip
@@ -55,20 +56,20 @@ def stream_worker(rank, world, init_file, out_dir, device="cpu"):
     errors = {}
     for mesh_shape, placements in (((world,), [Shard(0)]), ((1, world), [Replicate(), Shard(0)])):  # FSDP2, HSDP
         mesh = init_device_mesh(device, mesh_shape)
-        for n in (7, TOKENS[rank]):
+        for n, cap in ((7, 0.0), (TOKENS[rank], 0.0), (7, 1.5)):
             for dtype in (torch.float32, torch.bfloat16):
                 weight = whole_weight()
                 hidden, targets, ids = rank_inputs(rank, n)
-                ref = reference(weight.to(dtype).double(), hidden.to(dtype).double(), targets, ids)
+                ref = reference(weight.to(dtype).double(), hidden.to(dtype).double(), targets, ids, cap)
                 shard = distribute_tensor(weight.float().to(device), mesh, placements)
                 stream = VocabStream(embed=True, head=True, dtype=dtype, rows=ROWS, token_chunk=CHUNK)
                 h = hidden.to(device, dtype).requires_grad_(True)
-                loss = stream.loss_sum(shard, h, targets.to(device))
+                loss = stream.loss_sum(shard, h, targets.to(device), cap)
                 (loss * 2.0).backward()
                 got = {"embed": stream.embedding(shard, ids.to(device)), "loss": loss.detach(), "dh": h.grad / 2.0,
                        "logits": stream.logits(shard, hidden.to(device, dtype))}  # fmt: skip
                 got = {k: v.cpu() for k, v in got.items()}
-                key = f"{len(mesh_shape)}d n={n} {dtype}"
+                key = f"{len(mesh_shape)}d n={n} cap={cap} {dtype}"
                 errors[key] = {k: (got[k].double() - ref[k]).abs().max().item() if ref[k].numel() else 0.0
                                for k in ref}  # fmt: skip
                 errors[key]["shapes"] = [list(got[k].shape) == list(ref[k].shape) for k in ref]
@@ -96,7 +97,7 @@ def test_streamed_tables_on_a_gpu_with_nccl(tmp_path):
 def check(out_dir: Path, ranks: int):
     for rank in range(ranks):
         errors = json.loads((out_dir / f"errors.{rank}.json").read_text())
-        assert len(errors) == 8, errors
+        assert len(errors) == 12, errors
         for key, err in errors.items():
             assert all(err.pop("shapes")), key
             dtype = "float32" if "float32" in key else "bfloat16"

@@ -23,7 +23,9 @@ from ftcore.schema import check_types
 from ftcore.textfile import read_json_object
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3"}  # fmt: skip
+                 "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3",
+                 "Gemma2ForCausalLM": "gemma2"}  # fmt: skip
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config.json's hidden_act -> ModelConfig.mlp_act
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types they must have
     **dict.fromkeys(SIZES, int), "num_key_value_heads": int | None, "head_dim": int | None,
@@ -31,7 +33,9 @@ CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types 
     "rope_parameters": dict | None, "rope_scaling": dict | None, "tie_word_embeddings": bool,
     "attention_bias": bool, "mlp_bias": bool, "use_sliding_window": bool, "architectures": list[str] | None,
     "model_type": str | None, "hidden_act": str, "layer_types": list[str] | None, "max_window_layers": int | None,
-    "no_rope_layers": list[int] | None, "no_rope_layer_interval": int,
+    "no_rope_layers": list[int] | None, "no_rope_layer_interval": int, "hidden_activation": str | None,
+    "query_pre_attn_scalar": float | None, "final_logit_softcapping": float | None,
+    "attn_logit_softcapping": float | None,
 }  # fmt: skip
 
 
@@ -67,8 +71,10 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             f"{path}: unsupported architecture {archs[0]!r}; supported: {', '.join(ARCHITECTURES)}"
         )
     model_type = ARCHITECTURES[archs[0]]
-    if hf.get("hidden_act", "silu") != "silu":
-        raise FtcoreError(f"{path}: hidden_act {hf['hidden_act']!r} unsupported; expected 'silu'")
+    act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"  # Gemma's, or everyone's
+    act = hf.get(act_key, "silu")
+    if act not in ACTIVATIONS:
+        raise FtcoreError(f"{path}: {act_key} {act!r} unsupported; supported: {', '.join(ACTIVATIONS)}")
     # transformers >= 5 writes rope_parameters; older checkpoints write rope_theta + rope_scaling.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     if "type" in rope and "rope_type" not in rope:
@@ -97,15 +103,18 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             rope_theta=theta,
             rope_scaling=rope if rope.get("rope_type", "default") != "default" else {},
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", model_type == "gemma2"),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
             mlp_bias=hf.get("mlp_bias", False),
             sliding_window=sliding,
             layer_types=layer_types,
             qk_norm={"qwen3": "head", "olmo2": "proj"}.get(model_type, ""),
-            block_norms="post" if model_type == "olmo2" else "pre",
+            block_norms={"olmo2": "post", "gemma2": "sandwich"}.get(model_type, "pre"),
             nope_layers=nope,
+            mlp_act=ACTIVATIONS[act],
+            norm_style={"olmo2": "float32_scale", "gemma2": "unit_offset"}.get(model_type, "llama"),
+            **(gemma(hf) if model_type == "gemma2" else {}),
         )
     except FtcoreError as e:  # a value ModelConfig refuses (heads not a multiple of the kv heads, a rope type)
         raise FtcoreError(f"{path}: {e}") from None
@@ -359,12 +368,24 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
     return out_dir
 
 
+def gemma(hf: dict) -> dict:
+    """Gemma 2's ModelConfig fields beyond the shared ones."""
+    scalar = hf.get("query_pre_attn_scalar") or 256
+    return dict(embed_scale=hf["hidden_size"] ** 0.5,
+                attn_scale=scalar**-0.5, attn_softcap=hf.get("attn_logit_softcapping") or 0.0,
+                logit_softcap=hf.get("final_logit_softcapping") or 0.0)  # fmt: skip
+
+
 def windows(hf: dict, model_type: str, path) -> tuple[int, list[str]]:
     """(sliding_window, layer_types) as transformers reads them: Mistral slides on every layer; Qwen2/3 and
     SmolLM3 only with use_sliding_window, on the layers layer_types names (Qwen: default from max_window_layers on;
     SmolLM3: the NoPE layers). Llama and OLMo 2 never slide."""
     if model_type == "mistral":
         return hf.get("sliding_window") or 0, []
+    if model_type == "gemma2":  # default: every other layer, from the first
+        n = hf["num_hidden_layers"]
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        return hf.get("sliding_window") or 0, list(types)
     if model_type not in ("qwen2", "qwen3", "smollm3") or not hf.get("use_sliding_window"):
         return 0, []
     window, n = hf.get("sliding_window") or 0, hf["num_hidden_layers"]

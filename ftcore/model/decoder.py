@@ -33,12 +33,14 @@ from torch import nn
 
 from ftcore.errors import FtcoreError
 from ftcore.model import ops
-from ftcore.model.loss import token_loss_sum
+from ftcore.model.loss import softcap, token_loss_sum
 
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 QK_NORMS = ("", "head", "proj")
-BLOCK_NORMS = ("pre", "post")
+BLOCK_NORMS = ("pre", "post", "sandwich")
+NORM_STYLES = ("llama", "float32_scale", "unit_offset")
+MLP_ACTS = ("silu", "gelu_tanh")
 
 
 @dataclass
@@ -63,8 +65,16 @@ class ModelConfig:
     # sliding_window > 0 (Mistral)
     layer_types: list = field(default_factory=list)
     qk_norm: str = ""  # RMSNorm on q and k before RoPE: "head" over each head (Qwen3), "proj" over all (OLMo 2)
-    block_norms: str = "pre"  # "pre": x + f(norm(x)) (Llama); "post": x + norm(f(x)) (OLMo 2)
+    block_norms: str = "pre"  # "pre": x + f(norm(x)) (Llama); "post": x + norm(f(x)) (OLMo 2); "sandwich": both
     nope_layers: list = field(default_factory=list)  # layers that skip RoPE (SmolLM3's NoPE layers)
+    # RMSNorm's scale: "llama" casts back, then * w; "float32_scale": * w in float32, then cast (OLMo 2);
+    # "unit_offset": * (1 + w) in float32 (Gemma: w starts at 0)
+    norm_style: str = "llama"
+    mlp_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    embed_scale: float = 1.0  # token embeddings * this (Gemma: sqrt(hidden_size), in the embeddings' dtype)
+    attn_scale: float = 0.0  # q.k scale; 0: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float = 0.0  # attention scores -> cap * tanh(scores / cap) before the mask (Gemma 2); 0: off
+    logit_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) (Gemma 2); 0: off
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -81,7 +91,8 @@ class ModelConfig:
         unknown = set(self.layer_types) - set(LAYER_TYPES)
         if unknown:
             raise FtcoreError(f"unsupported layer type {sorted(unknown)[0]!r}; supported: {', '.join(LAYER_TYPES)}")
-        for key, allowed in (("qk_norm", QK_NORMS), ("block_norms", BLOCK_NORMS)):
+        for key, allowed in (("qk_norm", QK_NORMS), ("block_norms", BLOCK_NORMS), ("norm_style", NORM_STYLES),
+                             ("mlp_act", MLP_ACTS)):  # fmt: skip
             value = getattr(self, key)
             if value not in allowed:
                 raise FtcoreError(f"{key}={value!r}; supported: {', '.join(map(repr, allowed))}")
@@ -122,15 +133,20 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, style: str = "llama"):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.style = eps, style
+        self.weight = nn.Parameter(torch.zeros(dim) if style == "unit_offset" else torch.ones(dim))
         self.fused_kernels = False  # kernels/ on CUDA tensors (Transformer.set_fast_paths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32, cast back before the scale (as HF Llama does); see ops.rms_norm_eager.
-        return ops.rms_norm(x, self.weight, self.eps, self.fused_kernels)
+        return self.norm_with(x, self.weight)
+
+    def norm_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This norm with `weight` as its scale (LN tuning's trained copy)."""
+        if self.style == "llama":  # normalize in float32, cast back before the scale (HF Llama); ops.rms_norm_eager
+            return ops.rms_norm(x, weight, self.eps, self.fused_kernels)
+        return ops.rms_norm_float32_scale(x, weight, self.eps, 1.0 if self.style == "unit_offset" else 0.0)
 
 
 class KVCache:
@@ -171,9 +187,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:  # Qwen3: over each head's hd; OLMo 2: over the whole projection
-            self.q_norm = RMSNorm(self.hd if cfg.qk_norm == "head" else self.n_heads * self.hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.hd if cfg.qk_norm == "head" else self.n_kv * self.hd, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(self.hd if cfg.qk_norm == "head" else self.n_heads * self.hd, cfg.rms_norm_eps,
+                                  cfg.norm_style)  # fmt: skip
+            self.k_norm = RMSNorm(self.hd if cfg.qk_norm == "head" else self.n_kv * self.hd, cfg.rms_norm_eps,
+                                  cfg.norm_style)  # fmt: skip
         self.use_rope = layer_idx not in cfg.nope_layers
+        self.scale = cfg.attn_scale or None  # None: SDPA's head_dim ** -0.5
+        self.softcap = cfg.attn_softcap
         self.fused_kernels = False  # RoPE through kernels/ on CUDA tensors
 
     def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None, alive=None):
@@ -200,13 +220,29 @@ class Attention(nn.Module):
             pk, pv = prefix_kv
             k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
         gqa = self.n_heads != self.n_kv
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if self.softcap:
+            y = softcapped_attention(q, k, v, mask, self.scale or self.hd**-0.5, self.softcap)
+        elif mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.scale)
         if alive is not None:
             y = y * alive  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """softmax(cap * tanh(q k^T * scale / cap), masked) v, softmax in float32 (Gemma 2; SDPA has no soft-cap).
+
+    q [B, H, T, hd], k/v [B, Hkv, S, hd], mask bool [B|1, 1, T, S] (True = attend) or None (causal, S = T).
+    """
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, hd]
+    scores = torch.tanh(q @ k.transpose(-1, -2) * (scale / cap)) * cap  # [B, H, T, S]
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -215,34 +251,43 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = cfg.mlp_act
         self.fused_kernels = False  # SwiGLU through kernels/ on CUDA tensors
 
     def forward(self, x):
+        if self.act == "gelu_tanh":  # GeGLU
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.fused_kernels))  # silu(gate) * up
 
 
 class Block(nn.Module):
     """block_norms="pre" (Llama): input_layernorm before attention, post_attention_layernorm before the MLP;
     "post" (OLMo 2): post_attention_layernorm on attention's output, post_feedforward_layernorm on the MLP's,
-    inside the residual (HF's names in both)."""
+    inside the residual; "sandwich" (Gemma 2/3): input_layernorm and pre_feedforward_layernorm before,
+    post_attention_layernorm and post_feedforward_layernorm after (HF's names in each)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.post_norms = cfg.block_norms == "post"
-        if not self.post_norms:
-            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norms = cfg.block_norms
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)  # noqa: E731
+        if self.norms != "post":
+            self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if self.post_norms:
-            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm()
+        if self.norms == "sandwich":
+            self.pre_feedforward_layernorm = norm()
+        if self.norms != "pre":
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, prefix_kv=None, alive=None):
-        if self.post_norms:
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, kv_cache, prefix_kv, alive))
-            return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix_kv, alive)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.norms == "pre":
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix_kv, alive)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.input_layernorm(x) if self.norms == "sandwich" else x
+        x = x + self.post_attention_layernorm(self.self_attn(h, cos, sin, mask, kv_cache, prefix_kv, alive))
+        h = self.pre_feedforward_layernorm(x) if self.norms == "sandwich" else x
+        return x + self.post_feedforward_layernorm(self.mlp(h))
 
 
 def prepend_soft_prompt_mask(attention_mask, soft: int, prefill: bool):
@@ -304,7 +349,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -347,7 +392,7 @@ class Transformer(nn.Module):
         """Random init for from-scratch tests (HF's initializer_range convention)."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
-                nn.init.ones_(p)
+                nn.init.zeros_(p) if self.cfg.norm_style == "unit_offset" else nn.init.ones_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
             else:
@@ -377,6 +422,8 @@ class Transformer(nn.Module):
             x = stream.embedding(self.embed_tokens.weight, tokens)
         else:
             x = self.embed_tokens(tokens)
+        if input_embeds is None and self.cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the table's dtype
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         B, T, _ = x.shape
         if prefix_kv is None and self.prefix_encoder is not None:
             prefix_kv = self.prefix_encoder(B)
@@ -404,7 +451,10 @@ class Transformer(nn.Module):
             kv_cache.length += x.shape[1]
         x = self.norm(x[:, -T:])  # the real tokens
         if targets is not None:
-            return token_loss_sum(self.lm_head, x, targets, self.loss_chunk_size, select_targets, stream)
+            return token_loss_sum(self.lm_head, x, targets, self.loss_chunk_size, select_targets, stream,
+                                  self.cfg.logit_softcap)  # fmt: skip
         if stream is not None and stream.head:
-            return stream.logits(self.lm_head.weight, x)
-        return self.lm_head(x)
+            logits = stream.logits(self.lm_head.weight, x)
+        else:
+            logits = self.lm_head(x)
+        return softcap(logits, self.cfg.logit_softcap)

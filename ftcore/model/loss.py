@@ -33,13 +33,19 @@ def batch_loss_sum(model, batch: dict, device, select_targets: bool = True) -> t
     )
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap) (Gemma 2's final logits); cap 0: logits unchanged."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def token_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                   select_targets: bool = True, stream=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   select_targets: bool = True, stream=None, cap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(summed CE of head(hidden) against targets, target count); hidden [B, T, D], targets [B, T].
 
     select_targets: only positions with a target go through lm_head (with the loss on answers only, a small
     fraction of the tokens); False projects every position with the ignored ones masked, for fixed shapes.
     stream: a VocabStream whose `head` is set: head.weight used from its FSDP2 shards (vocab_stream.py).
+    cap: the logits are soft-capped first (softcap) when > 0.
     """
     keep = targets != IGNORE  # [B, T]
     if select_targets:
@@ -47,15 +53,16 @@ def token_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     else:
         h, t = hidden.flatten(0, 1), targets.flatten()
     if stream is not None and stream.head:
-        return stream.loss_sum(head.weight, h, t), keep.sum()
-    return lm_head_loss(head, h, t, chunk_size), keep.sum()
+        return stream.loss_sum(head.weight, h, t, cap), keep.sum()
+    return lm_head_loss(head, h, t, chunk_size, cap), keep.sum()
 
 
-def lm_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Summed cross-entropy of head(hidden) [N, V] against targets [N] (IGNORE = no loss), in float32."""
+def lm_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                 cap: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """Summed cross-entropy of softcap(head(hidden), cap) [N, V] against targets [N] (IGNORE = no loss), in float32."""
     if chunk_size and chunkable(head):
-        return linear_cross_entropy(hidden, head.weight, targets, chunk_size)
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE, reduction="sum")
+        return linear_cross_entropy(hidden, head.weight, targets, chunk_size, cap)
+    return F.cross_entropy(softcap(head(hidden), cap).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
 def chunkable(head: nn.Module) -> bool:
@@ -64,18 +71,18 @@ def chunkable(head: nn.Module) -> bool:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 1024) -> torch.Tensor:  # fmt: skip
-    """sum_i CE(hidden[i] @ weight.T, targets[i]) in chunks of chunk_size rows; IGNORE targets add 0.
+                         chunk_size: int = 1024, cap: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """sum_i CE(softcap(hidden[i] @ weight.T, cap), targets[i]) in chunks of chunk_size rows; IGNORE targets add 0.
 
     hidden [N, D], weight [V, D], targets [N] int64. Equals
-    F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE, reduction="sum")
+    F.cross_entropy(softcap(F.linear(hidden, weight), cap).float(), targets, ignore_index=IGNORE, reduction="sum")
     and its gradients (same matmul dtypes under autocast), with at most [chunk_size, V] logits alive.
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+        return LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, cap)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = F.linear(hidden[start : start + chunk_size], weight).float()  # [C, V]
+        logits = softcap(F.linear(hidden[start : start + chunk_size], weight), cap).float()  # [C, V]
         total = total + F.cross_entropy(logits, targets[start : start + chunk_size], ignore_index=IGNORE,
                                         reduction="sum")  # fmt: skip
     return total
@@ -86,11 +93,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     For a chunk: p = softmax(logits); dlogits = p - onehot(target) (0 on IGNORE rows);
     dh = dlogits @ W; dW += dlogits.T @ h. dlogits is cast to the logits' matmul dtype first, as
-    autograd does for `F.linear(h, W).float()` under autocast.
+    autograd does for `F.linear(h, W).float()` under autocast. Soft-capped logits c * tanh(raw / c): the softmax
+    is over them and dlogits is multiplied by their derivative 1 - tanh(raw / c)^2 on the way to raw.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(ctx, hidden, weight, targets, chunk_size, cap=0.0):
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Grad mode is off inside forward; autocast (if any) is still on, so F.linear picks its dtype.
         dh = torch.empty_like(hidden) if want_dh else None
@@ -100,6 +108,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # [C, D], [C]
             raw = F.linear(h, weight)  # [C, V] in the matmul dtype
             logits = raw.float()
+            if cap:
+                tanh = torch.tanh(logits / cap)
+                logits = tanh * cap
             valid = t != IGNORE
             safe_t = torch.where(valid, t, 0)
             picked = logits.gather(1, safe_t[:, None])[:, 0]  # [C]
@@ -111,6 +122,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_dh or want_dw:
                 dlogits = probs.div_(norm[:, None])
                 dlogits.scatter_add_(1, safe_t[:, None], torch.full_like(picked, -1.0)[:, None])
+                if cap:
+                    dlogits.mul_(1 - tanh.square_())
                 dlogits = dlogits.to(raw.dtype)
                 keep = valid[:, None].to(raw.dtype)  # IGNORE rows: zero gradient, applied on [C, D] not [C, V]
                 if want_dh:
@@ -126,4 +139,4 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = (dh * grad).to(dh.dtype) if dh is not None else None
         dw = (dw * grad).to(ctx.dw_dtype) if dw is not None else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None

@@ -40,6 +40,13 @@ def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * xf.to(x.dtype)
 
 
+def rms_norm_float32_scale(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """(offset + weight) * RMSNorm(x), the scale in float32 and then cast to x's dtype (OLMo 2: offset 0; Gemma: 1)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (offset + weight.float())).to(x.dtype)
+
+
 def rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate halves (HF convention): x [B, H, T, hd], cos/sin [B|1, 1, T, hd]."""
     x1, x2 = x.chunk(2, dim=-1)

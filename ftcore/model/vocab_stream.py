@@ -42,8 +42,8 @@ class VocabStream:
     def logits(self, weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return logits(weight, hidden, self.rows, self.dtype)
 
-    def loss_sum(self, weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(weight, hidden, targets, self.rows, self.dtype, self.token_chunk)
+    def loss_sum(self, weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, cap: float = 0.0):
+        return cross_entropy_sum(weight, hidden, targets, self.rows, self.dtype, self.token_chunk, cap)
 
 
 def blocks(weight: torch.Tensor, rows: int, dtype: torch.dtype | None, device: torch.device):
@@ -89,18 +89,20 @@ def logits(weight: torch.Tensor, hidden: torch.Tensor, rows: int, dtype: torch.d
     return torch.cat([F.linear(hidden, block) for _, block in blocks(weight, rows, dtype, hidden.device)], dim=-1)
 
 
-def cross_entropy_sum(weight, hidden, targets, rows: int, dtype: torch.dtype | None, token_chunk: int) -> torch.Tensor:
-    """sum_i CE(hidden[i] @ W.T, targets[i]) in float32 (IGNORE adds 0), with the gradient for hidden.
+def cross_entropy_sum(weight, hidden, targets, rows: int, dtype: torch.dtype | None, token_chunk: int,
+                      cap: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """sum_i CE(softcap(hidden[i] @ W.T, cap), targets[i]) in float32 (IGNORE adds 0), with the gradient for hidden.
 
-    hidden [N, D], targets [N]; equals F.cross_entropy(F.linear(hidden, W).float(), targets, reduction="sum").
+    hidden [N, D], targets [N]; equals F.cross_entropy(softcap(F.linear(hidden, W), cap).float(), targets,
+    reduction="sum"). Soft-capped logits l = c * tanh(raw / c): the exp terms of dh carry dl/draw = 1 - (l / c)^2.
     """
     return StreamedCrossEntropy.apply(hidden, targets, lambda: blocks(weight, rows, dtype, hidden.device),
-                                      token_chunk)  # fmt: skip
+                                      token_chunk, cap)  # fmt: skip
 
 
 class StreamedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, targets, make_blocks, token_chunk):
+    def forward(ctx, hidden, targets, make_blocks, token_chunk, cap=0.0):
         want_dh = ctx.needs_input_grad[0]
         N = hidden.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -116,18 +118,25 @@ class StreamedCrossEntropy(torch.autograd.Function):
                 i = slice(c, c + token_chunk)
                 raw = F.linear(hidden[i], block)  # [C, n] in the matmul dtype
                 logit = raw.float()
+                if cap:
+                    logit = torch.tanh(logit / cap) * cap
                 at = targets[i] - start  # the target's row in this block
                 hit = valid[i] & (at >= 0) & (at < n)
                 at = at.clamp(0, n - 1)
                 picked[i] = torch.where(hit, logit.gather(1, at[:, None])[:, 0], picked[i])
                 new_m = torch.maximum(m[i], logit.amax(dim=-1))
                 rescale = (m[i] - new_m).exp()  # [C]; 0 on the first block (m = -inf)
+                slope = 1 - (logit / cap).square() if cap and want_dh else None  # d capped / d raw
                 p = logit.sub_(new_m[:, None]).exp_()  # [C, n], in place of the float logits
                 s[i] = s[i] * rescale + p.sum(dim=-1)
                 m[i] = new_m
                 if want_dh:
-                    a[i] = a[i] * rescale[:, None] + (p.to(raw.dtype) @ block).float()
-                    w_target[i] = torch.where(hit[:, None], block[at].float(), w_target[i])
+                    q = p * slope if cap else p
+                    a[i] = a[i] * rescale[:, None] + (q.to(raw.dtype) @ block).float()
+                    w = block[at].float()
+                    if cap:
+                        w = w * slope.gather(1, at[:, None])
+                    w_target[i] = torch.where(hit[:, None], w, w_target[i])
         total = torch.where(valid, m + s.log() - picked, 0.0).sum()
         dh = None
         if want_dh:
@@ -138,4 +147,4 @@ class StreamedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (dh,) = ctx.saved_tensors
-        return (dh * grad).to(dh.dtype) if dh is not None else None, None, None, None
+        return (dh * grad).to(dh.dtype) if dh is not None else None, None, None, None, None

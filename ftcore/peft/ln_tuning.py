@@ -14,7 +14,6 @@ Base Parameters keep their names (`layers.0.input_layernorm.weight`).
 import torch
 from torch import nn
 
-from ftcore.model import ops
 from ftcore.model.decoder import RMSNorm
 from ftcore.peft.delta import RestoreMerge
 
@@ -22,10 +21,10 @@ from ftcore.peft.delta import RestoreMerge
 class LnTuningNorm(RestoreMerge, RMSNorm):
     def __init__(self, base: RMSNorm):
         nn.Module.__init__(self)  # RMSNorm's own __init__ would make a new weight
-        self.eps, self.fused_kernels = base.eps, base.fused_kernels
+        self.eps, self.fused_kernels, self.style = base.eps, base.fused_kernels, base.style
         self.weight = base.weight  # [D], frozen
         self.dim = base.weight.shape[0]
-        self.ln_tuning_layers = RMSNorm(self.dim, base.eps)  # PEFT's copy of the layer
+        self.ln_tuning_layers = RMSNorm(self.dim, base.eps, base.style)  # PEFT's copy of the layer
         self.ln_tuning_layers.weight = nn.Parameter(base.weight.detach().float().clone())  # [D], float32
         self.ln_tuning_layers.fused_kernels = base.fused_kernels
         self.merged = False
@@ -33,9 +32,9 @@ class LnTuningNorm(RestoreMerge, RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return ops.rms_norm(x, self.weight, self.eps, self.fused_kernels)
+            return self.norm_with(x, self.weight)
         w = self.ln_tuning_layers.weight
-        return ops.rms_norm(x, w if w.dtype == x.dtype else w.to(x.dtype), self.eps, self.fused_kernels)
+        return self.norm_with(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
