@@ -32,6 +32,11 @@ VARIANTS = {
     "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
                                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=8,
                                     pad_token_id=0)),
+    # Gemma 3's text model: q/k norms (1 + w), linear-scaled global RoPE and its own base on the sliding layers
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+                                        num_hidden_layers=3, sliding_window=8, rope_local_base_freq=500.0,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                        rope_scaling={"rope_type": "linear", "factor": 8.0}, pad_token_id=0)),
 }  # fmt: skip
 
 

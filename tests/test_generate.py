@@ -15,7 +15,7 @@ def random_prompts(lengths, seed=1):
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-VARIANTS = ["llama_gqa_llama3", "llama_tied", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "gemma2"]
+VARIANTS = ["llama_gqa_llama3", "llama_tied", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "gemma2", "gemma3"]
 
 
 def hf_forward(ref):

@@ -29,10 +29,11 @@ CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "hra", "hra_gs",
                                        "ln_tuning", "ln_tuning_list", "ln_tuning_regex", "oft", "oft_r_cayley", "oft_share",
                                        "coft", "lily", "lily_regex", "ptuning_mlp", "ptuning_lstm", "boft",
                                        "boft_butterfly", "boft_regex")]
-CASES += [("lora_embed", "llama_tied")]
+CASES += [("lora_embed", "llama_tied")]  # the embedding's adapter acts on the lookup only, lm_head keeps the base
 # q/k norms, post-norms, NoPE (PEFT has no default LN-tuning targets for OLMo 2 and SmolLM3)
 CASES += [("lora", "qwen3"), ("ln_tuning", "qwen3"), ("lora", "olmo2"), ("ln_tuning_regex", "olmo2"), ("lora", "smollm3"),
-          ("ln_tuning_regex", "smollm3"), ("lora", "gemma2"), ("ln_tuning", "gemma2")]  # fmt: skip  # the embedding's adapter acts on the lookup only, lm_head keeps the base
+          ("ln_tuning_regex", "smollm3"), ("lora", "gemma2"), ("ln_tuning", "gemma2"), ("lora", "gemma3"),
+          ("ln_tuning", "gemma3")]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

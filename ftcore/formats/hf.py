@@ -24,7 +24,8 @@ from ftcore.textfile import read_json_object
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3",
-                 "Gemma2ForCausalLM": "gemma2"}  # fmt: skip
+                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}  # fmt: skip
+GEMMA = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config.json's hidden_act -> ModelConfig.mlp_act
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types they must have
@@ -35,7 +36,8 @@ CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types 
     "model_type": str | None, "hidden_act": str, "layer_types": list[str] | None, "max_window_layers": int | None,
     "no_rope_layers": list[int] | None, "no_rope_layer_interval": int, "hidden_activation": str | None,
     "query_pre_attn_scalar": float | None, "final_logit_softcapping": float | None,
-    "attn_logit_softcapping": float | None,
+    "attn_logit_softcapping": float | None, "rope_local_base_freq": float | None,
+    "use_bidirectional_attention": bool | None,
 }  # fmt: skip
 
 
@@ -71,12 +73,24 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             f"{path}: unsupported architecture {archs[0]!r}; supported: {', '.join(ARCHITECTURES)}"
         )
     model_type = ARCHITECTURES[archs[0]]
+    if hf.get("use_bidirectional_attention"):
+        raise FtcoreError(f"{path}: use_bidirectional_attention=true (an encoder) unsupported; expected a causal decoder")
     act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"  # Gemma's, or everyone's
     act = hf.get(act_key, "silu")
     if act not in ACTIVATIONS:
         raise FtcoreError(f"{path}: {act_key} {act!r} unsupported; supported: {', '.join(ACTIVATIONS)}")
     # transformers >= 5 writes rope_parameters; older checkpoints write rope_theta + rope_scaling.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    local_theta = hf.get("rope_local_base_freq") or 0.0 if model_type == "gemma3_text" else 0.0
+    if "full_attention" in rope:  # Gemma 3 (transformers >= 5): RoPE per layer type; the sliding layers' unscaled
+        local = dict(rope.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise FtcoreError(f"{path}: rope_parameters.sliding_attention.rope_type {local['rope_type']!r} "
+                              "unsupported; supported: default")  # fmt: skip
+        local_theta = local.get("rope_theta", 10000.0)
+        rope = dict(rope["full_attention"])
+    if model_type == "gemma3_text" and not local_theta:
+        local_theta = 10000.0  # transformers' default rope_local_base_freq
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope.pop("type")
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -103,18 +117,19 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             rope_theta=theta,
             rope_scaling=rope if rope.get("rope_type", "default") != "default" else {},
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=hf.get("tie_word_embeddings", model_type == "gemma2"),
+            tie_word_embeddings=hf.get("tie_word_embeddings", model_type in GEMMA),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias,
             mlp_bias=hf.get("mlp_bias", False),
             sliding_window=sliding,
             layer_types=layer_types,
-            qk_norm={"qwen3": "head", "olmo2": "proj"}.get(model_type, ""),
-            block_norms={"olmo2": "post", "gemma2": "sandwich"}.get(model_type, "pre"),
+            qk_norm={"qwen3": "head", "olmo2": "proj", "gemma3_text": "head"}.get(model_type, ""),
+            block_norms="post" if model_type == "olmo2" else "sandwich" if model_type in GEMMA else "pre",
             nope_layers=nope,
             mlp_act=ACTIVATIONS[act],
-            norm_style={"olmo2": "float32_scale", "gemma2": "unit_offset"}.get(model_type, "llama"),
-            **(gemma(hf) if model_type == "gemma2" else {}),
+            norm_style="float32_scale" if model_type == "olmo2" else "unit_offset" if model_type in GEMMA else "llama",
+            rope_local_theta=local_theta,
+            **(gemma(hf) if model_type in GEMMA else {}),
         )
     except FtcoreError as e:  # a value ModelConfig refuses (heads not a multiple of the kv heads, a rope type)
         raise FtcoreError(f"{path}: {e}") from None
@@ -369,7 +384,7 @@ def save_pretrained(model: Transformer, out_dir, tokenizer=None, max_shard_bytes
 
 
 def gemma(hf: dict) -> dict:
-    """Gemma 2's ModelConfig fields beyond the shared ones."""
+    """Gemma 2/3's ModelConfig fields beyond the shared ones."""
     scalar = hf.get("query_pre_attn_scalar") or 256
     return dict(embed_scale=hf["hidden_size"] ** 0.5,
                 attn_scale=scalar**-0.5, attn_softcap=hf.get("attn_logit_softcapping") or 0.0,
@@ -382,9 +397,9 @@ def windows(hf: dict, model_type: str, path) -> tuple[int, list[str]]:
     SmolLM3: the NoPE layers). Llama and OLMo 2 never slide."""
     if model_type == "mistral":
         return hf.get("sliding_window") or 0, []
-    if model_type == "gemma2":  # default: every other layer, from the first
-        n = hf["num_hidden_layers"]
-        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if model_type in GEMMA:  # default: Gemma 2 every other layer from the first, Gemma 3 five of every six
+        n, every = hf["num_hidden_layers"], 2 if model_type == "gemma2" else 6
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
         return hf.get("sliding_window") or 0, list(types)
     if model_type not in ("qwen2", "qwen3", "smollm3") or not hf.get("use_sliding_window"):
         return 0, []

@@ -75,6 +75,7 @@ class ModelConfig:
     attn_scale: float = 0.0  # q.k scale; 0: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
     attn_softcap: float = 0.0  # attention scores -> cap * tanh(scores / cap) before the mask (Gemma 2); 0: off
     logit_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) (Gemma 2); 0: off
+    rope_local_theta: float = 0.0  # the sliding layers' RoPE base, unscaled (Gemma 3); 0: theirs is everyone's
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -97,6 +98,10 @@ class ModelConfig:
             if value not in allowed:
                 raise FtcoreError(f"{key}={value!r}; supported: {', '.join(map(repr, allowed))}")
 
+    def local_rope(self, layer: int) -> bool:
+        """Layer `layer` takes the sliding layers' own RoPE (rope_local_theta)."""
+        return bool(self.rope_local_theta and self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
     def window(self, layer: int) -> int:
         """Layer `layer`'s attention window (0: all earlier tokens)."""
         if self.layer_types and self.layer_types[layer] != "sliding_attention":
@@ -104,11 +109,13 @@ class ModelConfig:
         return self.sliding_window
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] in float32, with linear or llama3 scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in float32, with linear or llama3 scaling applied; local: the sliding
+    layers' (rope_local_theta, unscaled)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    s = cfg.rope_scaling
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = {} if local else cfg.rope_scaling
     rope_type = s.get("rope_type", "default")
     if rope_type == "linear":
         inv_freq = inv_freq / s["factor"]
@@ -353,6 +360,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True) if cfg.rope_local_theta else None,
+                             persistent=False)  # fmt: skip
         # PEFT hook points (None = unused), root modules so that FSDP shards them with the root:
         # prefix_encoder(batch_size) -> per layer (k, v) [B, n_kv, P, hd], used when forward gets no prefix_kv;
         # prompt_encoder(batch_size) -> soft tokens [B, P, D] (with .num_virtual_tokens = P), prepended on the
@@ -376,7 +385,10 @@ class Transformer(nn.Module):
 
     def reset_buffers(self, device=None):
         """Recompute non-persistent buffers (needed after building on the meta device)."""
-        self.inv_freq = rope_inv_freq(self.cfg).to(device or self.embed_tokens.weight.device)
+        device = device or self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.cfg).to(device)
+        if self.cfg.rope_local_theta:
+            self.inv_freq_local = rope_inv_freq(self.cfg, local=True).to(device)
 
     def tie_weights(self):
         """lm_head computes with the embedding's weight; a quantized embedding's head (a GGUF base) shares its
@@ -441,11 +453,14 @@ class Transformer(nn.Module):
                 x = torch.cat([self.prompt_encoder(B).to(x.dtype), x], dim=1)  # [B, soft + T, D]
                 soft_pos = torch.arange(soft, device=x.device)[None].expand(B, soft)
                 position_ids = torch.cat([soft_pos, position_ids], dim=1)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        rope = {False: rope_cos_sin(self.inv_freq, position_ids, x.dtype)}  # (cos, sin); True: the local layers'
+        if self.inv_freq_local is not None:
+            rope[True] = rope_cos_sin(self.inv_freq_local, position_ids, x.dtype)
         windows = [self.cfg.window(i) for i in range(len(self.layers))]
         masks = {w: build_mask(x.shape[1], past, prefix, attention_mask, w, x.device) for w in set(windows)}
         for i, layer in enumerate(self.layers):
             mask, alive = masks[windows[i]]  # (mask, alive) of the layer's window
+            cos, sin = rope[self.cfg.local_rope(i)]
             x = layer(x, cos, sin, mask, kv_cache, None if prefix_kv is None else prefix_kv[i], alive)
         if kv_cache is not None:
             kv_cache.length += x.shape[1]
