@@ -208,3 +208,15 @@ def test_loading_peak_memory_below_1_3x(tmp_path):
         print(f"{dtype}: checkpoint {nbytes / 2**20:.0f} MiB, peak RSS growth {(peak - before) / 2**20:.0f} MiB = {ratio:.2f}x")
         assert ratio < 1.3
     shutil.rmtree(tmp_path / "big")
+
+
+def test_built_family_configs_save_as_their_family_or_refuse(tmp_path):
+    """A model built from a ModelConfig (no config.json of its own) saves as the family that reads back the same
+    config (Qwen3's q/k norms, SmolLM3's NoPE layers), and refuses a combination no family has."""
+    for kw, arch in ((dict(qk_norm="head"), "Qwen3ForCausalLM"), (dict(nope_layers=[1]), "SmolLM3ForCausalLM")):
+        model = tiny_model(**kw)
+        save_pretrained(model, tmp_path / arch)
+        assert json.loads((tmp_path / arch / "config.json").read_text())["architectures"] == [arch]
+        assert load_model(tmp_path / arch).cfg == model.cfg
+    with pytest.raises(FtcoreError, match="save_pretrained: this ModelConfig has no config.json that ftcore writes"):
+        save_pretrained(tiny_model(norm_style="unit_offset"), tmp_path / "gemma_like")

@@ -444,4 +444,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         hf.update(use_sliding_window=True, sliding_window=cfg.sliding_window, layer_types=cfg.layer_types)
     if arch == "SmolLM3ForCausalLM":
         hf["no_rope_layers"] = [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]
+    if config_from_hf(hf, "config.json") != cfg:  # e.g. Gemma's switches set by hand: no family has them all
+        raise FtcoreError("save_pretrained: this ModelConfig has no config.json that ftcore writes (it reads back "
+                          "otherwise); save a model loaded from a Hugging Face directory, which keeps its own")  # fmt: skip
     return hf
