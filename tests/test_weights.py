@@ -220,3 +220,38 @@ def test_built_family_configs_save_as_their_family_or_refuse(tmp_path):
         assert load_model(tmp_path / arch).cfg == model.cfg
     with pytest.raises(FtcoreError, match="save_pretrained: this ModelConfig has no config.json that ftcore writes"):
         save_pretrained(tiny_model(norm_style="unit_offset"), tmp_path / "gemma_like")
+
+
+@pytest.mark.parametrize("family,keys", [
+    ("Qwen3ForCausalLM", dict(use_sliding_window=True, num_hidden_layers=30)),
+    ("SmolLM3ForCausalLM", dict(use_sliding_window=True, sliding_window=16, num_hidden_layers=8)),
+    ("Gemma2ForCausalLM", dict(num_hidden_layers=3)),
+    ("Gemma3ForCausalLM", dict(num_hidden_layers=6, sliding_window_pattern=3, rope_theta=1e6, rope_local_base_freq=1e4,
+                               rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    ("Olmo2ForCausalLM", dict()),
+])  # fmt: skip
+def test_sparse_configs_read_as_transformers_reads_them(tmp_path, family, keys):
+    """A config.json with only the keys that differ from the class defaults (transformers 4.x writes no others, and
+    the 4.x Gemma 3 layout): the ModelConfig transformers 5 would build from the same file."""
+    transformers = pytest.importorskip("transformers")
+    from ftcore.formats.hf import ARCHITECTURES, read_config
+
+    sparse = {"architectures": [family], "model_type": ARCHITECTURES[family], "vocab_size": 97, "hidden_size": 64,
+              "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+              **keys}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(sparse))
+    ours, _ = read_config(tmp_path)
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    want = {"head_dim": head_dim, "rms_norm_eps": theirs.rms_norm_eps,
+            "tie_word_embeddings": theirs.tie_word_embeddings}  # fmt: skip
+    assert {k: getattr(ours, k) for k in want} == want
+    rope = theirs.rope_parameters.get("full_attention", theirs.rope_parameters)
+    assert ours.rope_theta == rope["rope_theta"]
+    sliding = getattr(theirs, "sliding_window", None) or 0
+    types = getattr(theirs, "layer_types", None) or []
+    assert [ours.window(i) for i in range(ours.num_layers)] == [
+        sliding if (not types or t == "sliding_attention") and (sliding and getattr(theirs, "use_sliding_window", True))
+        else 0 for t in (types or ["x"] * ours.num_layers)]  # fmt: skip
+    if family.startswith("Gemma2"):
+        assert (ours.attn_softcap, ours.logit_softcap) == (50.0, 30.0)

@@ -26,6 +26,18 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
                  "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3",
                  "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}  # fmt: skip
 GEMMA = ("gemma2", "gemma3_text")
+# transformers' class defaults where they differ from the Llama ones this reader falls back to: a config.json that
+# leaves a key out (transformers 4.x writes only the keys that differ from them) means these
+FAMILY_DEFAULTS = {
+    "qwen2": {"max_window_layers": 28, "sliding_window": 4096},
+    "qwen3": {"max_window_layers": 28, "sliding_window": 4096, "head_dim": 128},
+    "olmo2": {"rms_norm_eps": 1e-5},
+    "smollm3": {"rope_theta": 2e6, "tie_word_embeddings": True},
+    "gemma2": {"head_dim": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "query_pre_attn_scalar": 256, "tie_word_embeddings": True},
+    "gemma3_text": {"head_dim": 256, "sliding_window": 4096, "rope_theta": 1e6, "query_pre_attn_scalar": 256,
+                    "tie_word_embeddings": True},
+}  # fmt: skip
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config.json's hidden_act -> ModelConfig.mlp_act
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types they must have
@@ -37,7 +49,7 @@ CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types 
     "no_rope_layers": list[int] | None, "no_rope_layer_interval": int, "hidden_activation": str | None,
     "query_pre_attn_scalar": float | None, "final_logit_softcapping": float | None,
     "attn_logit_softcapping": float | None, "rope_local_base_freq": float | None,
-    "use_bidirectional_attention": bool | None,
+    "use_bidirectional_attention": bool | None, "sliding_window_pattern": int,
 }  # fmt: skip
 
 
@@ -73,8 +85,10 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             f"{path}: unsupported architecture {archs[0]!r}; supported: {', '.join(ARCHITECTURES)}"
         )
     model_type = ARCHITECTURES[archs[0]]
+    hf = {**FAMILY_DEFAULTS.get(model_type, {}), **hf}
     if hf.get("use_bidirectional_attention"):
-        raise FtcoreError(f"{path}: use_bidirectional_attention=true (an encoder) unsupported; expected a causal decoder")
+        raise FtcoreError(f"{path}: use_bidirectional_attention=true (an encoder) unsupported; "
+                          "expected a causal decoder")  # fmt: skip
     act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"  # Gemma's, or everyone's
     act = hf.get(act_key, "silu")
     if act not in ACTIVATIONS:
@@ -96,7 +110,6 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     check_types({"rope_parameters.rope_theta": theta}, {"rope_parameters.rope_theta": float}, path)
     attention_bias = hf.get("attention_bias", False)
-    sliding, layer_types = windows(hf, model_type, path)
     nope = []
     if model_type == "smollm3":  # no_rope_layers[i] = 1: layer i uses RoPE (default: every 4th one does not)
         n, every = hf["num_hidden_layers"], hf.get("no_rope_layer_interval", 4)
@@ -104,6 +117,7 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
         if len(uses) != n:
             raise FtcoreError(f"{path}: no_rope_layers has {len(uses)} entries for num_hidden_layers={n}")
         nope = [i for i, use in enumerate(uses) if not use]
+    sliding, layer_types = windows(hf, model_type, nope)
     try:
         cfg = ModelConfig(
             vocab_size=hf["vocab_size"],
@@ -391,22 +405,24 @@ def gemma(hf: dict) -> dict:
                 logit_softcap=hf.get("final_logit_softcapping") or 0.0)  # fmt: skip
 
 
-def windows(hf: dict, model_type: str, path) -> tuple[int, list[str]]:
-    """(sliding_window, layer_types) as transformers reads them: Mistral slides on every layer; Qwen2/3 and
-    SmolLM3 only with use_sliding_window, on the layers layer_types names (Qwen: default from max_window_layers on;
-    SmolLM3: the NoPE layers). Llama and OLMo 2 never slide."""
+def windows(hf: dict, model_type: str, nope: list[int]) -> tuple[int, list[str]]:
+    """(sliding_window, layer_types) as transformers reads them: Mistral slides on every layer; Gemma on its
+    pattern's layers; Qwen2/3 and SmolLM3 only with use_sliding_window, on the layers layer_types names (by
+    default Qwen's from max_window_layers on, SmolLM3's NoPE layers). Llama and OLMo 2 never slide."""
     if model_type == "mistral":
         return hf.get("sliding_window") or 0, []
     if model_type in GEMMA:  # default: Gemma 2 every other layer from the first, Gemma 3 five of every six
-        n, every = hf["num_hidden_layers"], 2 if model_type == "gemma2" else 6
-        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+        n = hf["num_hidden_layers"]
+        every = 2 if model_type == "gemma2" else hf.get("sliding_window_pattern", 6)
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
+                                          for i in range(n)]  # fmt: skip
         return hf.get("sliding_window") or 0, list(types)
     if model_type not in ("qwen2", "qwen3", "smollm3") or not hf.get("use_sliding_window"):
         return 0, []
     window, n = hf.get("sliding_window") or 0, hf["num_hidden_layers"]
     types = hf.get("layer_types")
     if types is None and model_type == "smollm3":
-        raise FtcoreError(f"{path}: use_sliding_window=true without layer_types; expected a layer type per layer")
+        types = ["sliding_attention" if i in nope else "full_attention" for i in range(n)]
     if types is None:
         first = hf.get("max_window_layers") or 0
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
@@ -445,6 +461,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if arch == "SmolLM3ForCausalLM":
         hf["no_rope_layers"] = [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]
     if config_from_hf(hf, "config.json") != cfg:  # e.g. Gemma's switches set by hand: no family has them all
-        raise FtcoreError("save_pretrained: this ModelConfig has no config.json that ftcore writes (it reads back "
-                          "otherwise); save a model loaded from a Hugging Face directory, which keeps its own")  # fmt: skip
+        raise FtcoreError("save_pretrained: this ModelConfig has no config.json that ftcore writes (it reads "
+                          "back otherwise); save a model loaded from a Hugging Face directory, which keeps its own")
     return hf
