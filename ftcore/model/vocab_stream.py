@@ -81,7 +81,7 @@ def embedding(weight: torch.Tensor, ids: torch.Tensor, rows: int, dtype: torch.d
         at = flat - start
         hit = (at >= 0) & (at < block.shape[0])
         out = torch.where(hit[:, None], block[at.clamp(0, block.shape[0] - 1)], out)  # no host sync
-    return out.view(*ids.shape, -1)
+    return out.view(*ids.shape, out.shape[-1])
 
 
 def logits(weight: torch.Tensor, hidden: torch.Tensor, rows: int, dtype: torch.dtype | None) -> torch.Tensor:
