@@ -240,7 +240,7 @@ def test_export_gathers_every_shard(runs, name):
     # entries of layers.1 down_proj's hra_u (each rank's micro-batch here is 1), as much as FSDP2 does.
     # VeRA: one of the 64 entries of layers.1 o_proj's vera_lambda_b differs by 1.7e-4 with the lm_head streamed
     # from its shards (its summation order), the other entries within 1e-5 and the loss curve within 1e-6.
-    loose = {"full": 1e-4, "full_untied": 1e-4, "vera": 1e-3, "loha": 1e-3, "hra": 1e-4}
+    loose = {"full": 1e-4, "full_untied": 1e-4, "vera": 3e-4, "loha": 1e-3, "hra": 1e-4}
     assert diff < loose.get(DIST_RUNS[name][1], TOL)
     report = json.loads((runs[name] / "eval.json").read_text())
     assert report["n"] == 4 and report["step"] == 6

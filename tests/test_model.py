@@ -67,8 +67,8 @@ def test_kv_cache_matches_full_forward(hf_checkpoint, variant):
         parts = [model(tokens[:, :12], kv_cache=cache)]
         parts += [model(tokens[:, t : t + 1], kv_cache=cache) for t in range(12, 20)]
     assert cache.length == 20
-    # float32 rounding of other kernel shapes only: relative to the logits (Gemma 3's reach 5, differ by 2.7e-5)
-    assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-5 * max(1.0, full.abs().max().item())
+    # float32 rounding of other kernel shapes only; Gemma 3's logits reach 5 and differ by up to 2.7e-5 (30 seeds)
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() < (5e-5 if variant == "gemma3" else 1e-5)
 
 
 def test_tied_embeddings_share_storage(hf_checkpoint):

@@ -35,8 +35,8 @@ FAMILY_DEFAULTS = {
     "smollm3": {"rope_theta": 2e6, "tie_word_embeddings": True},
     "gemma2": {"head_dim": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
                "query_pre_attn_scalar": 256, "tie_word_embeddings": True},
-    "gemma3_text": {"head_dim": 256, "sliding_window": 4096, "rope_theta": 1e6, "query_pre_attn_scalar": 256,
-                    "tie_word_embeddings": True},
+    "gemma3_text": {"head_dim": 256, "sliding_window": 4096, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                    "query_pre_attn_scalar": 256, "tie_word_embeddings": True},
 }  # fmt: skip
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config.json's hidden_act -> ModelConfig.mlp_act
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -48,7 +48,7 @@ CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types 
     "model_type": str | None, "hidden_act": str, "layer_types": list[str] | None, "max_window_layers": int | None,
     "no_rope_layers": list[int] | None, "no_rope_layer_interval": int, "hidden_activation": str | None,
     "query_pre_attn_scalar": float | None, "final_logit_softcapping": float | None,
-    "attn_logit_softcapping": float | None, "rope_local_base_freq": float | None,
+    "attn_logit_softcapping": float | None, "rope_local_base_freq": float,
     "use_bidirectional_attention": bool | None, "sliding_window_pattern": int,
 }  # fmt: skip
 
@@ -95,7 +95,7 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
         raise FtcoreError(f"{path}: {act_key} {act!r} unsupported; supported: {', '.join(ACTIVATIONS)}")
     # transformers >= 5 writes rope_parameters; older checkpoints write rope_theta + rope_scaling.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    local_theta = hf.get("rope_local_base_freq") or 0.0 if model_type == "gemma3_text" else 0.0
+    local_theta = hf["rope_local_base_freq"] if model_type == "gemma3_text" else 0.0
     if "full_attention" in rope:  # Gemma 3 (transformers >= 5): RoPE per layer type; the sliding layers' unscaled
         local = dict(rope.get("sliding_attention") or {})
         if local.get("rope_type", "default") != "default":
@@ -103,8 +103,6 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
                               "unsupported; supported: default")  # fmt: skip
         local_theta = local.get("rope_theta", 10000.0)
         rope = dict(rope["full_attention"])
-    if model_type == "gemma3_text" and not local_theta:
-        local_theta = 10000.0  # transformers' default rope_local_base_freq
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope.pop("type")
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))

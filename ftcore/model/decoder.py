@@ -1,5 +1,5 @@
-"""One Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2/3, OLMo 2, SmolLM2/3 differ only by ModelConfig
-(per-layer sliding windows, q/k norms, post-norm blocks, NoPE layers).
+"""One Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2/3, OLMo 2, SmolLM2/3, Gemma 2/3 differ only by
+ModelConfig (per-layer windows and RoPE bases, q/k norms, post- and sandwich norms, NoPE layers, GeGLU, soft-caps).
 
 Module and parameter names follow the Hugging Face layout minus its leading `model.`
 (`layers.3.self_attn.q_proj.weight`), so checkpoints map by one rule (weights.py) and PEFT

@@ -39,7 +39,8 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def token_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                   select_targets: bool = True, stream=None, cap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                   select_targets: bool = True, stream=None,
+                   cap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(summed CE of head(hidden) against targets, target count); hidden [B, T, D], targets [B, T].
 
     select_targets: only positions with a target go through lm_head (with the loss on answers only, a small

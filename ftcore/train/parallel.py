@@ -154,7 +154,8 @@ def parallelize(model: nn.Module, world: World, precision: str = "fp32", replica
     FSDP2: one group per block; a frozen token table and lm_head in a group that is never gathered (each rank
     broadcasts its rows block by block where they are used: model/vocab_stream.py); a trainable untied table in
     its own group; then the root (final norm, a trainable lm_head (with the embeddings when tied), prefix/prompt
-    encoders), which stays gathered from the first forward to the end of backward. With precision=bf16 the gathered parameters are bf16 and gradients reduce in fp32.
+    encoders), which stays gathered from the first forward to the end of backward. With precision=bf16 the
+    gathered parameters are bf16 and gradients reduce in fp32.
     replicate > 1 (HSDP): a 2-D mesh [replicate, world / replicate]; each replica shards the model over its
     row of ranks and gradients are reduce-scattered within it, then all-reduced across replicas.
     cpu_offload: FSDP2's CPUOffloadPolicy (sharded parameters, gradients, optimizer state on the host).
