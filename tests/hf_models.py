@@ -37,7 +37,20 @@ VARIANTS = {
                                         num_hidden_layers=3, sliding_window=8, rope_local_base_freq=500.0,
                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                         rope_scaling={"rope_type": "linear", "factor": 8.0}, pad_token_id=0)),
+    # Phi-3: fused qkv_proj / gate_up_proj, LongRoPE (sequences past 16 tokens take the long factors; attention
+    # factor sqrt(1 + ln 16 / ln 16)), a sliding window on every layer
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=12, original_max_position_embeddings=16,
+                                pad_token_id=0, rope_scaling={
+                                    "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                                    "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0]})),
+    # Phi-4-mini: RoPE on 3/4 of each head's dims (LongRoPE factors for those 12), tied embeddings, one kv head
+    "phi4_mini": ("Phi3Config", dict(num_key_value_heads=1, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                                     original_max_position_embeddings=16, pad_token_id=0,
+                                     rope_scaling={"rope_type": "longrope",
+                                                   "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                                                   "long_factor": [2.0, 4.0, 8.0, 16.0, 32.0, 64.0]})),
 }  # fmt: skip
+LONG_ROPE = ("phi3", "phi4_mini")  # LongRoPE picks its factors per batch: a padded row may switch at another step
 
 
 def make_hf_checkpoint(variant: str, out_dir, seed: int = 0):

@@ -140,6 +140,18 @@ SPECS = {
                          prompt_tuning_init_text="t5 t9 t7")),
 }  # fmt: skip
 
+# Specs for Phi-3's fused layers (qkv_proj, gate_up_proj), and PEFT's "all-linear", tested per family (test_peft_parity)
+FAMILY_SPECS = {
+    "lora_all_linear": (dict(method="lora", r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                        dict(kind="LoraConfig", r=4, lora_alpha=8, target_modules="all-linear")),
+    "dora_fused": (dict(method="dora", r=4, alpha=8, dropout=0.0, target_modules=["qkv_proj", "gate_up_proj"]),
+                   dict(kind="LoraConfig", r=4, lora_alpha=8, use_dora=True, target_modules=["qkv_proj", "gate_up_proj"])),
+    "ia3_fused": (dict(method="ia3", ia3_target_modules=["qkv_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                  dict(kind="IA3Config", target_modules=["qkv_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "oft_fused": (dict(method="oft", oft_block_size=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"]),
+                  dict(kind="OFTConfig", oft_block_size=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"])),
+}  # fmt: skip
+
 
 class FbdStandin:
     """A plain-PyTorch stand-in for HF PEFT's BOFT CUDA extension (fbd_cuda: forward/backward of a batched block
@@ -165,7 +177,7 @@ def use_fbd_standin():
 def peft_config(spec: str, tokenizer_dir=None):
     import peft
 
-    kwargs = dict(SPECS[spec][1])
+    kwargs = dict({**SPECS, **FAMILY_SPECS}[spec][1])
     kind = kwargs.pop("kind")
     if kind == "BOFTConfig":
         use_fbd_standin()
@@ -179,7 +191,7 @@ def peft_config(spec: str, tokenizer_dir=None):
 def our_config(spec: str, tokenizer_dir=None):
     from ftcore.peft import PeftConfig
 
-    kwargs = dict(SPECS[spec][0])
+    kwargs = dict({**SPECS, **FAMILY_SPECS}[spec][0])
     if kwargs.get("prompt_init") == "text":
         kwargs["tokenizer_path"] = str(tokenizer_dir)
     return PeftConfig(**kwargs)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import VARIANTS
+from hf_models import LONG_ROPE, VARIANTS
 
 from ftcore.data.format import IGNORE
 from ftcore.formats.hf import load_model, save_pretrained
@@ -24,7 +24,7 @@ def test_logits_match_transformers(hf_checkpoint, variant):
     assert expected.abs().max().item() > 0.5  # the comparison is not between near-zero tensors
 
 
-NEW_FAMILIES = ["qwen3", "olmo2", "smollm3", "gemma2", "gemma3"]
+NEW_FAMILIES = ["qwen3", "olmo2", "smollm3", "gemma2", "gemma3", "phi3", "phi4_mini"]
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_llama3", "qwen2", "mistral_window", *NEW_FAMILIES])
@@ -60,15 +60,31 @@ def test_sliding_window_changes_long_sequences(hf_checkpoint):
 def test_kv_cache_matches_full_forward(hf_checkpoint, variant):
     path, _ = hf_checkpoint(variant)
     model = load_model(path).eval()
-    tokens = torch.randint(0, VOCAB, (2, 20))
+    n = 16 if variant in LONG_ROPE else 20  # within LongRoPE's short range (crossing it: test_long_rope_switch)
+    tokens = torch.randint(0, VOCAB, (2, n))
     cache = KVCache(model.cfg, 2, 32, torch.float32)
     with torch.no_grad():
         full = model(tokens)
         parts = [model(tokens[:, :12], kv_cache=cache)]
-        parts += [model(tokens[:, t : t + 1], kv_cache=cache) for t in range(12, 20)]
-    assert cache.length == 20
+        parts += [model(tokens[:, t : t + 1], kv_cache=cache) for t in range(12, n)]
+    assert cache.length == n
     # float32 rounding of other kernel shapes only; Gemma 3's logits reach 5 and differ by up to 2.7e-5 (30 seeds)
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < (5e-5 if variant == "gemma3" else 1e-5)
+
+
+@pytest.mark.parametrize("variant", LONG_ROPE)
+def test_long_rope_switches_factors_past_the_original_context(hf_checkpoint, variant):
+    """A sequence of 16 tokens (the original context) takes the short factors, one of 17 the long ones for every
+    position, as transformers' Phi-3 does; the attention factor applies to both."""
+    path, ref = hf_checkpoint(variant)
+    model = load_model(path).eval()
+    assert model.cfg.long_rope_after == 16 and abs(model.rope_scale - 2**0.5) < 1e-12  # 256 / 16 = 16x extension
+    tokens = torch.randint(0, VOCAB, (2, 17))
+    with torch.no_grad():
+        short, long = model(tokens[:, :16]), model(tokens)
+        assert (long - ref(tokens).logits).abs().max().item() < 1e-4
+    assert (long[:, :16] - short).abs().max().item() > 1e-3  # the first 16 positions moved to the long factors
+    assert model.cfg.rotary_dim == (12 if variant == "phi4_mini" else 16)
 
 
 def test_tied_embeddings_share_storage(hf_checkpoint):

@@ -109,11 +109,21 @@ def test_swiglu_kernel(dtype):
         assert_close(a, b, dtype, name)
 
 
+def phi_layout(rotary_dim: int, fraction: float) -> dict:
+    """Phi-3/4's layout through the kernels: fused qkv_proj / gate_up_proj (chunked views), RoPE on a fraction of
+    each head, LongRoPE past 8 tokens."""
+    factors = dict(short_factor=[1.0] * (rotary_dim // 2), long_factor=[1.0 + i for i in range(rotary_dim // 2)])
+    return dict(fused_projections=True, partial_rotary_factor=fraction, max_position_embeddings=64,
+                rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 8, **factors})
+
+
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_with_kernels_matches_eager(dtype):
-    cfg = ModelConfig(vocab_size=101, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
+@pytest.mark.parametrize("layout", [{}, phi_layout(16, 0.5)], ids=["llama", "phi"])
+def test_model_with_kernels_matches_eager(dtype, layout):
+    cfg = ModelConfig(vocab_size=101, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                      **layout)  # fmt: skip
     model = Transformer(cfg).cuda()
     model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
     model.to(dtype)
@@ -234,8 +244,10 @@ def test_swiglu_function_on_cpu(fake_kernels, dtype):
         assert_close(a, b, dtype, name)
 
 
-def test_model_through_functions_on_cpu(fake_kernels):
-    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
+@pytest.mark.parametrize("layout", [{}, phi_layout(12, 0.75)], ids=["llama", "phi"])
+def test_model_through_functions_on_cpu(fake_kernels, layout):
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                      **layout)  # fmt: skip
     model = Transformer(cfg)
     model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(0, 101, (2, 17))

@@ -34,6 +34,10 @@ CASES += [("lora_embed", "llama_tied")]  # the embedding's adapter acts on the l
 CASES += [("lora", "qwen3"), ("ln_tuning", "qwen3"), ("lora", "olmo2"), ("ln_tuning_regex", "olmo2"), ("lora", "smollm3"),
           ("ln_tuning_regex", "smollm3"), ("lora", "gemma2"), ("ln_tuning", "gemma2"), ("lora", "gemma3"),
           ("ln_tuning", "gemma3")]  # fmt: skip
+# Phi-3's fused qkv_proj / gate_up_proj as PEFT targets them; "all-linear" finds them (and Llama's seven); PEFT
+# has no default LN-tuning targets for Phi-3
+CASES += [("lora_all_linear", "phi3"), ("dora_fused", "phi3"), ("ia3_fused", "phi3"), ("oft_fused", "phi4_mini"),
+          ("ln_tuning_list", "phi4_mini"), ("lora_all_linear", "llama_gqa_llama3"), ("lora_all_linear", "gemma2")]
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +129,23 @@ def test_ptuning_encoder_computes_peft_soft_tokens(hf_checkpoint, tmp_path, spec
     saved, ours = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert saved.keys() == ours.keys() == {"prompt_embeddings"}
     assert (saved["prompt_embeddings"] - ours["prompt_embeddings"]).abs().max() < 1e-6
+
+
+def test_all_linear_lists_what_peft_lists_and_llama_targets_fail_on_phi3(hf_checkpoint, tmp_path):
+    """"all-linear" resolves to PEFT's layer set (saved as such); Llama's default names name no Phi-3 layer."""
+    import json
+
+    from ftcore.errors import FtcoreError
+    from ftcore.peft import PeftConfig
+
+    path, ref = hf_checkpoint("phi3")
+    pm = peft.get_peft_model(copy.deepcopy(ref), peft_config("lora_all_linear"))
+    model = apply(load_model(path), our_config("lora_all_linear"))
+    theirs = set(pm.peft_config["default"].target_modules)
+    assert set(model.peft_config.target_modules) == theirs and len(theirs) == 8  # 2 layers x 4 (no lm_head)
+    save_adapter(model, tmp_path)
+    assert set(json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]) == theirs
+    with pytest.raises(FtcoreError, match="peft.target_modules: 'q_proj' matches no linear or embedding module of "
+                                          "this model; linear or embedding modules: embed_tokens, qkv_proj, o_proj, "
+                                          'gate_up_proj, down_proj, lm_head; or "all-linear"'):
+        apply(load_model(path), PeftConfig())

@@ -89,7 +89,12 @@ def test_error_unsupported_architecture(ckpt):
 
 @pytest.mark.parametrize("change,message", [
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-     "unsupported rope_scaling type 'yarn'; supported: default, linear, llama3"),
+     "unsupported rope_scaling type 'yarn'; supported: default, linear, llama3, longrope"),
+    ({"architectures": ["Phi3ForCausalLM"], "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 3,
+      "long_factor": [2.0] * 8}}, "rope_scaling.short_factor: expected a list of 8 positive numbers (rotary dims / 2)"),
+    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.1},
+     "partial_rotary_factor=0.1: expected (0, 1] giving an even number of the 16 head dims"),
+    ({"resid_pdrop": 0.1}, "resid_pdrop=0.1 unsupported (ftcore's decoder has no dropout layers); expected 0.0"),
     ({"architectures": ["SmolLM3ForCausalLM"], "no_rope_layers": [1]},
      "no_rope_layers has 1 entries for num_hidden_layers=2"),
     ({"architectures": ["Qwen3ForCausalLM"], "use_sliding_window": True, "sliding_window": 4,
@@ -222,6 +227,23 @@ def test_built_family_configs_save_as_their_family_or_refuse(tmp_path):
         save_pretrained(tiny_model(norm_style="unit_offset"), tmp_path / "gemma_like")
 
 
+def test_built_phi3_config_saves_as_phi3_with_equal_logits(tmp_path):
+    """Fused projections, partial rotary dims, LongRoPE and a window, built here: transformers reads the saved
+    config.json as the same model (sequences past the original 8 tokens, so the long factors and the window act)."""
+    transformers = pytest.importorskip("transformers")
+    rope = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+            "original_max_position_embeddings": 8}  # fmt: skip
+    model = tiny_model(fused_projections=True, partial_rotary_factor=0.5, rope_scaling=rope, sliding_window=6,
+                       max_position_embeddings=64).eval()  # fmt: skip
+    save_pretrained(model, tmp_path / "phi")
+    assert json.loads((tmp_path / "phi" / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
+    assert load_model(tmp_path / "phi").cfg == model.cfg
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "phi").eval()
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        assert (model(tokens) - theirs(tokens).logits).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("family,keys", [
     ("Qwen3ForCausalLM", dict(use_sliding_window=True, num_hidden_layers=30)),
     ("SmolLM3ForCausalLM", dict(use_sliding_window=True, sliding_window=16, num_hidden_layers=8)),
@@ -229,6 +251,8 @@ def test_built_family_configs_save_as_their_family_or_refuse(tmp_path):
     ("Gemma3ForCausalLM", dict(num_hidden_layers=6, sliding_window_pattern=3, rope_theta=1e6, rope_local_base_freq=1e4,
                                rope_scaling={"rope_type": "linear", "factor": 8.0})),
     ("Olmo2ForCausalLM", dict()),
+    ("Phi3ForCausalLM", dict(sliding_window=8, original_max_position_embeddings=16, max_position_embeddings=64,
+                             rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8})),
 ])  # fmt: skip
 def test_sparse_configs_read_as_transformers_reads_them(tmp_path, family, keys):
     """A config.json with only the keys that differ from the class defaults (transformers 4.x writes no others, and
@@ -255,3 +279,6 @@ def test_sparse_configs_read_as_transformers_reads_them(tmp_path, family, keys):
         else 0 for t in (types or ["x"] * ours.num_layers)]  # fmt: skip
     if family.startswith("Gemma2"):
         assert (ours.attn_softcap, ours.logit_softcap) == (50.0, 30.0)
+    if family.startswith("Phi3"):  # 4.x's "type", LongRoPE over the top-level original context
+        assert ours.rope_scaling["rope_type"] == rope["rope_type"] == "longrope"
+        assert ours.long_rope_after == rope["original_max_position_embeddings"] == 16

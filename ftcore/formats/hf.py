@@ -24,7 +24,8 @@ from ftcore.textfile import read_json_object
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3",
-                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}  # fmt: skip
+                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+                 "Phi3ForCausalLM": "phi3"}  # fmt: skip
 GEMMA = ("gemma2", "gemma3_text")
 # transformers' class defaults where they differ from the Llama ones this reader falls back to: a config.json that
 # leaves a key out (transformers 4.x writes only the keys that differ from them) means these
@@ -37,7 +38,9 @@ FAMILY_DEFAULTS = {
                "query_pre_attn_scalar": 256, "tie_word_embeddings": True},
     "gemma3_text": {"head_dim": 256, "sliding_window": 4096, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
                     "query_pre_attn_scalar": 256, "tie_word_embeddings": True},
+    "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
 }  # fmt: skip
+DROPOUTS = ("attention_dropout", "resid_pdrop", "embd_pdrop")  # config.json's dropout rates: ftcore's decoder has none
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config.json's hidden_act -> ModelConfig.mlp_act
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types they must have
@@ -50,6 +53,7 @@ CONFIG_TYPES = {  # the config.json keys read_config reads, with the JSON types 
     "query_pre_attn_scalar": float | None, "final_logit_softcapping": float | None,
     "attn_logit_softcapping": float | None, "rope_local_base_freq": float,
     "use_bidirectional_attention": bool | None, "sliding_window_pattern": int,
+    "original_max_position_embeddings": int, "partial_rotary_factor": float, **dict.fromkeys(DROPOUTS, float),
 }  # fmt: skip
 
 
@@ -89,6 +93,10 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
     if hf.get("use_bidirectional_attention"):
         raise FtcoreError(f"{path}: use_bidirectional_attention=true (an encoder) unsupported; "
                           "expected a causal decoder")  # fmt: skip
+    for key in DROPOUTS:
+        if hf.get(key, 0.0) != 0.0:
+            raise FtcoreError(f"{path}: {key}={hf[key]} unsupported (ftcore's decoder has no dropout layers); "
+                              "expected 0.0")  # fmt: skip
     act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"  # Gemma's, or everyone's
     act = hf.get(act_key, "silu")
     if act not in ACTIVATIONS:
@@ -106,7 +114,15 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope.pop("type")
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    check_types({"rope_parameters.rope_theta": theta}, {"rope_parameters.rope_theta": float}, path)
+    rotary = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))  # only Phi-3's code reads it
+    check_types({"rope_parameters.rope_theta": theta, "rope_parameters.partial_rotary_factor": rotary},
+                {"rope_parameters.rope_theta": float, "rope_parameters.partial_rotary_factor": float}, path)
+    if model_type == "phi3" and rope.get("rope_type") in ("su", "yarn"):  # Phi-3's old names for LongRoPE
+        rope["rope_type"] = "longrope"
+    if rope.get("rope_type") in ("llama3", "longrope"):  # the pretraining context (Phi-3's top-level key wins)
+        if model_type == "phi3":
+            rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        rope.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
     attention_bias = hf.get("attention_bias", False)
     nope = []
     if model_type == "smollm3":  # no_rope_layers[i] = 1: layer i uses RoPE (default: every 4th one does not)
@@ -141,6 +157,8 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             mlp_act=ACTIVATIONS[act],
             norm_style="float32_scale" if model_type == "olmo2" else "unit_offset" if model_type in GEMMA else "llama",
             rope_local_theta=local_theta,
+            fused_projections=model_type == "phi3",
+            partial_rotary_factor=rotary if model_type == "phi3" else 1.0,
             **(gemma(hf) if model_type in GEMMA else {}),
         )
     except FtcoreError as e:  # a value ModelConfig refuses (heads not a multiple of the kv heads, a rope type)
@@ -406,8 +424,9 @@ def gemma(hf: dict) -> dict:
 def windows(hf: dict, model_type: str, nope: list[int]) -> tuple[int, list[str]]:
     """(sliding_window, layer_types) as transformers reads them: Mistral slides on every layer; Gemma on its
     pattern's layers; Qwen2/3 and SmolLM3 only with use_sliding_window, on the layers layer_types names (by
-    default Qwen's from max_window_layers on, SmolLM3's NoPE layers). Llama and OLMo 2 never slide."""
-    if model_type == "mistral":
+    default Qwen's from max_window_layers on, SmolLM3's NoPE layers). Llama and OLMo 2 never slide. Phi-3 as
+    Mistral."""
+    if model_type in ("mistral", "phi3"):
         return hf.get("sliding_window") or 0, []
     if model_type in GEMMA:  # default: Gemma 2 every other layer from the first, Gemma 3 five of every six
         n = hf["num_hidden_layers"]
@@ -429,7 +448,9 @@ def windows(hf: dict, model_type: str, nope: list[int]) -> tuple[int, list[str]]
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """A config.json for a model that was not loaded from one (e.g. built in a test)."""
-    if cfg.qk_norm or cfg.nope_layers or cfg.layer_types:
+    if cfg.fused_projections:
+        arch = "Phi3ForCausalLM"
+    elif cfg.qk_norm or cfg.nope_layers or cfg.layer_types:
         arch = {"head": "Qwen3ForCausalLM", "proj": "Olmo2ForCausalLM"}.get(cfg.qk_norm, "SmolLM3ForCausalLM")
     else:
         arch = "Qwen2ForCausalLM" if cfg.qkv_bias and not cfg.o_bias else "LlamaForCausalLM"
@@ -452,6 +473,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
     if arch == "LlamaForCausalLM":
         hf.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    elif arch == "Phi3ForCausalLM":
+        hf["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
+        hf.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)  # not Phi-3's tokenizer's (32000: > vocab)
+        hf.update(sliding_window=cfg.sliding_window or None, partial_rotary_factor=cfg.partial_rotary_factor,
+                  original_max_position_embeddings=cfg.rope_scaling.get("original_max_position_embeddings",
+                                                                        cfg.max_position_embeddings))  # fmt: skip
     elif arch != "Qwen2ForCausalLM":
         hf.update(attention_bias=cfg.o_bias)
     if cfg.layer_types:

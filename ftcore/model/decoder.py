@@ -1,5 +1,6 @@
-"""One Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2/3, OLMo 2, SmolLM2/3, Gemma 2/3 differ only by
-ModelConfig (per-layer windows and RoPE bases, q/k norms, post- and sandwich norms, NoPE layers, GeGLU, soft-caps).
+"""One Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2/3, OLMo 2, SmolLM2/3, Gemma 2/3, Phi-3/4 differ only by
+ModelConfig (per-layer windows and RoPE bases, q/k norms, post- and sandwich norms, NoPE layers, GeGLU, soft-caps,
+fused projections, LongRoPE, partial rotary dims).
 
 Module and parameter names follow the Hugging Face layout minus its leading `model.`
 (`layers.3.self_attn.q_proj.weight`), so checkpoints map by one rule (weights.py) and PEFT
@@ -9,8 +10,10 @@ target-module names (`q_proj`, `down_proj`, ...) mean the same thing here as in 
                             v   [soft prompt; x]   prompt_encoder: the prompt-tuning hook
       ┌── Block x N ─────────────────────────────────────────────────────┐
       │ x + o_proj(SDPA(rope(q), [prefix_k; cache_k; rope(k)], [...v]))  │  prefix_kv: the prefix-tuning hook
-      │   (q, k normed first with qk_norm; no rope on nope_layers)       │
+      │   (q, k normed first with qk_norm; no rope on nope_layers;       │
+      │    Phi-3: q, k, v from one qkv_proj, rope on rotary_dim dims)    │
       │ x + down_proj(silu(gate_proj(x)) * up_proj(x))                   │
+      │   (Phi-3: gate, up = gate_up_proj(x).chunk(2))                   │
       └──────────────────────────────────────────────────────────────────┘
                             v
                    norm ─> lm_head ─> logits [B, T, vocab]   (real tokens only)
@@ -35,7 +38,7 @@ from ftcore.errors import FtcoreError
 from ftcore.model import ops
 from ftcore.model.loss import softcap, token_loss_sum
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 QK_NORMS = ("", "head", "proj")
 BLOCK_NORMS = ("pre", "post", "sandwich")
@@ -76,6 +79,9 @@ class ModelConfig:
     attn_softcap: float = 0.0  # attention scores -> cap * tanh(scores / cap) before the mask (Gemma 2); 0: off
     logit_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) (Gemma 2); 0: off
     rope_local_theta: float = 0.0  # the sliding layers' RoPE base, unscaled (Gemma 3); 0: theirs is everyone's
+    # Phi-3: one qkv_proj [(H + 2 Hkv) hd, D] and one gate_up_proj [2 I, D], as the checkpoint stores them
+    fused_projections: bool = False
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim * this) dims of each head (Phi-4-mini: 0.75)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -97,6 +103,29 @@ class ModelConfig:
             value = getattr(self, key)
             if value not in allowed:
                 raise FtcoreError(f"{key}={value!r}; supported: {', '.join(map(repr, allowed))}")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise FtcoreError(f"partial_rotary_factor={self.partial_rotary_factor}: expected (0, 1] giving an even "
+                              f"number of the {self.head_dim} head dims")  # fmt: skip
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                f = self.rope_scaling.get(key)
+                ok = isinstance(f, list) and all(isinstance(v, (int, float)) and v > 0 for v in f)
+                if not ok or len(f) != self.rotary_dim // 2:
+                    raise FtcoreError(f"rope_scaling.{key}: expected a list of {self.rotary_dim // 2} positive "
+                                      f"numbers (rotary dims / 2), got {f!r}")  # fmt: skip
+            if not isinstance(self.rope_scaling.get("original_max_position_embeddings"), int):
+                raise FtcoreError("rope_scaling.original_max_position_embeddings: expected an integer (longrope)")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates (the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def long_rope_after(self) -> int:
+        """LongRoPE: its long factors apply once a forward's positions reach past this many tokens; 0: no LongRoPE."""
+        s = self.rope_scaling
+        return s["original_max_position_embeddings"] if s.get("rope_type") == "longrope" else 0
 
     def local_rope(self, layer: int) -> bool:
         """Layer `layer` takes the sliding layers' own RoPE (rope_local_theta)."""
@@ -109,14 +138,18 @@ class ModelConfig:
         return self.sliding_window
 
 
-def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] in float32, with linear or llama3 scaling applied; local: the sliding
-    layers' (rope_local_theta, unscaled)."""
-    dim = cfg.head_dim
+def rope_inv_freq(cfg: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim // 2] in float32, with linear, llama3 or LongRoPE scaling applied; local: the
+    sliding layers' (rope_local_theta, unscaled); long: LongRoPE's long factors (else its short ones)."""
+    dim = cfg.rotary_dim
     theta = cfg.rope_local_theta if local else cfg.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     s = {} if local else cfg.rope_scaling
     rope_type = s.get("rope_type", "default")
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if rope_type == "longrope":  # Phi-3: each frequency divided by its own factor
+        factors = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * theta**exponent)
+    inv_freq = 1.0 / (theta**exponent)
     if rope_type == "linear":
         inv_freq = inv_freq / s["factor"]
     elif rope_type == "llama3":
@@ -132,11 +165,27 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [B, 1, T, head_dim] for integer positions [B, T] (computed in float32)."""
-    freqs = position_ids[:, :, None].float() * inv_freq.float()[None, None, :]  # [B, T, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What cos and sin are multiplied by: LongRoPE's attention factor (HF's default from the context extension
+    max_position_embeddings / original_max_position_embeddings), 1 for every other RoPE."""
+    s = cfg.rope_scaling
+    if s.get("rope_type") != "longrope":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return s["attention_factor"]
+    orig = s["original_max_position_embeddings"]
+    factor = s.get("factor") or cfg.max_position_embeddings / orig
+    return math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos, sin [B, 1, T, rotary_dim] for integer positions [B, T] (computed in float32, times `scale`)."""
+    freqs = position_ids[:, :, None].float() * inv_freq.float()[None, None, :]  # [B, T, rd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, rd]
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -188,9 +237,13 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.fused = cfg.fused_projections
+        if self.fused:  # Phi-3: rows [q; k; v]
+            self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:  # Qwen3: over each head's hd; OLMo 2: over the whole projection
@@ -199,6 +252,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd if cfg.qk_norm == "head" else self.n_kv * self.hd, cfg.rms_norm_eps,
                                   cfg.norm_style)  # fmt: skip
         self.use_rope = layer_idx not in cfg.nope_layers
+        self.rotary_dim = cfg.rotary_dim
         self.scale = cfg.attn_scale or None  # None: SDPA's head_dim ** -0.5
         self.softcap = cfg.attn_softcap
         self.fused_kernels = False  # RoPE through kernels/ on CUDA tensors
@@ -211,16 +265,19 @@ class Attention(nn.Module):
         (the prefix-tuning hook); `mask` must then cover the P prefix columns first.
         """
         B, T, _ = x.shape
-        q, k = self.q_proj(x), self.k_proj(x)  # [B, T, H * hd], [B, T, Hkv * hd]
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H * hd], [B, T, Hkv * hd] x 2
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(B, T, self.n_heads, self.hd), k.view(B, T, self.n_kv, self.hd)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if self.use_rope:  # (SmolLM3's NoPE layers: none)
-            q, k = ops.rope(q, cos, sin, self.fused_kernels), ops.rope(k, cos, sin, self.fused_kernels)  # rotate halves
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, Hkv, S_cache, hd]
         if prefix_kv is not None:
@@ -236,6 +293,13 @@ class Attention(nn.Module):
         if alive is not None:
             y = y * alive  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE (rotate halves) on x [B, H, T, hd]'s first rotary_dim dims, the rest as they are (Phi-4-mini)."""
+        if self.rotary_dim == self.hd:
+            return ops.rope(x, cos, sin, self.fused_kernels)
+        rd = self.rotary_dim
+        return torch.cat([ops.rope(x[..., :rd], cos, sin, self.fused_kernels), x[..., rd:]], dim=-1)
 
 
 def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
@@ -255,16 +319,21 @@ def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tenso
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.fused = cfg.fused_projections
+        if self.fused:  # Phi-3: rows [gate; up]
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = cfg.mlp_act
         self.fused_kernels = False  # SwiGLU through kernels/ on CUDA tensors
 
     def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
         if self.act == "gelu_tanh":  # GeGLU
-            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.fused_kernels))  # silu(gate) * up
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(ops.swiglu(gate, up, self.fused_kernels))  # silu(gate) * up
 
 
 class Block(nn.Module):
@@ -362,6 +431,9 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True) if cfg.rope_local_theta else None,
                              persistent=False)  # fmt: skip
+        self.register_buffer("inv_freq_long", rope_inv_freq(cfg, long=True) if cfg.long_rope_after else None,
+                             persistent=False)  # fmt: skip
+        self.rope_scale = rope_attention_factor(cfg)
         # PEFT hook points (None = unused), root modules so that FSDP shards them with the root:
         # prefix_encoder(batch_size) -> per layer (k, v) [B, n_kv, P, hd], used when forward gets no prefix_kv;
         # prompt_encoder(batch_size) -> soft tokens [B, P, D] (with .num_virtual_tokens = P), prepended on the
@@ -389,6 +461,8 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.cfg).to(device)
         if self.cfg.rope_local_theta:
             self.inv_freq_local = rope_inv_freq(self.cfg, local=True).to(device)
+        if self.cfg.long_rope_after:
+            self.inv_freq_long = rope_inv_freq(self.cfg, long=True).to(device)
 
     def tie_weights(self):
         """lm_head computes with the embedding's weight; a quantized embedding's head (a GGUF base) shares its
@@ -453,7 +527,11 @@ class Transformer(nn.Module):
                 x = torch.cat([self.prompt_encoder(B).to(x.dtype), x], dim=1)  # [B, soft + T, D]
                 soft_pos = torch.arange(soft, device=x.device)[None].expand(B, soft)
                 position_ids = torch.cat([soft_pos, position_ids], dim=1)
-        rope = {False: rope_cos_sin(self.inv_freq, position_ids, x.dtype)}  # (cos, sin); True: the local layers'
+        inv_freq = self.inv_freq
+        if self.inv_freq_long is not None:  # LongRoPE: the long factors once the batch reaches past the original
+            # context (HF's choice, made per forward; generate re-prefills when a decode step crosses it)
+            inv_freq = torch.where(position_ids.max() >= self.cfg.long_rope_after, self.inv_freq_long, inv_freq)
+        rope = {False: rope_cos_sin(inv_freq, position_ids, x.dtype, self.rope_scale)}  # True: the local layers'
         if self.inv_freq_local is not None:
             rope[True] = rope_cos_sin(self.inv_freq_local, position_ids, x.dtype)
         windows = [self.cfg.window(i) for i in range(len(self.layers))]

@@ -2,6 +2,10 @@
 
 Position ids come from the padding mask (cumsum - 1), as in HF generate, so a left-padded row
 computes exactly what it would alone.
+
+LongRoPE (Phi-3) switches from its short to its long factors once a forward's positions pass the original
+context; the keys cached before that were rotated with the short ones, so the step that crosses it re-runs the
+whole sequence into a new cache, as HF's Phi3ForCausalLM.prepare_inputs_for_generation does.
 """
 
 import torch
@@ -61,7 +65,10 @@ def generate(
     tokens, mask = left_pad(prompts, pad_id, device)
     B, L = tokens.shape
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    cache = KVCache(model.cfg, B, L + max_new_tokens + model_extra_tokens(model)) if use_cache else None
+    new_cache = lambda: KVCache(model.cfg, B, L + max_new_tokens + model_extra_tokens(model))  # noqa: E731
+    cache = new_cache() if use_cache else None
+    long_after = model.cfg.long_rope_after  # 0: no LongRoPE
+    virtual = model_extra_tokens(model) + getattr(model.prefix_encoder, "num_virtual_tokens", 0)  # shift positions
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
@@ -77,7 +84,10 @@ def generate(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        if use_cache:
+        if use_cache and long_after and tokens.shape[1] - 1 + virtual == long_after:  # the first long position
+            cache = new_cache()
+            logits = model(tokens, attention_mask=mask, position_ids=positions, kv_cache=cache)[:, -1]
+        elif use_cache:
             logits = model(nxt[:, None], attention_mask=mask, position_ids=positions[:, -1:], kv_cache=cache)[:, -1]
         else:
             logits = model(tokens, attention_mask=mask, position_ids=positions)[:, -1]

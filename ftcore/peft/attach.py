@@ -10,10 +10,12 @@ at the model's hooks, as do VeRA and Lily for the tensors their layers share (`v
 
 Target matching is PEFT's, on PEFT's module keys (`model.layers.0.self_attn.q_proj`, `lm_head`):
 a list entry matches a key equal to it or ending in `.entry`; a string is a regex that must match
-the whole key. Stricter than PEFT: every list entry must match some linear layer (LoRA: or the
-token embedding, `embed_tokens`; LN tuning: some RMSNorm layer, and nothing but norms).
+the whole key; "all-linear" is every linear layer but lm_head (PEFT's shorthand; the saved config lists them).
+Stricter than PEFT: every list entry must match some linear layer (LoRA: or the token embedding, `embed_tokens`;
+LN tuning: some RMSNorm layer, and nothing but norms).
 """
 
+import dataclasses
 import re
 import warnings
 
@@ -47,6 +49,7 @@ from ftcore.schema import build
 ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, HiraLinear, HraLinear, LohaLinear, LokrLinear,
                   AdaLoraLinear, LnTuningNorm, OftLinear, BoftLinear, LilyLinear)  # fmt: skip
 VIRTUAL_TOKENS = {"prefix": "prefix tuning", "prompt": "prompt tuning", "ptuning": "p-tuning"}  # not mergeable
+ALL_LINEAR_SHORTHAND = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
 HOOKS = ("prefix_encoder", "prompt_encoder", "vera_projections", "lily_projectors")  # root modules a method attaches
 
 
@@ -73,14 +76,26 @@ def _matches(targets, key: str) -> bool:
     return any(key == t or key.endswith("." + t) for t in targets)
 
 
+def all_linear(model: nn.Module) -> list[str]:
+    """PEFT's target_modules="all-linear": every linear layer but the output head, as PEFT keys (what PEFT writes to
+    adapter_config.json in its place)."""
+    return [peft_key(n) for n in linear_modules(model) if n != "lm_head"]
+
+
+def is_all_linear(targets) -> bool:
+    return isinstance(targets, str) and targets.lower() == ALL_LINEAR_SHORTHAND
+
+
 def find_targets(model: nn.Module, targets, field: str = "target_modules", embeddings: bool = False,
                  norms: bool = False) -> list[str]:  # fmt: skip
     """Names of the linear layers (and embeddings if `embeddings`; the RMSNorm layers instead if `norms`) matched by
-    `targets` (names or one regex)."""
+    `targets` (names, one regex, or "all-linear")."""
+    if is_all_linear(targets) and not norms:
+        targets = all_linear(model)
     candidates = norm_modules(model) if norms else linear_modules(model, embeddings)
     short = list(dict.fromkeys(n.split(".")[-1] for n in candidates))
     kind = "norm module" if norms else "linear or embedding module" if embeddings else "linear module"
-    known = f"{kind}s: {', '.join(short)}"
+    known = f"{kind}s: {', '.join(short)}" + ("" if norms else '; or "all-linear" (every linear layer but lm_head)')
     if isinstance(targets, str):
         try:
             re.compile(targets)
@@ -130,6 +145,8 @@ def apply(model: nn.Module, cfg: PeftConfig, tokenizer=None, init: bool = True) 
         raise FtcoreError(f"peft.init={cfg.init}: PiSSA/OLoRA replace the base weights by a residual, which a quantized "
                           "base (model.quantize) keeps frozen; use peft.init=kaiming-uniform or gaussian")  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed)
+    if is_all_linear(cfg.target_modules):  # resolved now, so the saved config lists the layers (as PEFT's does)
+        cfg = dataclasses.replace(cfg, target_modules=all_linear(model))
     if cfg.method == "full":
         apply_full(model, cfg.freeze)
         model.peft_config = cfg

@@ -61,7 +61,8 @@ class PeftConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: list(ALL_LINEAR))  # names, or one regex
+    # names, one regex, or "all-linear" (every linear layer but lm_head: Phi-3's qkv_proj, gate_up_proj, ...)
+    target_modules: list[str] | str = field(default_factory=lambda: list(ALL_LINEAR))
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     init: str = "kaiming-uniform"  # kaiming-uniform (PEFT's default) | gaussian | pissa | pissa_niter_<N> | olora
     # (hira: kaiming-uniform | gaussian; loha: kaiming-uniform; lokr: kaiming-uniform | lycoris;
