@@ -29,7 +29,8 @@ CASES += [(spec, "qwen2") for spec in ("pissa", "vera", "hira", "hra", "hra_gs",
                                        "ln_tuning", "ln_tuning_list", "ln_tuning_regex", "oft", "oft_r_cayley", "oft_share",
                                        "coft", "lily", "lily_regex", "ptuning_mlp", "ptuning_lstm", "boft",
                                        "boft_butterfly", "boft_regex")]
-CASES += [("lora_embed", "llama_tied")]  # the embedding's adapter acts on the lookup only, lm_head keeps the base
+CASES += [("lora_embed", "llama_tied"), ("lora_embed", "gemma2"), ("lora_embed", "gemma3")]  # the lookup only; lm_head
+# keeps the base; Gemma scales the adapter's rows by sqrt(hidden) with the table's, as PEFT does
 # q/k norms, post-norms, NoPE (PEFT has no default LN-tuning targets for OLMo 2 and SmolLM3)
 CASES += [("lora", "qwen3"), ("ln_tuning", "qwen3"), ("lora", "olmo2"), ("ln_tuning_regex", "olmo2"), ("lora", "smollm3"),
           ("ln_tuning_regex", "smollm3"), ("lora", "gemma2"), ("ln_tuning", "gemma2"), ("lora", "gemma3"),

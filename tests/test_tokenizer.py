@@ -137,6 +137,82 @@ def test_rich_template_matches_transformers(tmp_path):
             assert ours.apply_chat_template(CONVERSATION, add_generation_prompt=gen, **kwargs) == want
 
 
+
+# Templates in the turn formats of the newer families, written here with the jinja their tokenizer_config.json
+# templates use (namespaces, reversed slices, string methods, `is string`, kwargs such as enable_thinking).
+FAMILY_TEMPLATES = {
+    # Qwen3: ChatML; an assistant turn's reasoning split off at </think> and kept only after the last user query
+    "qwen3": """{%- set ns = namespace(searching=true, last_user=messages|length - 1) %}
+{%- for m in messages[::-1] %}
+    {%- if ns.searching and m.role == 'user' %}
+        {%- set ns.searching = false %}{% set ns.last_user = messages|length - 1 - loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for m in messages %}
+    {%- set content = m.content if m.content is string else '' %}
+    {%- if m.role == 'assistant' %}
+        {%- set reasoning = '' %}
+        {%- if '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_user and reasoning %}
+            {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' }}
+            {{- content + '<|im_end|>\n' }}
+        {%- else %}
+            {{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + m.role + '\n' + content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{% endif %}
+{%- endif %}""",
+    # Gemma 2/3: <start_of_turn>, the system turn folded into the first user turn, roles must alternate
+    "gemma": """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}
+{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}
+    {{- message['content'] | trim + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}""",
+    # Phi-3: <|role|> ... <|end|>
+    "phi3": """{% for message in messages %}{% if message['role'] in ['system', 'user', 'assistant'] %}"""
+            """{{ '<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>' + '\n' }}{% endif %}"""
+            """{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}""",
+}  # fmt: skip
+FAMILY_CONVERSATIONS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  2+2?  "},
+     {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}, {"role": "user", "content": "And 3+3?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>greet</think>Hello"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))
+def test_family_style_templates_match_transformers(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    d = make_dir(tmp_path, {"chat_template": FAMILY_TEMPLATES[family]})
+    ours, hf = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(d)
+    for messages in FAMILY_CONVERSATIONS:
+        for gen in (True, False):
+            for kwargs in ({}, {"enable_thinking": False}):
+                want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, **kwargs)
+                assert ours.apply_chat_template(messages, add_generation_prompt=gen, **kwargs) == want
+    if family == "gemma":  # the template's own error, in one line naming the file
+        with pytest.raises(FtcoreError, match="chat template failed: Conversation roles must alternate"):
+            ours.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    if family == "qwen3":  # both branches ran: reasoning after the last query kept, before it dropped
+        assert "<think>\ngreet\n</think>\n\nHello" in ours.apply_chat_template(FAMILY_CONVERSATIONS[1])
+        assert "add them" not in ours.apply_chat_template(FAMILY_CONVERSATIONS[0])
+
 # ---------------------------------------------------------------- the imported SmolLM2 tokenizer
 
 TEXTS = [
