@@ -21,7 +21,7 @@ import ftcore.compare.config
 import ftcore.compare.runner
 import ftcore.train.loop
 from ftcore import peft
-from ftcore.compare import compare_config, config_hash, count_trainable, plan_arms, run_comparison, solve_budget
+from ftcore.compare import compare_config, config_hash, count_trainable, plan_arms, run_comparison, solve_budget, stats
 from ftcore.config import run_config
 from ftcore.data.tasks import get_task
 from ftcore.errors import FtcoreError, NonFiniteLoss
@@ -160,7 +160,22 @@ def test_compare_two_methods_two_seeds_then_restart(tiny_dir, data_cache, tmp_pa
     for row in table:
         assert f"| {row['arm']} |" in md and f"{float(row['score_mean']):.4f} ± {float(row['score_std']):.4f}" in md
     baseline = json.loads((out / "baseline" / "eval.json").read_text())
-    assert f"| base model | — | 0 | — | {baseline['score']:.4f} |" in md
+    assert f"| base model | — | 0 | — | {baseline['score']:.4f} | [" in md
+    # the intervals and tests, recomputed from the runs' own predictions.jsonl (and the base model's)
+    preds = {arm: [[json.loads(x) for x in (out / r["run_dir"] / "predictions.jsonl").read_text().splitlines()]
+                   for r in runs if r["arm"] == arm] for arm in ("lora", "ia3")}  # fmt: skip
+    base_rows = [json.loads(x) for x in (out / "baseline" / "predictions.jsonl").read_text().splitlines()]
+    outcomes = {arm: stats.outcomes(task.metric, p) for arm, p in preds.items()}
+    again = stats.compare_arms(outcomes, stats.outcomes(task.metric, [base_rows]), 2000, 10000, 0, 0.05)
+    for row in table:
+        assert float(row["score_mean"]) == pytest.approx(again["arms"][row["arm"]]["score"], abs=1e-12)
+        assert (float(row["ci_low"]), float(row["ci_high"])) == again["arms"][row["arm"]]["ci"]
+    assert again["arms"]["base model"]["score"] == pytest.approx(baseline["score"], abs=1e-12)
+    diffs = read_csv(out / "differences.csv")
+    assert [(d["a"], d["b"]) for d in diffs] == [("lora", "ia3"), ("lora", "base model"), ("ia3", "base model")]
+    for d, want in zip(diffs, again["pairs"]):
+        assert (float(d["diff"]), float(d["p"]), float(d["p_holm"])) == (want["diff"], want["p"], want["p_holm"])
+    assert "| A | B | A - B | 95% CI | p | p (Holm) | significant |" in md
     for png in ("val_loss.png", "metric_vs_params.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 300_000 and f"({png})" in md

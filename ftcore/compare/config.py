@@ -24,6 +24,16 @@ class VaryConfig:
 
 
 @dataclass
+class StatsConfig:
+    """The uncertainty of the results table (ftcore/compare/stats.py): bootstrap intervals, paired swap tests."""
+
+    resamples: int = 2000  # bootstrap draws of test examples and seeds (95% percentile intervals)
+    permutations: int = 10000  # random swaps per paired test (all 2^n when fewer)
+    alpha: float = 0.05  # a difference is marked when its Holm-adjusted p-value is below this
+    seed: int = 0  # the generator of both
+
+
+@dataclass
 class CompareConfig:
     name: str = "methods"  # names the default output directory comparisons/<name>_<task>
     methods: list[str] = field(default_factory=lambda: ["lora", "ia3", "prompt"])  # any of COMPARABLE; [all]: every one
@@ -44,6 +54,7 @@ class CompareConfig:
     peft: dict[str, dict] = field(default_factory=dict)  # {method: PEFT settings}; a missing method: the defaults
     baseline: bool = True  # score the base model once (not once per run)
     plots: bool = True  # PNG plots (needs matplotlib: pip install 'ftcore[plots]')
+    stats: StatsConfig = field(default_factory=StatsConfig)
     launch: str = "inprocess"  # inprocess: train() here | subprocess: `launcher scripts/train.py` | print
     launcher: str = "python"  # the subprocess/print command prefix, e.g. "torchrun --nproc_per_node=4"
 
@@ -65,6 +76,11 @@ class CompareConfig:
             raise invalid("compare.seeds", self.seeds, "distinct seeds")
         if self.budget < 0:
             raise invalid("compare.budget", self.budget, "a number of parameters >= 0")
+        for key in ("resamples", "permutations"):
+            if getattr(self.stats, key) < 1:
+                raise invalid(f"compare.stats.{key}", getattr(self.stats, key), ">= 1")
+        if not 0 < self.stats.alpha < 1:
+            raise invalid("compare.stats.alpha", self.stats.alpha, "a probability in (0, 1)")
         for key in ("max_r", "max_virtual_tokens", "lr_eval_examples"):
             if getattr(self, key) < 1:
                 raise invalid(f"compare.{key}", getattr(self, key), ">= 1")

@@ -2,8 +2,8 @@
 
 val_loss.png: training loss (smoothed) and validation loss against step, one colour per arm,
 a thin line per seed and a bold one for the mean over seeds.
-metric_vs_params.png: the test metric (mean ± std over seeds) against trainable parameters (log x),
-with the base model's score as a dashed line.
+metric_vs_params.png: the test metric (mean over seeds, with its 95% bootstrap interval; ± std without one) against
+trainable parameters (log x), with the base model's score as a dashed line in its interval's band.
 """
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from pathlib import Path
 from ftcore.train.log import read_metrics
 
 
-def write_plots(out_dir: Path, arms, finals, table, baseline) -> list[Path]:
+def write_plots(out_dir: Path, arms, finals, table, baseline, sig=None) -> list[Path]:
     try:
         import logging
 
@@ -23,7 +23,7 @@ def write_plots(out_dir: Path, arms, finals, table, baseline) -> list[Path]:
     except ImportError:
         print("compare: matplotlib is not installed, no plots (pip install 'ftcore[plots]')", flush=True)
         return []
-    return [loss_curves(plt, out_dir, arms, finals), metric_vs_params(plt, out_dir, table, baseline)]
+    return [loss_curves(plt, out_dir, arms, finals), metric_vs_params(plt, out_dir, table, baseline, sig)]
 
 
 def smooth(values: list[float], alpha: float = 0.3) -> list[float]:
@@ -72,22 +72,31 @@ def loss_curves(plt, out_dir: Path, arms, finals) -> Path:
     return path
 
 
-def metric_vs_params(plt, out_dir: Path, table, baseline) -> Path:
+def metric_vs_params(plt, out_dir: Path, table, baseline, sig=None) -> Path:
+    """Error bars: the 95% bootstrap interval where the results have one (sig), else ± std over seeds."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, row in enumerate(table):
         if row["score_mean"] is None:
             continue
-        ax.errorbar(row["trainable_params"], row["score_mean"], yerr=row["score_std"] or 0, fmt="o", capsize=4,
+        if row.get("ci_low") is not None:
+            yerr = [[row["score_mean"] - row["ci_low"]], [row["ci_high"] - row["score_mean"]]]
+        else:
+            yerr = row["score_std"] or 0
+        ax.errorbar(row["trainable_params"], row["score_mean"], yerr=yerr, fmt="o", capsize=4,
                     color=f"C{i % 10}", label=row["arm"])  # fmt: skip
     if baseline:
         ax.axhline(baseline["score"], color="gray", ls="--", lw=1, label="base model")
+        base_ci = sig["arms"].get("base model", {}).get("ci") if sig else None
+        if base_ci:
+            ax.axhspan(*base_ci, color="gray", alpha=0.15, lw=0)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor log ticks would overlap
     for i, row in enumerate(table):
         if row["score_mean"] is not None:
             ax.annotate(row["arm"], (row["trainable_params"], row["score_mean"]), textcoords="offset points",
                         xytext=(5, 5), fontsize=8, color=f"C{i % 10}")  # fmt: skip
-    ax.set(xlabel="trainable parameters", ylabel=f"test {table[0]['metric']} (mean ± std over seeds)",
+    bars = "95% CI" if any(r.get("ci_low") is not None for r in table) else "± std over seeds"
+    ax.set(xlabel="trainable parameters", ylabel=f"test {table[0]['metric']} (mean, {bars})",
            title="metric vs trainable parameters")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

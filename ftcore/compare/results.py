@@ -1,8 +1,10 @@
 """Results of a comparison: runs.csv (one row per run), results.csv and results.md (one row per arm:
-the task metric's mean ± std over seeds, trainable parameters, peak memory, tokens/s, wall time),
-lr_trials.csv, and the plots (plots.py). Every number is read back from the runs' own files:
-eval.json (test metric, trainable parameters, best validation loss), metrics.jsonl (validation
-curve, tokens/s, GPU peak memory) and compare_status.json (wall time, peak RSS).
+the task metric's mean ± std over seeds and its 95% bootstrap interval, trainable parameters, peak memory,
+tokens/s, wall time), differences.csv (every pair of arms and each arm against the base model: the difference,
+its interval, p-values and Holm's mark; stats.py), lr_trials.csv, and the plots (plots.py). Every number is read
+back from the runs' own files: eval.json (test metric, trainable parameters, best validation loss),
+predictions.jsonl (each test example's extracted answer), metrics.jsonl (validation curve, tokens/s, GPU peak
+memory) and compare_status.json (wall time, peak RSS); the base model's from baseline/.
 """
 
 import csv
@@ -11,6 +13,7 @@ import math
 import statistics
 from pathlib import Path
 
+from ftcore.compare import stats
 from ftcore.compare.plan import read_status, run_state
 from ftcore.config import run_config
 from ftcore.data.tasks import get_task
@@ -21,7 +24,8 @@ RUN_COLUMNS = ["arm", "method", "seed", "lr", "knob", "size", "trainable_params"
                "final_val_loss", "steps", "tokens_per_s", "peak_mem_gb", "peak_mem_kind", "wall_s", "status",
                "config_hash", "run_dir"]  # fmt: skip
 ARM_COLUMNS = ["arm", "method", "knob", "size", "trainable_params", "budget", "budget_ratio", "lr", "seeds", "metric",
-               "score_mean", "score_std", "val_loss_mean", "val_loss_std", "peak_mem_gb", "peak_mem_kind",
+               "score_mean", "score_std", "ci_low", "ci_high", "val_loss_mean", "val_loss_std", "peak_mem_gb",
+               "peak_mem_kind",
                "tokens_per_s", "wall_s_mean", "wall_s_total", "note"]  # fmt: skip
 
 
@@ -93,6 +97,41 @@ def aggregate(arm, rows: list[dict]) -> dict:
     }  # fmt: skip
 
 
+DIFF_COLUMNS = ["a", "b", "diff", "ci_low", "ci_high", "p", "p_holm", "significant"]
+
+
+def read_predictions(run_dir: Path) -> list[dict] | None:
+    path = Path(run_dir) / "predictions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+
+
+def significance(out_dir: Path, cc, arms, finals, runs: list[dict], table: list[dict], baseline) -> dict | None:
+    """Bootstrap intervals and paired tests over the arms whose every seed finished (stats.compare_arms); each
+    table row gets ci_low/ci_high. None when no arm has all its seeds or the runs do not share their test set."""
+    metric = table[0]["metric"]
+    by_arm = {}
+    for arm in arms:
+        mine = [(row, r) for row, r in zip(runs, finals) if r.arm is arm]
+        if mine and all(row["status"] == "finished" for row, _ in mine):
+            preds = [read_predictions(r.run_dir) for _, r in sorted(mine, key=lambda p: p[0]["seed"])]
+            if all(p is not None for p in preds):
+                by_arm[arm.name] = preds
+    base_preds = read_predictions(out_dir / "baseline") if baseline else None
+    every = [p for preds in by_arm.values() for p in preds] + ([base_preds] if base_preds else [])
+    if not by_arm or len({tuple(r["reference"] for r in p) for p in every}) != 1:
+        return None
+    outcomes = {name: stats.outcomes(metric, preds) for name, preds in by_arm.items()}
+    base = stats.outcomes(metric, [base_preds]) if base_preds else None
+    st = cc.stats
+    result = stats.compare_arms(outcomes, base, st.resamples, st.permutations, st.seed, st.alpha)
+    for row in table:
+        if row["arm"] in result["arms"]:
+            row["ci_low"], row["ci_high"] = result["arms"][row["arm"]]["ci"]
+    write_csv(out_dir / "differences.csv", DIFF_COLUMNS,
+              [{**p, "ci_low": p["ci"][0], "ci_high": p["ci"][1]} for p in result["pairs"]])  # fmt: skip
+    return result
+
+
 def write_csv(path: Path, columns: list[str], rows: list[dict]):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
@@ -108,31 +147,38 @@ def write_results(out_dir: Path, cc, arms, finals, trials, baseline, base: dict,
     task = get_task(run_config({**base, "peft": {"method": "none"}}).data)
     runs = [collect_run(r, task, out_dir) for r in finals]
     table = [aggregate(a, [row for row, r in zip(runs, finals) if r.arm is a]) for a in arms]
+    sig = significance(out_dir, cc, arms, finals, runs, table, baseline)
     write_csv(out_dir / "runs.csv", RUN_COLUMNS, runs)
     write_csv(out_dir / "results.csv", ARM_COLUMNS, table)
     trial_rows = [collect_run(t, task, out_dir) for t in trials]
     if trials:
         write_csv(out_dir / "lr_trials.csv", RUN_COLUMNS, trial_rows)
     finished = any(r["status"] == "finished" for r in runs)
-    plots = write_plots(out_dir, arms, finals, table, baseline) if cc.plots and finished else []
-    (out_dir / "results.md").write_text(markdown(cc, table, trial_rows, baseline, base, command, plots))
+    plots = write_plots(out_dir, arms, finals, table, baseline, sig) if cc.plots and finished else []
+    (out_dir / "results.md").write_text(markdown(cc, table, trial_rows, baseline, base, command, plots, sig))
     print(f"compare: results in {out_dir / 'results.md'}", flush=True)
-    print(markdown_table(table, baseline), flush=True)
-    return {"results": table, "runs": runs, "lr_trials": trial_rows, "baseline": baseline, "plots": plots}
+    print(markdown_table(table, baseline, sig), flush=True)
+    return {"results": table, "runs": runs, "lr_trials": trial_rows, "baseline": baseline, "plots": plots,
+            "significance": sig}  # fmt: skip
 
 
 def fmt(x, digits: int = 4) -> str:
     return "—" if x is None or x == "" else f"{x:.{digits}f}"
 
 
-def markdown_table(table: list[dict], baseline: dict | None) -> str:
+def ci_text(ci) -> str:
+    return "—" if ci is None or ci[0] is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def markdown_table(table: list[dict], baseline: dict | None, sig: dict | None = None) -> str:
     metric = table[0]["metric"]
     n = table[0]["seeds"]
-    head = (f"| arm | size | trainable params | lr | {metric} (mean ± std over seeds) | best val loss "
+    head = (f"| arm | size | trainable params | lr | {metric} (mean ± std over seeds) | 95% CI | best val loss "
             f"| peak mem (GB) | tokens/s | wall (s, per run) |")  # fmt: skip
-    lines = [head, "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    lines = [head, "| --- | --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
     if baseline:
-        lines.append(f"| base model | — | 0 | — | {baseline['score']:.4f} | — | — | — | — |")
+        ci = ci_text(sig["arms"].get("base model", {}).get("ci") if sig else None)
+        lines.append(f"| base model | — | 0 | — | {baseline['score']:.4f} | {ci} | — | — | — | — |")
     for r in table:
         size = f"{r['knob']}={r['size']}" if r["knob"] else "fixed"
         params = f"{r['trainable_params']:,}" + (f" ({100 * r['budget_ratio']:.1f}%)" if r["budget"] else "")
@@ -140,12 +186,23 @@ def markdown_table(table: list[dict], baseline: dict | None) -> str:
         val = fmt(r["val_loss_mean"]) + (f" ± {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else "")
         seeds = "" if r["seeds"] == n else f" (n={r['seeds']})"
         speed = "—" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
-        lines.append(f"| {r['arm']} | {size} | {params} | {r['lr']:g} | {score}{seeds} | {val} "
+        ci = ci_text((r.get("ci_low"), r.get("ci_high")))
+        lines.append(f"| {r['arm']} | {size} | {params} | {r['lr']:g} | {score}{seeds} | {ci} | {val} "
                      f"| {fmt(r['peak_mem_gb'], 2)} | {speed} | {fmt(r['wall_s_mean'], 0)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def markdown(cc, table, trial_rows, baseline, base: dict, command: str, plots: list[Path]) -> str:
+def differences_table(sig: dict) -> str:
+    """Every pair A - B with its interval and p-values; ✓ where Holm's adjusted p is below alpha."""
+    lines = ["| A | B | A - B | 95% CI | p | p (Holm) | significant |",
+             "| --- | --- | ---: | --- | ---: | ---: | :-: |"]
+    for p in sig["pairs"]:
+        lines.append(f"| {p['a']} | {p['b']} | {p['diff']:+.4f} | {ci_text(p['ci'])} | {p['p']:.4f} "
+                     f"| {p['p_holm']:.4f} | {'✓' if p['significant'] else ''} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def markdown(cc, table, trial_rows, baseline, base: dict, command: str, plots: list[Path], sig=None) -> str:
     t, d, e = base["train"], base["data"], base["eval"]
     kinds = {r["peak_mem_kind"] for r in table if r["peak_mem_kind"]}
     budget = f"a budget of {cc.budget:,} trainable parameters" if cc.budget else "sizes as configured"
@@ -155,7 +212,7 @@ def markdown(cc, table, trial_rows, baseline, base: dict, command: str, plots: l
     setup = (f"{len(cc.seeds)} seeds ({', '.join(map(str, cc.seeds))}) per arm, {budget}; {t['max_steps']} steps of "
              f"{t['batch_size']} x {t['grad_accum']} examples; test metric on {e['max_examples'] or 'all'} "
              f"{e['split']} examples (greedy).")  # fmt: skip
-    lines += [setup, "", markdown_table(table, baseline)]
+    lines += [setup, "", markdown_table(table, baseline, sig)]
     notes = [f"- {r['arm']}: {r['note']}" for r in table if r["note"]]
     notes.append(
         "- size: the knob solved for the budget (largest value within it), or `fixed` for methods of one size;"
@@ -171,7 +228,20 @@ def markdown(cc, table, trial_rows, baseline, base: dict, command: str, plots: l
         "- tokens/s: median over steps of the tokens a step processes (padding included) per second;"
         " wall: seconds per run, evaluation included."
     )
+    if sig:
+        notes.append(
+            f"- 95% CI: percentile interval of {sig['resamples']} bootstrap draws of the test examples and the seeds"
+            f" (seed {sig['seed']}; the same draws for every arm); — where a seed did not finish."
+        )
     lines += ["Notes:", *notes, ""]
+    if sig:
+        lines += [
+            "Differences (A - B; the interval from the same bootstrap draws; p: two-sided paired swap test, each"
+            f" example's answers swapped between A and B, {sig['permutations']} random swaps or all of them;"
+            f" ✓: Holm-adjusted p < {sig['alpha']} over the {len(sig['pairs'])} comparisons. The test holds the"
+            " trained runs fixed (the test-set noise); the interval also resamples the seeds):",
+            "", differences_table(sig),
+        ]  # fmt: skip
     if trial_rows:
         first = trial_rows[0]
         title = (

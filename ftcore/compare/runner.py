@@ -258,6 +258,8 @@ def evaluate_baseline(base: dict, out_dir: Path, compute: bool = True) -> dict |
     result = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
     record = {"config_hash": key, **{k: result[k] for k in ("task", "metric", "score", "scores", "n")}, "config": what}
     path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / "predictions.jsonl", "w") as f:  # the per-example answers the significance tests pair
+        f.writelines(json.dumps(sample) + "\n" for sample in result["samples"])
     path.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
