@@ -38,6 +38,7 @@ def test_padding_batch_shifts_targets_within_each_example():
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3]
     static = collate([[doc([9, 10])]], pad_id=0, length=6)
     assert static["input_ids"].shape == (1, 6) and static["attention_mask"].dtype == torch.bool
+    assert static["position_ids"].tolist() == [[0, 1, 0, 0, 0, 0]]  # padding at 0 (LongRoPE reads the largest)
 
 
 def test_packed_row_positions_targets_and_block_diagonal_mask():

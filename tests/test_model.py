@@ -130,3 +130,20 @@ def test_saved_model_loads_in_transformers_with_equal_logits(hf_checkpoint, vari
     tokens = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         assert (back(tokens).logits - ref(tokens).logits).abs().max().item() < 1e-5
+
+
+def test_long_rope_factors_follow_real_tokens_not_static_padding(hf_checkpoint):
+    """A 10-token example padded to a fixed 40 (data.static_shape) trains on the short factors, as unpadded."""
+    from ftcore.data.collate import collate
+
+    path, _ = hf_checkpoint("phi3")
+    model = load_model(path).eval()
+    ex = {"input_ids": list(range(3, 13)), "labels": list(range(3, 13))}
+    losses = []
+    for length in (None, 40):
+        b = collate([[ex]], pad_id=0, length=length)
+        with torch.no_grad():
+            loss, n = model(b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
+                            targets=b["targets"])  # fmt: skip
+        losses.append(loss.item() / n.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)

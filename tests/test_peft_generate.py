@@ -75,3 +75,19 @@ def test_generation_equals_peft_generate(adapted, spec):
             if their_row[:k] != ref[:k]:
                 pytest.skip(f"HF PEFT's generate() is not greedy over its own forward here: {their_row} vs {ref}")
             assert_greedy_equal(row, their_row, gaps, min_decisive=N // 2)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_long_rope_switch_counts_the_virtual_tokens(hf_checkpoint, method):
+    """Phi-3's LongRoPE switches at 16 positions, and the virtual tokens hold the first ones: the cached decode
+    re-prefills at the step where the shifted positions cross (recompute is the reference)."""
+    from ftcore.peft import PeftConfig, apply
+
+    path, _ = hf_checkpoint("phi3")
+    model = apply(load_model(path).eval(), PeftConfig(method=method, num_virtual_tokens=3))
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    prompts = [[5, 7, 9, 11, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41]]  # 9 + 3 virtual: crosses at 4
+    cached = generate(model, prompts, N, pad_id=0)
+    assert cached == generate(model, prompts, N, pad_id=0, use_cache=False)

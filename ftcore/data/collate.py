@@ -73,7 +73,7 @@ def collate(rows: list[list[dict]], pad_id: int, length: int | None = None, pack
             position_ids[b, t : t + n] = torch.arange(n)
             doc[b, t : t + n] = d
             t += n
-        position_ids[b, t:] = torch.arange(T - t)
+        # padding keeps position 0: no real token sees it, and LongRoPE picks its factors by the largest position
     if packed:
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         attention_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # [B, 1, T, T]

@@ -534,7 +534,8 @@ class Transformer(nn.Module):
         rope = {False: rope_cos_sin(inv_freq, position_ids, x.dtype, self.rope_scale)}  # True: the local layers'
         if self.inv_freq_local is not None:
             rope[True] = rope_cos_sin(self.inv_freq_local, position_ids, x.dtype)
-        windows = [self.cfg.window(i) for i in range(len(self.layers))]
+        keys = past + x.shape[1]  # a window at least this long cannot bind: no mask for it (Phi-3.5's 262,144)
+        windows = [w if w < keys else 0 for w in map(self.cfg.window, range(len(self.layers)))]
         masks = {w: build_mask(x.shape[1], past, prefix, attention_mask, w, x.device) for w in set(windows)}
         for i, layer in enumerate(self.layers):
             mask, alive = masks[windows[i]]  # (mask, alive) of the layer's window
