@@ -146,9 +146,24 @@ class EvalConfig:
     max_examples: int = 200  # first N examples of the split (0 = all): keeps the CPU demo under 10 minutes
     batch_size: int = 32
     max_new_tokens: int = 0  # 0 = the task's default
+    # the prompting baseline: the base model with this many training examples in context (0 = none; few_shot.py)
+    few_shot: int = 0
+    few_shot_seed: int = 0  # which training examples (the same for every test item)
+    # forgetting (forgetting.py): the loss on a probe set before and after training; the probe is text sampled
+    # from the base model (KL(base || tuned) per token), or the corpus at forgetting_path (.jsonl {"text"} or .txt)
+    forgetting: bool = True
+    forgetting_path: str = ""
+    forgetting_samples: int = 32  # sequences (documents of a corpus)
+    forgetting_tokens: int = 64  # tokens each (a corpus document is cut to this)
+    forgetting_seed: int = 0
 
     def __post_init__(self):
         one_of("eval.split", self.split, SPLITS)
+        if self.few_shot < 0:
+            raise invalid("eval.few_shot", self.few_shot, ">= 0 (0 = no few-shot baseline)")
+        for key in ("forgetting_samples", "forgetting_tokens"):
+            if getattr(self, key) < 1:
+                raise invalid(f"eval.{key}", getattr(self, key), ">= 1")
         if self.batch_size < 1:
             raise invalid("eval.batch_size", self.batch_size, ">= 1")
         if self.max_examples < 0:

@@ -129,7 +129,8 @@ def test_meta_count_equals_a_real_model(method):
 def test_compare_two_methods_two_seeds_then_restart(tiny_dir, data_cache, tmp_path):  # noqa: F811
     out = tmp_path / "cmp"
     args = ["compare.methods=[lora,ia3]", "compare.seeds=[0,1]", "compare.budget=10000", f"model.path={tiny_dir}",
-            f"data.cache_dir={data_cache}", f"hydra.run.dir={out}", *CLI_BASE]  # fmt: skip
+            f"data.cache_dir={data_cache}", f"hydra.run.dir={out}", "eval.few_shot=2", "eval.forgetting_samples=4",
+            "eval.forgetting_tokens=8", *CLI_BASE]  # fmt: skip
     stdout = compare_cli(*args)
     assert stdout.count(": finished") == 4, stdout
 
@@ -143,6 +144,8 @@ def test_compare_two_methods_two_seeds_then_restart(tiny_dir, data_cache, tmp_pa
         assert float(r["score"]) == headline(task, ev["finetuned"])
         assert int(r["trainable_params"]) == ev["trainable_params"]
         assert float(r["best_val_loss"]) == ev["best_val_loss"]
+        assert float(r["forgetting"]) == ev["forgetting"]["increase"] and ev["forgetting"]["tokens"] == 32
+        assert "few_shot" not in ev  # the sweep scores the base model few-shot once
         assert float(r["final_val_loss"]) == [e["val_loss"] for e in events if "val_loss" in e][-1]
         assert float(r["tokens_per_s"]) == statistics.median(e["tokens_per_s"] for e in events if "tokens_per_s" in e)
         assert float(r["wall_s"]) > 0 and float(r["peak_mem_gb"]) > 0 and r["status"] == "finished"
@@ -166,13 +169,19 @@ def test_compare_two_methods_two_seeds_then_restart(tiny_dir, data_cache, tmp_pa
                    for r in runs if r["arm"] == arm] for arm in ("lora", "ia3")}  # fmt: skip
     base_rows = [json.loads(x) for x in (out / "baseline" / "predictions.jsonl").read_text().splitlines()]
     outcomes = {arm: stats.outcomes(task.metric, p) for arm, p in preds.items()}
-    again = stats.compare_arms(outcomes, stats.outcomes(task.metric, [base_rows]), 2000, 10000, 0, 0.05)
+    few_rows = [json.loads(x) for x in (out / "baseline" / "predictions_few_shot.jsonl").read_text().splitlines()]
+    refs = {"base model": stats.outcomes(task.metric, [base_rows]),
+            "base model, 2-shot": stats.outcomes(task.metric, [few_rows])}  # fmt: skip
+    again = stats.compare_arms(outcomes, refs, 2000, 10000, 0, 0.05)
     for row in table:
         assert float(row["score_mean"]) == pytest.approx(again["arms"][row["arm"]]["score"], abs=1e-12)
         assert (float(row["ci_low"]), float(row["ci_high"])) == again["arms"][row["arm"]]["ci"]
     assert again["arms"]["base model"]["score"] == pytest.approx(baseline["score"], abs=1e-12)
+    assert again["arms"]["base model, 2-shot"]["score"] == pytest.approx(baseline["few_shot"]["score"], abs=1e-12)
+    assert f"| base model, 2-shot | — | 0 | — | {baseline['few_shot']['score']:.4f} | [" in md
     diffs = read_csv(out / "differences.csv")
-    assert [(d["a"], d["b"]) for d in diffs] == [("lora", "ia3"), ("lora", "base model"), ("ia3", "base model")]
+    assert [(d["a"], d["b"]) for d in diffs] == [("lora", "ia3"), ("lora", "base model"), ("ia3", "base model"),
+                                                 ("lora", "base model, 2-shot"), ("ia3", "base model, 2-shot")]
     for d, want in zip(diffs, again["pairs"]):
         assert (float(d["diff"]), float(d["p"]), float(d["p_holm"])) == (want["diff"], want["p"], want["p_holm"])
     assert "| A | B | A - B | 95% CI | p | p (Holm) | significant |" in md

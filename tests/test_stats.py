@@ -119,7 +119,8 @@ def test_compare_arms_marks_a_real_difference_and_not_noise():
     twin = bad[1:] + bad[:1]  # the same runs under other seeds: a difference of exactly 0
     base = rows([r if rng.random() < 0.3 else "x" for r in refs], refs)
     arms = {k: stats.outcomes("accuracy", v) for k, v in (("good", good), ("bad", bad), ("twin", twin))}
-    result = stats.compare_arms(arms, stats.outcomes("accuracy", [base]), resamples=500, permutations=2000)
+    result = stats.compare_arms(arms, {"base model": stats.outcomes("accuracy", [base])}, resamples=500,
+                                permutations=2000)  # fmt: skip
     marks = {(p["a"], p["b"]): p["significant"] for p in result["pairs"]}
     assert marks[("good", "bad")] and marks[("good", "base model")] and not marks[("bad", "twin")]
     assert result["arms"]["good"]["ci"][0] > result["arms"]["base model"]["ci"][1]

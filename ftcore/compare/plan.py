@@ -115,12 +115,14 @@ def make_run(base: dict, arm: Arm, seed: int, lr: float, out_dir: Path, group: s
     cfg["peft"] = {**arm.sized.peft, "seed": seed}
     cfg["train"].update(seed=seed, resume="auto")
     cfg["optim"]["lr"] = lr
-    cfg["eval"]["baseline"] = False  # the sweep scores the base model once
+    cfg["eval"]["baseline"] = False  # the sweep scores the base model once (zero- and few-shot)
+    cfg["eval"]["few_shot"] = 0
     if stage == "lr_trial":  # a short run; warmup shrinks with it
         full = cfg["train"]["max_steps"]
         cfg["train"]["max_steps"] = trial_steps
         cfg["optim"]["warmup_steps"] = round(cfg["optim"]["warmup_steps"] * trial_steps / full)
         cfg["eval"]["max_examples"] = trial_examples
+        cfg["eval"]["forgetting"] = False  # a trial is chosen by its validation loss
     cfg["run_dir"] = "."
     cfg = resolved(cfg)
     digest = config_hash(cfg)

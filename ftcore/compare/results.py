@@ -21,10 +21,10 @@ from ftcore.eval.evaluate import headline
 from ftcore.train.log import read_metrics
 
 RUN_COLUMNS = ["arm", "method", "seed", "lr", "knob", "size", "trainable_params", "metric", "score", "best_val_loss",
-               "final_val_loss", "steps", "tokens_per_s", "peak_mem_gb", "peak_mem_kind", "wall_s", "status",
+               "final_val_loss", "forgetting", "steps", "tokens_per_s", "peak_mem_gb", "peak_mem_kind", "wall_s", "status",
                "config_hash", "run_dir"]  # fmt: skip
 ARM_COLUMNS = ["arm", "method", "knob", "size", "trainable_params", "budget", "budget_ratio", "lr", "seeds", "metric",
-               "score_mean", "score_std", "ci_low", "ci_high", "val_loss_mean", "val_loss_std", "peak_mem_gb",
+               "score_mean", "score_std", "ci_low", "ci_high", "val_loss_mean", "val_loss_std", "forgetting_mean", "forgetting_std", "peak_mem_gb",
                "peak_mem_kind",
                "tokens_per_s", "wall_s_mean", "wall_s_total", "note"]  # fmt: skip
 
@@ -50,6 +50,7 @@ def collect_run(run, task, out_dir: Path) -> dict:
         "score": headline(task, ev["finetuned"]) if ev else None,
         "best_val_loss": ev.get("best_val_loss"),
         "final_val_loss": val[-1] if val else None,
+        "forgetting": (ev.get("forgetting") or {}).get("increase"),
         "steps": ev.get("step"),
         "tokens_per_s": statistics.median(speed) if speed else None,
         "peak_mem_gb": max(gpu_peak) if gpu_peak else status.get("peak_mem_gb"),
@@ -79,6 +80,7 @@ def aggregate(arm, rows: list[dict]) -> dict:
     done = [r for r in rows if r["status"] == "finished"]
     score_mean, score_std = mean_std([r["score"] for r in done])
     val_mean, val_std = mean_std([r["best_val_loss"] for r in done])
+    forget_mean, forget_std = mean_std([r["forgetting"] for r in done])
     peaks = [r["peak_mem_gb"] for r in done if r["peak_mem_gb"] is not None]
     speed, _ = mean_std([r["tokens_per_s"] for r in done])
     walls = [r["wall_s"] for r in done if r["wall_s"] is not None]
@@ -89,6 +91,7 @@ def aggregate(arm, rows: list[dict]) -> dict:
         "budget_ratio": sized.trainable / arm.budget if arm.budget else "",
         "lr": rows[0]["lr"], "seeds": len(done), "metric": rows[0]["metric"],
         "score_mean": score_mean, "score_std": score_std, "val_loss_mean": val_mean, "val_loss_std": val_std,
+        "forgetting_mean": forget_mean, "forgetting_std": forget_std,
         "peak_mem_gb": max(peaks) if peaks else None,
         "peak_mem_kind": next((r["peak_mem_kind"] for r in done if r["peak_mem_kind"]), None),
         "tokens_per_s": speed, "wall_s_mean": statistics.fmean(walls) if walls else None,
@@ -116,14 +119,20 @@ def significance(out_dir: Path, cc, arms, finals, runs: list[dict], table: list[
             preds = [read_predictions(r.run_dir) for _, r in sorted(mine, key=lambda p: p[0]["seed"])]
             if all(p is not None for p in preds):
                 by_arm[arm.name] = preds
-    base_preds = read_predictions(out_dir / "baseline") if baseline else None
-    every = [p for preds in by_arm.values() for p in preds] + ([base_preds] if base_preds else [])
+    refs = {}
+    if baseline and (zero := read_predictions(out_dir / "baseline")):
+        refs["base model"] = zero
+    if baseline and baseline.get("few_shot"):
+        path = out_dir / "baseline" / "predictions_few_shot.jsonl"
+        if path.is_file():
+            refs[few_shot_name(baseline)] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    every = [p for preds in by_arm.values() for p in preds] + list(refs.values())
     if not by_arm or len({tuple(r["reference"] for r in p) for p in every}) != 1:
         return None
     outcomes = {name: stats.outcomes(metric, preds) for name, preds in by_arm.items()}
-    base = stats.outcomes(metric, [base_preds]) if base_preds else None
+    references = {name: stats.outcomes(metric, [preds]) for name, preds in refs.items()}
     st = cc.stats
-    result = stats.compare_arms(outcomes, base, st.resamples, st.permutations, st.seed, st.alpha)
+    result = stats.compare_arms(outcomes, references, st.resamples, st.permutations, st.seed, st.alpha)
     for row in table:
         if row["arm"] in result["arms"]:
             row["ci_low"], row["ci_high"] = result["arms"][row["arm"]]["ci"]
@@ -166,6 +175,10 @@ def fmt(x, digits: int = 4) -> str:
     return "—" if x is None or x == "" else f"{x:.{digits}f}"
 
 
+def few_shot_name(baseline: dict) -> str:
+    return f"base model, {baseline['few_shot']['k']}-shot"
+
+
 def ci_text(ci) -> str:
     return "—" if ci is None or ci[0] is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
@@ -174,11 +187,14 @@ def markdown_table(table: list[dict], baseline: dict | None, sig: dict | None = 
     metric = table[0]["metric"]
     n = table[0]["seeds"]
     head = (f"| arm | size | trainable params | lr | {metric} (mean ± std over seeds) | 95% CI | best val loss "
-            f"| peak mem (GB) | tokens/s | wall (s, per run) |")  # fmt: skip
-    lines = [head, "| --- | --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
-    if baseline:
-        ci = ci_text(sig["arms"].get("base model", {}).get("ci") if sig else None)
-        lines.append(f"| base model | — | 0 | — | {baseline['score']:.4f} | {ci} | — | — | — | — |")
+            f"| forgetting (nats/token) | peak mem (GB) | tokens/s | wall (s, per run) |")  # fmt: skip
+    lines = [head, "| --- | --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    refs = [("base model", baseline)] if baseline else []
+    if baseline and baseline.get("few_shot"):
+        refs.append((few_shot_name(baseline), baseline["few_shot"]))
+    for name, ref in refs:
+        ci = ci_text(sig["arms"].get(name, {}).get("ci") if sig else None)
+        lines.append(f"| {name} | — | 0 | — | {ref['score']:.4f} | {ci} | — | — | — | — | — |")
     for r in table:
         size = f"{r['knob']}={r['size']}" if r["knob"] else "fixed"
         params = f"{r['trainable_params']:,}" + (f" ({100 * r['budget_ratio']:.1f}%)" if r["budget"] else "")
@@ -187,7 +203,8 @@ def markdown_table(table: list[dict], baseline: dict | None, sig: dict | None = 
         seeds = "" if r["seeds"] == n else f" (n={r['seeds']})"
         speed = "—" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         ci = ci_text((r.get("ci_low"), r.get("ci_high")))
-        lines.append(f"| {r['arm']} | {size} | {params} | {r['lr']:g} | {score}{seeds} | {ci} | {val} "
+        forget = fmt(r["forgetting_mean"]) + (f" ± {r['forgetting_std']:.4f}" if r["forgetting_std"] is not None else "")
+        lines.append(f"| {r['arm']} | {size} | {params} | {r['lr']:g} | {score}{seeds} | {ci} | {val} | {forget} "
                      f"| {fmt(r['peak_mem_gb'], 2)} | {speed} | {fmt(r['wall_s_mean'], 0)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -219,6 +236,17 @@ def markdown(cc, table, trial_rows, baseline, base: dict, command: str, plots: l
         " trainable params are counted on the model and equal each run's own count (eval.json)."
     )
     notes.append("- best val loss: the lowest validation loss of each run (its best checkpoint is the one tested).")
+    if any(r["forgetting_mean"] is not None for r in table):
+        notes.append(
+            f"- forgetting: each run's loss on {e['forgetting_samples']} sequences of {e['forgetting_tokens']} tokens"
+            + (f" of `{e['forgetting_path']}`" if e["forgetting_path"] else " sampled from the base model at"
+               " temperature 1 (seed " + str(e["forgetting_seed"]) + ", the same text for every run)")
+            + " minus the base model's"
+            + ("" if e["forgetting_path"] else ": an estimate of KL(base || tuned) per token") + "."
+        )  # fmt: skip
+    if baseline and baseline.get("few_shot"):
+        notes.append(f"- {few_shot_name(baseline)}: the base model with {baseline['few_shot']['k']} training examples"
+                     f" in context (eval.few_shot_seed={e['few_shot_seed']}; the same for every test item).")
     if "rss" in kinds:
         notes.append(
             "- peak mem: the training process's peak resident memory (VmHWM) during the run"

@@ -14,7 +14,8 @@ seeded generator (`seed`), and every arm sees the same draws, so the comparisons
 
 - interval: bootstrap over test examples and seeds: each of `resamples` draws n examples and S seeds with
   replacement; the 95% interval is the 2.5th-97.5th percentile of the resampled scores.
-- difference A - B: its interval from the same draws (A and B resampled together), and a two-sided p-value
+- difference A - B (every pair of arms, and each arm against each reference: the base model zero- and
+  few-shot, one "seed" each): its interval from the same draws (A and B resampled together), and a two-sided p-value
   from a paired approximate-randomization test: each test example's predictions swap between A and B (in every
   seed at once) with probability 1/2, `permutations` times, p = (1 + #{|d*| >= |d|}) / (1 + permutations);
   every one of the 2^n swaps when that is at most `permutations` (p = #{|d*| >= |d|} / 2^n).
@@ -152,19 +153,21 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted
 
 
-def compare_arms(arms: dict[str, Outcomes], base: Outcomes | None = None, resamples: int = 2000,
-                 permutations: int = 5000, seed: int = 0, alpha: float = 0.05) -> dict:  # fmt: skip
-    """Per arm {score, ci}; per pair (each arm vs the others and vs the base model) {diff, ci, p, p_holm,
-    significant}. Every arm must cover the same test examples; the arms' seed counts must agree."""
+def compare_arms(arms: dict[str, Outcomes], references: dict[str, Outcomes] | None = None, resamples: int = 2000,
+                 permutations: int = 10000, seed: int = 0, alpha: float = 0.05) -> dict:  # fmt: skip
+    """Per arm and reference {score, ci}; per pair (each arm vs the others and vs each reference) {diff, ci, p,
+    p_holm, significant}. Every arm covers the same test examples with the same number of seeds; a reference
+    (the base model) has one."""
     rng = np.random.default_rng(seed)
     first = next(iter(arms.values()))
     n, seeds = first.stats.shape[1], max(o.stats.shape[0] for o in arms.values())
     d = draws(n, seeds, resamples, rng)
-    everyone = {**arms, **({"base model": base} if base is not None else {})}
+    references = references or {}
+    everyone = {**arms, **references}
     samples = {name: resampled(o, d) for name, o in everyone.items()}
     per_arm = {name: {"score": point(o), "ci": interval(samples[name])} for name, o in everyone.items()}
     names = list(arms)
-    pairs = list(itertools.combinations(names, 2)) + ([(a, "base model") for a in names] if base is not None else [])
+    pairs = list(itertools.combinations(names, 2)) + [(a, ref) for ref in references for a in names]
     rows = []
     for a, b in pairs:
         diff = per_arm[a]["score"] - per_arm[b]["score"]

@@ -10,6 +10,7 @@ import torch
 from ftcore.data.format import encode_prompt, split_prompt
 from ftcore.data.tasks import extract_answer, get_task
 from ftcore.eval import metrics
+from ftcore.eval.few_shot import with_shots
 from ftcore.model.generate import generate
 from ftcore.model.loss import batch_loss_sum  # the training loss, computed inside the model's forward
 
@@ -48,8 +49,11 @@ def headline(task, scores: dict) -> float:
 
 
 @torch.no_grad()
-def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, device, world=None) -> dict:
+def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, device, world=None,
+                  shots: list[dict] | None = None) -> dict:  # fmt: skip
     """Generate an answer for every example (greedy, batched, KV cache) and score it.
+
+    shots: training examples shown before every question (the few-shot baseline, few_shot.py).
 
     world (a distributed World): every rank calls this together and generates a share of the batches (rank r
     batches r, r + W, ...) on its model, whole (DDP) or sharded (FSDP2: all ranks step each forward together);
@@ -61,7 +65,7 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
     prompts, references = [], []
     for ex in examples:
         messages, answer = split_prompt(ex["messages"])
-        prompts.append(encode_prompt(messages, data_cfg.template, tokenizer))
+        prompts.append(encode_prompt(with_shots(messages, shots) if shots else messages, data_cfg.template, tokenizer))
         references.append(answer)
     was_training = model.training
     model.eval()
@@ -87,7 +91,9 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
     preds = [extract_answer(task, t) for t in texts]
     refs = [extract_answer(task, r) for r in references]
     scores = score(task, preds, refs)
-    samples = [{"output": t, "prediction": p, "reference": r} for t, p, r in zip(texts, preds, refs)]
+    questions = [split_prompt(ex["messages"])[0][-1]["content"] for ex in examples]  # the last turn asked
+    samples = [{"where": ex.get("where"), "prompt": q, "output": t, "prediction": p, "reference": r}
+               for ex, q, t, p, r in zip(examples, questions, texts, preds, refs)]  # fmt: skip
     return {"task": task.name, "metric": task.metric, "score": headline(task, scores), "scores": scores,
             "n": len(preds), "samples": samples}  # fmt: skip
 

@@ -34,6 +34,8 @@ from ftcore.data.sampler import Sampler, eval_batches
 from ftcore.dtypes import DTYPES
 from ftcore.errors import FtcoreError, NonFiniteLoss
 from ftcore.eval.evaluate import evaluate_task, validation_loss
+from ftcore.eval.few_shot import select_shots
+from ftcore.eval.forgetting import forgetting_report, make_probe, probe_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
 from ftcore.formats.hf import load_meta, load_pretrained, save_pretrained
@@ -192,14 +194,19 @@ def load(run: Run):
     return model, tokenizer, Data(splits, train_data, val_data, val_batches, pad_id)
 
 
-def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) -> dict | None:
-    """The base model's test score, every rank generating a share. Sharded loading: on a sharded copy of the
-    base, loaded as the run's model will be and dropped after."""
+def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) -> dict:
+    """What the base model does before training, every rank generating a share: {"zero_shot": its test score,
+    "few_shot": with eval.few_shot training examples in context, "probe": the forgetting probe, "probe_loss": its
+    loss on it}, each None when off. Sharded loading: on a sharded copy of the base, loaded as the run's model
+    will be and dropped after. Kept in baseline_eval.json for a resumed run."""
     cfg, world, path = run.cfg, run.world, run.run_dir / "baseline_eval.json"
     if resuming:
-        return json.loads(path.read_text()) if path.exists() else None
-    if not cfg.eval.baseline:
-        return None
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        return {"zero_shot": saved.get("zero_shot"), "few_shot": saved.get("few_shot"), "probe": saved.get("probe"),
+                "probe_loss": saved.get("probe_loss")}  # fmt: skip
+    ev = cfg.eval
+    if not (ev.baseline or ev.few_shot or ev.forgetting):
+        return {"zero_shot": None, "few_shot": None, "probe": None, "probe_loss": None}
     world.print("evaluating the base model ...")
     base = model
     if run.base_dir is not None:
@@ -207,7 +214,18 @@ def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) ->
         base.requires_grad_(False)  # evaluated only: FSDP2 leaves its token table and lm_head sharded (streamed)
         parallelize(base, world, cfg.train.precision, cfg.dist.replicate, cfg.dist.cpu_offload)
         materialize(base, run.base_dir, DTYPES[cfg.model.dtype], world.device, None)
-    baseline = evaluate_task(base, tokenizer, data.splits[cfg.eval.split], cfg.data, cfg.eval, world.device, world)
+    test = data.splits[cfg.eval.split]
+    baseline = {"zero_shot": None, "few_shot": None, "probe": None, "probe_loss": None}
+    if ev.baseline:
+        baseline["zero_shot"] = evaluate_task(base, tokenizer, test, cfg.data, ev, world.device, world)
+    if ev.few_shot:
+        picked = select_shots(data.splits["train"], ev.few_shot, ev.few_shot_seed)
+        shots = [data.splits["train"][i] for i in picked]
+        result = evaluate_task(base, tokenizer, test, cfg.data, ev, world.device, world, shots=shots)
+        baseline["few_shot"] = {**result, "k": ev.few_shot, "shots": [s["where"] for s in shots]}
+    if ev.forgetting:
+        probe = make_probe(base, tokenizer, ev, cfg.model.path, cfg.data.cache_dir, world)
+        baseline["probe"], baseline["probe_loss"] = probe, probe_loss(base, probe, world.device)
     if base is not model:  # freed now (FSDP2's hooks make a reference cycle), before the run's shards are made
         for module in base.modules():
             if hasattr(module, "reshard"):
@@ -368,10 +386,15 @@ def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, outcome:
     save_final(model, tokenizer, cfg, run.run_dir / "final", world)  # every rank: a sharded model's tensors gathered
     split = data.splits[cfg.eval.split]
     finetuned = evaluate_task(model, tokenizer, split, cfg.data, cfg.eval, world.device, world)  # a share per rank
+    forgetting = None
+    if baseline["probe"] is not None:  # every rank: a sharded model's forwards run on all of them
+        tuned = probe_loss(model, baseline["probe"], world.device)
+        forgetting = forgetting_report(baseline["probe"], baseline["probe_loss"], tuned)
     if not run.rank0:
         world.barrier()  # wait for rank 0's report
         return summary
-    report = write_eval(run.run_dir, cfg.eval.split, finetuned, baseline, summary)
+    report = write_eval(run.run_dir, cfg.eval.split, finetuned, baseline["zero_shot"], summary,
+                        few_shot=baseline["few_shot"], forgetting=forgetting)  # fmt: skip
     scores = {f"test_{k}": v for k, v in report["finetuned"].items() if isinstance(v, float)}
     run.logger.log({"step": state.step, **scores})
     run.logger.summary({"trainable_params": trainable, "test_score": finetuned["score"]})
