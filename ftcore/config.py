@@ -156,11 +156,14 @@ class EvalConfig:
     forgetting_samples: int = 32  # sequences (documents of a corpus)
     forgetting_tokens: int = 64  # tokens each (a corpus document is cut to this)
     forgetting_seed: int = 0
+    report_failures: int = 10  # failures report.md lists (prompt, reference, output); 0 = none
 
     def __post_init__(self):
         one_of("eval.split", self.split, SPLITS)
         if self.few_shot < 0:
             raise invalid("eval.few_shot", self.few_shot, ">= 0 (0 = no few-shot baseline)")
+        if self.report_failures < 0:
+            raise invalid("eval.report_failures", self.report_failures, ">= 0")
         for key in ("forgetting_samples", "forgetting_tokens"):
             if getattr(self, key) < 1:
                 raise invalid(f"eval.{key}", getattr(self, key), ">= 1")

@@ -101,6 +101,7 @@ class DataConfig:
     task: str | None = None  # answer extraction: arithmetic | tickets | rewrite | number | label | text
     metric: str | None = None  # accuracy | f1 | rouge | bleu | exact_match; "" also means the task's
     labels: list[str] | None = None  # class names (task=label; tickets has its own)
+    group_field: str = ""  # a record key whose value groups the test examples in report.md (e.g. a category)
 
     def __post_init__(self):
         demo = DEMOS.get(self.path)

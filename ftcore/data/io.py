@@ -26,8 +26,10 @@ ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assi
          "bot": "assistant", "model": "assistant"}  # fmt: skip
 
 
-def load_examples(path: Path, fmt: str = "auto", schema: str = "auto", fields: dict | None = None) -> list[dict]:
-    """Read a file and turn each record into an example (the whole file must have one shape)."""
+def load_examples(path: Path, fmt: str = "auto", schema: str = "auto", fields: dict | None = None,
+                  group_field: str = "") -> list[dict]:  # fmt: skip
+    """Read a file and turn each record into an example (the whole file must have one shape); group_field: each
+    example's "group" is that key's value (as text)."""
     records = read_records(path, fmt)
     if not records:
         raise FtcoreError(f"{path}: no records found (the file is empty)")
@@ -36,7 +38,14 @@ def load_examples(path: Path, fmt: str = "auto", schema: str = "auto", fields: d
         fields["messages"] = "conversations"  # ShareGPT
     if schema == "auto":
         schema = detect_schema(records[0][1], fields, f"{path}:{records[0][0]}")
-    return [to_example(rec, schema, fields, f"{path}:{line}") for line, rec in records]
+    examples = [to_example(rec, schema, fields, f"{path}:{line}") for line, rec in records]
+    if group_field:
+        for (line, rec), ex in zip(records, examples):
+            if group_field not in rec:
+                raise FtcoreError(f"{path}:{line}: no field {group_field!r} (data.group_field); available keys: "
+                                  f"{', '.join(map(str, rec))}")  # fmt: skip
+            ex["group"] = str(rec[group_field])
+    return examples
 
 
 def read_records(path: Path, fmt: str = "auto") -> list[tuple[int, dict]]:

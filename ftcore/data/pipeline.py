@@ -39,7 +39,7 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[dict[str, list[dict]], d
     for name, path in files.items():
         if path is None:
             continue
-        raw = load_examples(path, cfg.format, cfg.schema, cfg.fields)
+        raw = load_examples(path, cfg.format, cfg.schema, cfg.fields, cfg.group_field)
         examples[name], report["clean"][name] = clean_examples(raw, cfg.clean)
         if not examples[name]:
             raise FtcoreError(f"{path}: no examples left after cleaning; report: {json.dumps(report['clean'][name])}")

@@ -92,7 +92,8 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
     refs = [extract_answer(task, r) for r in references]
     scores = score(task, preds, refs)
     questions = [split_prompt(ex["messages"])[0][-1]["content"] for ex in examples]  # the last turn asked
-    samples = [{"where": ex.get("where"), "prompt": q, "output": t, "prediction": p, "reference": r}
+    samples = [{"where": ex.get("where"), "prompt": q, "output": t, "prediction": p, "reference": r,
+                **({"group": ex["group"]} if "group" in ex else {})}
                for ex, q, t, p, r in zip(examples, questions, texts, preds, refs)]  # fmt: skip
     return {"task": task.name, "metric": task.metric, "score": headline(task, scores), "scores": scores,
             "n": len(preds), "samples": samples}  # fmt: skip

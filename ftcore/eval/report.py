@@ -8,6 +8,8 @@ the forgetting report (forgetting.py) under "forgetting", plus whatever `extra` 
 import json
 from pathlib import Path
 
+from ftcore.eval.analysis import analysis_markdown
+
 
 def scores_of(result: dict) -> dict:
     extra = {k: result[k] for k in ("perplexity", "loss", "tokens") if k in result}
@@ -15,7 +17,7 @@ def scores_of(result: dict) -> dict:
 
 
 def write_eval(out_dir, split: str, finetuned: dict, baseline: dict | None = None, extra: dict | None = None,
-               few_shot: dict | None = None, forgetting: dict | None = None) -> dict:  # fmt: skip
+               few_shot: dict | None = None, forgetting: dict | None = None, failures: int = 10) -> dict:  # fmt: skip
     out_dir = Path(out_dir)
     report = {"task": finetuned["task"], "metric": finetuned["metric"], "split": split, "n": finetuned["n"],
               "finetuned": scores_of(finetuned), **(extra or {})}  # fmt: skip
@@ -30,6 +32,7 @@ def write_eval(out_dir, split: str, finetuned: dict, baseline: dict | None = Non
         for s in finetuned["samples"]:
             f.write(json.dumps(s) + "\n")
     md = markdown_table(split, finetuned, baseline, few_shot) + forgetting_text(forgetting)
+    md += "\n" + analysis_markdown(finetuned["metric"], finetuned["samples"], failures)
     (out_dir / "report.md").write_text(md)
     before = f"{baseline['score']:.4f} -> " if baseline else ""
     print(f"{split} {finetuned['metric']}: {before}{finetuned['score']:.4f} (baseline -> fine-tuned, n={finetuned['n']})")

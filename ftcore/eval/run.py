@@ -99,4 +99,4 @@ def evaluate(cfg: EvalRunConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     extra = {"model": cfg.model.path, "adapter": cfg.adapter or None, "baseline_model": cfg.baseline_path or None}
-    return write_eval(out, cfg.eval.split, finetuned, baseline, extra)
+    return write_eval(out, cfg.eval.split, finetuned, baseline, extra, failures=cfg.eval.report_failures)

@@ -393,8 +393,8 @@ def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, outcome:
     if not run.rank0:
         world.barrier()  # wait for rank 0's report
         return summary
-    report = write_eval(run.run_dir, cfg.eval.split, finetuned, baseline["zero_shot"], summary,
-                        few_shot=baseline["few_shot"], forgetting=forgetting)  # fmt: skip
+    report = write_eval(run.run_dir, cfg.eval.split, finetuned, baseline["zero_shot"], summary, baseline["few_shot"],
+                        forgetting, cfg.eval.report_failures)  # fmt: skip
     scores = {f"test_{k}": v for k, v in report["finetuned"].items() if isinstance(v, float)}
     run.logger.log({"step": state.step, **scores})
     run.logger.summary({"trainable_params": trainable, "test_score": finetuned["score"]})
