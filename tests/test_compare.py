@@ -311,6 +311,27 @@ def test_print_mode_multirun_and_launching_a_printed_command(tiny_dir, data_cach
     assert row["peak_mem_kind"] == "rss" and float(row["peak_mem_gb"]) > 0.1  # the child's peak, from wait4
 
 
+def test_variant_arms_start_from_their_methods_settings():
+    """compare.variants adds named arms of a method with other settings (PiSSA: LoRA with init=pissa), sized for
+    the same budget; they trial their method's learning rates."""
+    cc = compare_config({"methods": ["lora", "ia3"], "budget": 5000, "peft": PEFT, "lrs": [1e-3, 1e-2],
+                         "variants": {"pissa": {"method": "lora", "init": "pissa"}}})  # fmt: skip
+    arms = plan_arms(cc, TINY)
+    assert [a.name for a in arms] == ["lora", "ia3", "pissa"]
+    lora, pissa = arms[0], arms[2]
+    assert pissa.method == "lora" and pissa.sized.peft["init"] == "pissa" and "init" not in lora.sized.peft
+    assert pissa.sized.size == lora.sized.size and pissa.sized.trainable == lora.sized.trainable
+    assert {k: v for k, v in pissa.sized.peft.items() if k != "init"} == {k: v for k, v in lora.sized.peft.items()
+                                                                          if k != "init"}  # fmt: skip
+    assert cc.lrs_by_method()["lora"] == [1e-3, 1e-2]
+    with pytest.raises(FtcoreError, match=r"compare.variants.x.method='nope'"):
+        compare_config({"variants": {"x": {"method": "nope"}}})
+    with pytest.raises(FtcoreError, match=r"compare.variants.lora="):
+        compare_config({"methods": ["lora"], "variants": {"lora": {"method": "lora"}}})
+    with pytest.raises(FtcoreError, match=r"peft.init='bogus': expected one of"):
+        compare_config({"variants": {"p": {"method": "lora", "init": "bogus"}}})
+
+
 def test_ablation_plans(tmp_path):
     cc = compare_config({"methods": ["lora"], "budget": 5000, "peft": PEFT,
                          "vary": {"key": "target_modules", "values": [["q_proj", "v_proj"], ALL_LINEAR]}})  # fmt: skip

@@ -52,6 +52,9 @@ class CompareConfig:
     lr: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(COMPARABLE))
     vary: VaryConfig = field(default_factory=VaryConfig)
     peft: dict[str, dict] = field(default_factory=dict)  # {method: PEFT settings}; a missing method: the defaults
+    # {arm name: PEFT settings with a method} more arms after the methods', e.g. {pissa: {method: lora, init: pissa}};
+    # each starts from compare.peft.<method> and trials the method's learning rates
+    variants: dict[str, dict] = field(default_factory=dict)
     baseline: bool = True  # score the base model once (not once per run)
     plots: bool = True  # PNG plots (needs matplotlib: pip install 'ftcore[plots]')
     stats: StatsConfig = field(default_factory=StatsConfig)
@@ -72,6 +75,14 @@ class CompareConfig:
             one_of("compare.peft", m, COMPARABLE)
         for m in self.methods:
             build(PeftConfig, {**self.peft.get(m, {}), "method": m}, f"compare.peft.{m}.")
+        for name, v in self.variants.items():
+            if name in self.methods:
+                raise invalid(f"compare.variants.{name}", v, "a name that is not one of compare.methods")
+            if not isinstance(v, dict) or "method" not in v:
+                raise invalid(f"compare.variants.{name}", v, "PEFT settings with a method, e.g. {method: lora, "
+                              "init: pissa}")  # fmt: skip
+            one_of(f"compare.variants.{name}.method", v["method"], COMPARABLE)
+            build(PeftConfig, {**self.peft.get(v["method"], {}), **v}, f"compare.variants.{name}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise invalid("compare.seeds", self.seeds, "distinct seeds")
         if self.budget < 0:
@@ -95,10 +106,12 @@ class CompareConfig:
 
     def lrs_by_method(self) -> dict[str, list[float]]:
         """The learning rates to try for each method ({} when there is no sweep)."""
-        unknown = sorted(m for m, v in self.method_lrs.items() if v and m not in self.methods)
+        methods = list(dict.fromkeys([*self.methods, *(v["method"] for v in self.variants.values())]))
+        unknown = sorted(m for m, v in self.method_lrs.items() if v and m not in methods)
         if unknown:
-            raise FtcoreError(f"compare.method_lrs.{unknown[0]}: not one of compare.methods {self.methods}")
-        found = {m: list(self.method_lrs.get(m) or self.lrs) for m in self.methods}
+            raise FtcoreError(f"compare.method_lrs.{unknown[0]}: not one of compare.methods {self.methods} (or a "
+                              "variant's method)")  # fmt: skip
+        found = {m: list(self.method_lrs.get(m) or self.lrs) for m in methods}
         return {m: [float(x) for x in v] for m, v in found.items() if v}
 
 

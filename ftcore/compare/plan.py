@@ -76,17 +76,18 @@ def plan_arms(cc: CompareConfig, model_cfg: ModelConfig) -> list[Arm]:
     """An arm per method (x ablation value), its size knob solved for cc.budget on the meta-device model."""
     values = cc.vary.values if cc.vary.key else [None]
     arms = []
-    for method in cc.methods:
+    kinds = [(m, m, {}) for m in cc.methods] + [(name, v["method"], v) for name, v in cc.variants.items()]
+    for base_name, method, variant in kinds:
         knob = KNOBS.get(method)
         if cc.vary.key and cc.vary.key == knob and cc.budget:
             raise FtcoreError(f"compare.vary.key={knob} is {method}'s size knob; set compare.budget=0 to ablate it")
         for value in values:
-            settings = {**cc.peft.get(method, {}), "method": method}
+            settings = {**cc.peft.get(method, {}), **variant, "method": method}
             if cc.vary.key:
                 settings[cc.vary.key] = list(value) if isinstance(value, (list, tuple)) else value
             max_size = cc.max_virtual_tokens if knob == "num_virtual_tokens" else cc.max_r
             sized = solve_budget(model_cfg, settings, cc.budget, max_size)
-            name = f"{method} {cc.vary.key}={label(value)}" if cc.vary.key else method
+            name = f"{base_name} {cc.vary.key}={label(value)}" if cc.vary.key else base_name
             arms.append(Arm(name, method, sized, cc.budget))
     return arms
 
