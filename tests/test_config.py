@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftcore.compare import CompareConfig, compare_config
-from ftcore.config import RunConfig, run_config
+from ftcore.config import RunConfig, TrainConfig, run_config
 from ftcore.errors import FtcoreError
 from ftcore.eval.run import EvalRunConfig, eval_run_config
 from ftcore.peft.config import PeftConfig
@@ -133,7 +133,7 @@ def test_the_runs_length_is_max_steps_or_epochs():
                             "(max_steps) or 0 (epochs)")  # fmt: skip
     # epochs x steps per epoch, to the nearest step (halves up), at least one
     lengths = [(1.5, 10, 15), (0.25, 10, 3), (0.3, 10, 3), (0.24, 10, 2), (0.01, 10, 1), (3, 33, 99)]
-    assert [run_config({"train": {"epochs": e}}).train.total_steps(n) for e, n, _ in lengths] == [s for *_, s in lengths]
+    assert [TrainConfig(epochs=e).total_steps(n) for e, n, _ in lengths] == [s for *_, s in lengths]
 
 
 def test_a_users_file_does_not_inherit_the_demo():
