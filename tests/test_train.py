@@ -165,6 +165,11 @@ def test_epochs_set_the_length_and_resume_bit_exact(tiny_dir, data_cache, tmp_pa
     train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", **options, train__resume="auto")))
     got = [e for e in read_metrics(tmp_path / "resumed") if "loss" in e]
     assert [(e["epoch"], e["loss"], e["lr"]) for e in got] == [(e["epoch"], e["loss"], e["lr"]) for e in events]
+    # a checkpoint resumed over another train split (110 items: 11 steps an epoch) says so
+    other = {**options, **epoch_files(tmp_path / "resumed", 110), "train__eval_every": 0,
+             "train__resume": str(tmp_path / "straight" / "checkpoints" / "step_00000010")}  # fmt: skip
+    with pytest.warns(UserWarning, match=r"^the train split changed: an epoch is 11 steps now, 10 in the checkpoint"):
+        assert train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "other", **other)))["step"] == 22
 
 
 @pytest.mark.parametrize("method", list(RESUMED))

@@ -294,10 +294,11 @@ def resume(run: Run, trainer: Trainer, path: Path):
     trainer.scaler.load_state_dict(saved["scaler"])
     trainer.sampler.load_state_dict(saved["sampler"])
     trainer.state = LoopState(**saved["loop"])
-    if run.cfg.train.epochs and saved.get("max_steps", trainer.max_steps) != trainer.max_steps:
-        warnings.warn(f"train.epochs={run.cfg.train.epochs:g} is {trainer.max_steps} steps now, {saved['max_steps']} "
-                      "in the checkpoint: the train split changed, so the schedule and the data order differ from "
-                      "the saved run's", stacklevel=2)  # fmt: skip
+    per_epoch = trainer.sampler.steps_per_epoch
+    if saved.get("steps_per_epoch", per_epoch) != per_epoch:  # the global batch is the same (the sampler checks)
+        warnings.warn(f"the train split changed: an epoch is {per_epoch} steps now, {saved['steps_per_epoch']} in the "
+                      "checkpoint, so the data order (and a length set by train.epochs) differs from the saved run's",
+                      stacklevel=2)  # fmt: skip
     if "adalora" in saved:  # the rank allocator's importance averages, mask and step count
         trainer.model.adalora.load_state_dict(saved["adalora"])
     if run.rank0:
@@ -438,7 +439,8 @@ def validate(run: Run, trainer: Trainer, data: Data):
 def save_checkpoint(run: Run, trainer: Trainer):
     state = trainer.state
     saved = {"scaler": trainer.scaler.state_dict(), "sampler": trainer.sampler.state_dict(),
-             "loop": dict(vars(state)), "best_step": state.best_step, "max_steps": trainer.max_steps}  # fmt: skip
+             "loop": dict(vars(state)), "best_step": state.best_step, "max_steps": trainer.max_steps,
+             "steps_per_epoch": trainer.sampler.steps_per_epoch}  # fmt: skip
     if getattr(trainer.model, "adalora", None) is not None:
         saved["adalora"] = trainer.model.adalora.state_dict()
     root, keep = run.run_dir / "checkpoints", run.cfg.train.keep_checkpoints
