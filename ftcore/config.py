@@ -6,6 +6,7 @@ Their defaults are the only defaults, and they are the demo run: `run_config({})
 a wrong key or value fails naming the dotted key and the allowed values.
 """
 
+import math
 from dataclasses import dataclass, field
 
 from ftcore.cli import DEMO_MODEL
@@ -25,6 +26,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 SPLITS = ("train", "validation", "test")
 QUANTIZE = ("none", "nf4", "fp4", "gguf")
 QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit block sizes
+DEFAULT_MAX_STEPS = 120  # train.max_steps when neither it nor train.epochs is set
 
 
 @dataclass
@@ -50,7 +52,11 @@ class ModelSpec:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 120
+    # the run's length: max_steps optimizer steps, or epochs passes over the train split; set one (max_steps null
+    # and epochs 0 are unset; neither set: DEFAULT_MAX_STEPS). An epoch is floor(train items / global batch) steps
+    # (the sampler leaves an epoch's last partial batch out); epochs x that, rounded to the nearest step
+    max_steps: int | None = None
+    epochs: float = 0.0
     seed: int = 0  # dropout, and with data.seed the data order (adapter init: peft.seed; the split: data.seed)
     batch_size: int = 8  # per-device micro-batch; global batch = batch_size x grad_accum x world size
     grad_accum: int = 1
@@ -74,14 +80,26 @@ class TrainConfig:
     def __post_init__(self):
         one_of("train.precision", self.precision, PRECISIONS)
         one_of("train.on_nonfinite", self.on_nonfinite, NONFINITE)
+        if self.epochs < 0:
+            raise invalid("train.epochs", self.epochs, ">= 0 (0 = train.max_steps sets the length)")
+        if self.epochs and self.max_steps is not None:
+            raise FtcoreError(f"train.epochs={self.epochs:g} and train.max_steps={self.max_steps}: expected one of "
+                              "them; set the other to null (max_steps) or 0 (epochs)")  # fmt: skip
+        if not self.epochs and self.max_steps is None:
+            self.max_steps = DEFAULT_MAX_STEPS
         for key in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise invalid(f"train.{key}", getattr(self, key), ">= 1")
+            value = getattr(self, key)
+            if value is not None and value < 1:  # max_steps is None only when train.epochs is set
+                raise invalid(f"train.{key}", value, ">= 1")
         for key, zero in (("eval_every", "only at the end"), ("eval_batches", "the whole split"),
                           ("save_every", "at every evaluation"), ("early_stopping_patience", "never"),
                           ("loss_chunk_size", "plain")):  # fmt: skip
             if getattr(self, key) < 0:
                 raise invalid(f"train.{key}", getattr(self, key), f">= 0 (0 = {zero})")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's length in optimizer steps: train.max_steps, or train.epochs x steps_per_epoch (nearest, >= 1)."""
+        return self.max_steps or max(1, math.floor(self.epochs * steps_per_epoch + 0.5))
 
 
 @dataclass

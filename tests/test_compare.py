@@ -248,6 +248,26 @@ def fake_train(calls, losses):
     return train
 
 
+def test_runs_set_in_epochs_trial_a_quarter_of_them(tiny_dir, data_cache, tmp_path, monkeypatch):  # noqa: F811
+    """train.epochs runs: each learning-rate trial runs epochs / 4 (warmup scaled alike); compare.lr_steps, which
+    has no step count of the run to scale the warmup by, fails in one line."""
+    calls = []
+    monkeypatch.setattr(ftcore.compare.runner, "train", fake_train(calls, {1e-3: 2.0, 1e-2: 1.5}))
+    base = tiny_run(tiny_dir, data_cache, tmp_path, train__max_steps=None, train__epochs=2, optim__warmup_steps=8)
+    options = {"methods": ["lora"], "lrs": [1e-3, 1e-2], "peft": PEFT, "baseline": False, "plots": False}
+    result = run_comparison(compare_config(options), base, tmp_path / "cmp")
+    trials, finals = calls[:2], calls[2:]
+    assert {(c.train.epochs, c.train.max_steps, c.optim.warmup_steps) for c in trials} == {(0.5, None, 2)}
+    assert [(c.train.epochs, c.train.max_steps, c.optim.lr) for c in finals] == [(2.0, None, 1e-2)]
+    assert [r["lr"] for r in result["results"]] == [1e-2]
+    assert "2 epochs of 4 x 1 examples" in (tmp_path / "cmp" / "results.md").read_text()
+    with pytest.raises(FtcoreError) as e:
+        run_comparison(compare_config({**options, "lr_steps": 5}), base, tmp_path / "cmp2")
+    assert str(e.value) == ("compare.lr_steps=5: the runs are train.epochs=2 long, which has no step count to scale "
+                            "a trial's warmup by; expected compare.lr_steps=0 (trials of a quarter of the epochs) or "
+                            "runs set by train.max_steps")  # fmt: skip
+
+
 def test_lr_trials_choose_by_validation_loss(tiny_dir, data_cache, tmp_path, monkeypatch):  # noqa: F811
     calls = []
     monkeypatch.setattr(

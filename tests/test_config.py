@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftcore.compare import CompareConfig, compare_config
-from ftcore.config import RunConfig, run_config
+from ftcore.config import RunConfig, TrainConfig, run_config
 from ftcore.errors import FtcoreError
 from ftcore.eval.run import EvalRunConfig, eval_run_config
 from ftcore.peft.config import PeftConfig
@@ -117,8 +117,23 @@ def test_every_key_is_overridable_and_unknown_keys_fail():
     assert composed("config", "+data.fields.completion=answer")["data"]["fields"] == {"completion": "answer"}
     with pytest.raises(Exception, match="max_stepz"):
         composed("config", "train.max_stepz=3")
-    with pytest.raises(FtcoreError, match=r"^train\.max_stepz: unknown key; allowed: max_steps, seed"):
+    with pytest.raises(FtcoreError, match=r"^train\.max_stepz: unknown key; allowed: max_steps, epochs, seed"):
         run_config(composed("config", "+train.max_stepz=3"))
+
+
+def test_the_runs_length_is_max_steps_or_epochs():
+    """train.epochs alone on the command line replaces the default max_steps; both set fail in one line."""
+    default, epochs = run_config(composed("config")).train, run_config(composed("config", "train.epochs=2")).train
+    assert (default.max_steps, default.epochs, default.total_steps(7)) == (120, 0.0, 120)
+    assert (epochs.max_steps, epochs.epochs, epochs.total_steps(10)) == (None, 2.0, 20)
+    assert run_config(dataclasses.asdict(run_config({"train": {"epochs": 2}}))).train == epochs  # saved configs reload
+    with pytest.raises(FtcoreError) as e:
+        run_config(composed("config", "train.epochs=2", "train.max_steps=50"))
+    assert str(e.value) == ("train.epochs=2 and train.max_steps=50: expected one of them; set the other to null "
+                            "(max_steps) or 0 (epochs)")  # fmt: skip
+    # epochs x steps per epoch, to the nearest step (halves up), at least one
+    lengths = [(1.5, 10, 15), (0.25, 10, 3), (0.3, 10, 3), (0.24, 10, 2), (0.01, 10, 1), (3, 33, 99)]
+    assert [TrainConfig(epochs=e).total_steps(n) for e, n, _ in lengths] == [s for *_, s in lengths]
 
 
 def test_a_users_file_does_not_inherit_the_demo():

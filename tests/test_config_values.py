@@ -15,6 +15,8 @@ from ftcore.errors import FtcoreError
         ("train", "eval_batches", -1, "train.eval_batches=-1: expected >= 0 (0 = the whole split)"),
         ("train", "early_stopping_patience", -2, "train.early_stopping_patience=-2: expected >= 0 (0 = never)"),
         ("train", "keep_checkpoints", 0, "train.keep_checkpoints=0: expected >= 1"),
+        ("train", "max_steps", 0, "train.max_steps=0: expected >= 1"),
+        ("train", "epochs", -1, "train.epochs=-1.0: expected >= 0 (0 = train.max_steps sets the length)"),
         ("optim", "grad_clip", -1, "optim.grad_clip=-1.0: expected >= 0 (0 = no clipping)"),
         ("optim", "betas", [0.9], "optim.betas=[0.9]: expected two numbers in [0, 1)"),
         ("optim", "betas", [0.9, 1.5], "optim.betas=[0.9, 1.5]: expected two numbers in [0, 1)"),

@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from ftcore.config import TrainConfig
 from ftcore.data.sampler import Sampler, eval_batches
 from ftcore.errors import FtcoreError
 
@@ -32,6 +33,20 @@ def test_deterministic_and_epochs_differ():
     assert len(used) == len(set(used)) == 100  # the 3 left over sit out this epoch
     assert a.state_dict() == {"epoch": 2, "seed": 1, "position": 0, "split": [4, 1, 1]}
     assert epochs(Sampler(LENGTHS, 4, seed=2), 1) != ea[:1]
+
+
+def test_train_epochs_count_whole_global_batches():
+    """train.epochs=1.5 over 103 items in global batches of 5 x 2: 10 steps per epoch (3 items sit out each epoch,
+    other ones each time), 15 steps of 10 examples, the last 5 from the second epoch's order."""
+    sampler = Sampler(LENGTHS, 5, grad_accum=2, seed=1)
+    steps = TrainConfig(epochs=1.5).total_steps(sampler.steps_per_epoch)
+    stream = (b for _ in range(3) for b in sampler)  # the loop's iter_forever
+    batches = [next(stream) + next(stream) for _ in range(steps)]  # grad_accum micro-batches per step
+    assert (sampler.steps_per_epoch, steps, {len(b) for b in batches}) == (10, 15, {10})
+    first, second = sampler.epoch_order(0), sampler.epoch_order(1)
+    assert [i for b in batches[:10] for i in b] == first.tolist() and len(set(first)) == 100
+    assert [i for b in batches[10:] for i in b] == second[:50].tolist()
+    assert set(range(103)) - set(first) != set(range(103)) - set(second)
 
 
 @pytest.mark.parametrize("bucketing", [False, True])

@@ -122,6 +122,56 @@ def test_resume_with_another_global_batch_fails_in_one_line(tiny_dir, data_cache
     assert [e["step"] for e in read_metrics(tmp_path) if "loss" in e] == list(range(1, 7))  # 2 x 2 = 4: it continues
 
 
+def epoch_files(tmp_path, n_train: int) -> dict:
+    """The demo's first lines as a train file of n_train examples, with 20-example validation and test files."""
+    lines = (ROOT / "ftcore" / "data" / "demo" / "arithmetic.jsonl").read_text().splitlines()
+    files = {"path": lines[:n_train], "val_path": lines[n_train : n_train + 20],
+             "test_path": lines[n_train + 20 : n_train + 40]}  # fmt: skip
+    for key, rows in files.items():
+        (tmp_path / f"{key}.jsonl").write_text("\n".join(rows) + "\n")
+    return {f"data__{key}": str(tmp_path / f"{key}.jsonl") for key in files}
+
+
+def test_epochs_set_the_length_and_resume_bit_exact(tiny_dir, data_cache, tmp_path, monkeypatch):
+    """train.epochs=2 on 100 train examples with a global batch of 5 x 2 = 10 is 20 steps: the schedule ends at
+    step 20, the data order crosses the epoch boundary, and a run stopped in the second epoch resumes exactly."""
+    options = dict(**epoch_files(tmp_path, 100), train__max_steps=None, train__epochs=2, train__batch_size=5,
+                   train__grad_accum=2, train__eval_every=10, train__eval_batches=1, eval__baseline=False,
+                   eval__max_examples=4)  # fmt: skip
+    cfg = run_config(tiny_run(tiny_dir, data_cache, tmp_path / "straight", **options))
+    summary = train(cfg)
+    assert (summary["step"], summary["max_steps"], summary["steps_per_epoch"]) == (20, 20, 10)
+    report = json.loads((tmp_path / "straight" / "data_report.json").read_text())
+    assert report["tokenize"]["train"]["examples"] == 100
+    events = [e for e in read_metrics(tmp_path / "straight") if "loss" in e]
+    assert [e["step"] for e in events] == list(range(1, 21))
+    assert [e["epoch"] for e in events][9::10] == [1.0, 2.0] and events[13]["epoch"] == 1.4
+    assert events[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)  # the decay ends at step 20
+    assert json.loads((tmp_path / "straight" / "eval.json").read_text())["max_steps"] == 20
+    assert ftcore.train.loop.epoch_label(cfg, 1.44) == "epoch 1.4/2"
+
+    real_lr_at = ftcore.train.loop.lr_at
+
+    def lr_at_then_sigterm(step, optim, max_steps):  # a SIGTERM during step index 12, in the second epoch
+        assert max_steps == 20
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, optim, max_steps)
+
+    monkeypatch.setattr(ftcore.train.loop, "lr_at", lr_at_then_sigterm)
+    stopped = train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", **options)))
+    assert stopped["status"].startswith("stopped by SIGTERM at step 13")
+    monkeypatch.setattr(ftcore.train.loop, "lr_at", real_lr_at)
+    train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", **options, train__resume="auto")))
+    got = [e for e in read_metrics(tmp_path / "resumed") if "loss" in e]
+    assert [(e["epoch"], e["loss"], e["lr"]) for e in got] == [(e["epoch"], e["loss"], e["lr"]) for e in events]
+    # a checkpoint resumed over another train split (110 items: 11 steps an epoch) says so
+    other = {**options, **epoch_files(tmp_path / "resumed", 110), "train__eval_every": 0,
+             "train__resume": str(tmp_path / "straight" / "checkpoints" / "step_00000010")}  # fmt: skip
+    with pytest.warns(UserWarning, match=r"^the train split changed: an epoch is 11 steps now, 10 in the checkpoint"):
+        assert train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "other", **other)))["step"] == 22
+
+
 @pytest.mark.parametrize("method", list(RESUMED))
 def test_resume_after_sigterm_is_bit_exact(tiny_dir, data_cache, tmp_path, monkeypatch, method):
     options = {"eval__baseline": False, **RESUMED[method]}

@@ -46,7 +46,7 @@ class CompareConfig:
     #   the lowest validation loss after lr_steps steps wins
     # {method: [lrs]} replaces lrs for that method; null = lrs
     method_lrs: dict[str, list[float] | None] = field(default_factory=lambda: dict.fromkeys(COMPARABLE))
-    lr_steps: int = 0  # steps of each learning-rate trial; 0 = train.max_steps // 4
+    lr_steps: int = 0  # steps of each learning-rate trial; 0 = a quarter of the run (max_steps // 4 or epochs / 4)
     lr_eval_examples: int = 8  # test examples a trial generates for (it is chosen by validation loss)
     # {method: lr} without a sweep; null = optim.lr
     lr: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(COMPARABLE))

@@ -109,9 +109,23 @@ def config_hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def trial_length(cc: CompareConfig, train: dict) -> dict:
+    """A learning-rate trial's train.max_steps (compare.lr_steps, else a quarter of the run's) or train.epochs."""
+    if not train["epochs"]:
+        return {"max_steps": cc.lr_steps or max(1, train["max_steps"] // 4)}
+    if cc.lr_steps:
+        raise FtcoreError(f"compare.lr_steps={cc.lr_steps}: the runs are train.epochs={train['epochs']:g} long, "
+                          "which has no step count to scale a trial's warmup by; expected compare.lr_steps=0 (trials "
+                          "of a quarter of the epochs) or runs set by train.max_steps")  # fmt: skip
+    return {"epochs": train["epochs"] / 4}
+
+
 def make_run(base: dict, arm: Arm, seed: int, lr: float, out_dir: Path, group: str, stage: str = "final",
-             trial_steps: int = 0, trial_examples: int = 0) -> Run:  # fmt: skip
-    """A run of `arm` with train.seed = peft.seed = seed at learning rate lr, in its own directory."""
+             trial: dict | None = None, trial_examples: int = 0) -> Run:  # fmt: skip
+    """A run of `arm` with train.seed = peft.seed = seed at learning rate lr, in its own directory.
+
+    trial (stage lr_trial): the trial's length from trial_length, {"max_steps": N} or {"epochs": E}.
+    """
     cfg = copy.deepcopy(base)
     cfg["peft"] = {**arm.sized.peft, "seed": seed}
     cfg["train"].update(seed=seed, resume="auto")
@@ -119,9 +133,9 @@ def make_run(base: dict, arm: Arm, seed: int, lr: float, out_dir: Path, group: s
     cfg["eval"]["baseline"] = False  # the sweep scores the base model once (zero- and few-shot)
     cfg["eval"]["few_shot"] = 0
     if stage == "lr_trial":  # a short run; warmup shrinks with it
-        full = cfg["train"]["max_steps"]
-        cfg["train"]["max_steps"] = trial_steps
-        cfg["optim"]["warmup_steps"] = round(cfg["optim"]["warmup_steps"] * trial_steps / full)
+        ((key, short),) = trial.items()
+        full, cfg["train"][key] = cfg["train"][key], short
+        cfg["optim"]["warmup_steps"] = round(cfg["optim"]["warmup_steps"] * short / full)
         cfg["eval"]["max_examples"] = trial_examples
         cfg["eval"]["forgetting"] = False  # a trial is chosen by its validation loss
     cfg["run_dir"] = "."

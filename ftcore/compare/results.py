@@ -219,6 +219,11 @@ def differences_table(sig: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_length(train: dict) -> str:
+    """A run's length as configured: `2 epochs` (train.epochs) or `120 steps`."""
+    return f"{train['epochs']:g} epochs" if train["epochs"] else f"{train['max_steps']} steps"
+
+
 def markdown(cc, table, trial_rows, baseline, base: dict, command: str, plots: list[Path], sig=None) -> str:
     t, d, e = base["train"], base["data"], base["eval"]
     kinds = {r["peak_mem_kind"] for r in table if r["peak_mem_kind"]}
@@ -226,7 +231,7 @@ def markdown(cc, table, trial_rows, baseline, base: dict, command: str, plots: l
     lines = [f"# PEFT comparison: {d['task']} ({table[0]['metric']}), {base['model']['path']}", ""]
     if command:
         lines += ["```bash", command, "```", ""]
-    setup = (f"{len(cc.seeds)} seeds ({', '.join(map(str, cc.seeds))}) per arm, {budget}; {t['max_steps']} steps of "
+    setup = (f"{len(cc.seeds)} seeds ({', '.join(map(str, cc.seeds))}) per arm, {budget}; {run_length(t)} of "
              f"{t['batch_size']} x {t['grad_accum']} examples; test metric on {e['max_examples'] or 'all'} "
              f"{e['split']} examples (greedy).")  # fmt: skip
     lines += [setup, "", markdown_table(table, baseline, sig)]

@@ -30,6 +30,7 @@ from ftcore.compare.plan import (
     read_status,
     resolved,
     run_state,
+    trial_length,
 )
 from ftcore.compare.results import write_results
 from ftcore.config import run_config
@@ -63,8 +64,8 @@ def run_comparison(cc: CompareConfig, base: dict, out_dir, command: str = "") ->
 
     # learning-rate trials: short runs at each lr, the lowest validation loss wins
     trial_lrs = cc.lrs_by_method()
-    trial_steps = cc.lr_steps or max(1, base["train"]["max_steps"] // 4)
-    trials = [make_run(base, arm, cc.seeds[0], lr, out_dir, group, "lr_trial", trial_steps, cc.lr_eval_examples)
+    trial = trial_length(cc, base["train"])
+    trials = [make_run(base, arm, cc.seeds[0], lr, out_dir, group, "lr_trial", trial, cc.lr_eval_examples)
               for arm in arms for lr in trial_lrs.get(arm.method, [])]  # fmt: skip
     pending = execute_all(trials, cc, "learning-rate trials")
     if pending:  # print mode: the final runs depend on the trials

@@ -6,6 +6,8 @@ with bucketing sorted by length within windows of `bucket_window` global batches
 shuffled. Global micro-batch m is order[m*B : (m+1)*B]; rank r's j-th micro-batch is m = j*W + r, so
 after j micro-steps on every rank exactly the first j*W*B examples of the order are used, and each
 optimizer step covers the same G examples for any split of G into ranks and accumulation steps.
+An epoch is therefore floor(n / G) optimizer steps, each of G examples: the n mod G left over (a partial
+last batch) are never a short step; train.epochs counts these epochs (TrainConfig.total_steps).
 
 State (epoch, seed, position, split): position counts the examples of this epoch's order already handed
 out on all ranks together; state_dict() taken after a step resumes on the exact next batch. split is the
@@ -36,6 +38,7 @@ class Sampler:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: whole global batches only."""
         return len(self.lengths) // self.global_batch
 
     def __len__(self) -> int:

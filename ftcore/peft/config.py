@@ -82,7 +82,7 @@ class PeftConfig:
     beta1: float = 0.85  # smoothing of the importance
     beta2: float = 0.85  # smoothing of its uncertainty
     orth_reg_weight: float = 0.5  # the orthogonality penalty on the loss
-    total_step: int = 0  # 0 = train.max_steps
+    total_step: int = 0  # 0 = the run's length in steps (train.max_steps, or train.epochs in steps)
     # HRA: W R with R = r Householder reflections of the columns of hra_u [in, r] (r, target_modules, init above)
     apply_GS: bool = False  # noqa: N815 - PEFT's name: R = I - 2 Q Q^T with Q the Gram-Schmidt of hra_u
     # LoHa / LoKr (LyCORIS; r, alpha, target_modules, init as above; no input dropout). Training mode only:

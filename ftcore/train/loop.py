@@ -61,7 +61,7 @@ from ftcore.train.step import EagerStep, GraphedStep, autocast, set_fast_paths
 class StopReason(str, Enum):
     """Why the loop ended (summary["stop_reason"])."""
 
-    FINISHED = "finished"  # train.max_steps reached
+    FINISHED = "finished"  # the run's length reached (train.max_steps, or train.epochs in steps)
     SIGNAL = "stopped"  # SIGINT/SIGTERM: a checkpoint was saved; resume with train.resume=auto
     EARLY_STOPPING = "early_stopping"  # train.early_stopping_patience evaluations without improvement
 
@@ -124,6 +124,7 @@ class Trainer:
     sampler: Sampler
     trainable: int  # parameter counts, taken before sharding
     total: int
+    max_steps: int  # the run's length: train.max_steps, or train.epochs x the sampler's steps per epoch
     state: LoopState = field(default_factory=LoopState)
 
 
@@ -245,8 +246,13 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
     # the saved adapter records its base (adapter_config.json's base_model_name_or_path), as HF PEFT does
     base = cfg.peft.base_model_name_or_path or cfg.model.path
     method_step = None
+    sampler = Sampler(
+        data.train.lengths, cfg.train.batch_size, grad_accum=cfg.train.grad_accum, world_size=world.size,
+        rank=world.rank, seed=cfg.data.seed + cfg.train.seed, bucketing=cfg.data.bucketing and not cfg.data.packing,
+    )  # fmt: skip
+    max_steps = run_length(run, sampler)
     if cfg.peft.method == "adalora":
-        peft_cfg = replace(cfg.peft, base_model_name_or_path=base, total_step=cfg.peft.total_step or cfg.train.max_steps)
+        peft_cfg = replace(cfg.peft, base_model_name_or_path=base, total_step=cfg.peft.total_step or max_steps)
     else:
         peft_cfg = replace(cfg.peft, base_model_name_or_path=base)
     sharded_load = run.base_dir is not None  # the model is on the meta device: its init comes with its shards
@@ -266,10 +272,6 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
         materialize(model, run.base_dir, DTYPES[cfg.model.dtype], world.device, peft_cfg, tokenizer)
     if cfg.peft.method == "oft" and cfg.peft.coft:  # FSDP2: keep the stored shards projected (oft.project_shards)
         method_step = OftStep(model)
-    sampler = Sampler(
-        data.train.lengths, cfg.train.batch_size, grad_accum=cfg.train.grad_accum, world_size=world.size,
-        rank=world.rank, seed=cfg.data.seed + cfg.train.seed, bucketing=cfg.data.bucketing and not cfg.data.packing,
-    )  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     if cfg.train.activation_offload and world.device.type != "cuda":
         warnings.warn(f"train.activation_offload: a no-op on {world.device.type} (activations are in host memory "
@@ -279,7 +281,16 @@ def adapt(run: Run, model, tokenizer, data: Data) -> Trainer:
     step = eager
     if cfg.train.cuda_graph:  # the whole step captured once and replayed; other shapes run eagerly
         step = GraphedStep(model, optimizer, eager, cfg.train.precision, cfg.optim.grad_clip)
-    return Trainer(model, train_model, step, optimizer, eager.scaler, sampler, trainable, total)
+    return Trainer(model, train_model, step, optimizer, eager.scaler, sampler, trainable, total, max_steps)
+
+
+def run_length(run: Run, sampler: Sampler) -> int:
+    """The run's length in optimizer steps; train.epochs: said in one line (items, global batch, steps per epoch)."""
+    epochs, max_steps = run.cfg.train.epochs, run.cfg.train.total_steps(sampler.steps_per_epoch)
+    if epochs:
+        run.world.print(f"train.epochs={epochs:g}: {max_steps} steps ({sampler.steps_per_epoch} per epoch: "
+                        f"{len(sampler.lengths)} train items // global batch {sampler.global_batch})")  # fmt: skip
+    return max_steps
 
 
 def resume(run: Run, trainer: Trainer, path: Path):
@@ -301,6 +312,11 @@ def resume(run: Run, trainer: Trainer, path: Path):
     trainer.scaler.load_state_dict(saved["scaler"])
     trainer.sampler.load_state_dict(saved["sampler"])
     trainer.state = LoopState(**saved["loop"])
+    per_epoch = trainer.sampler.steps_per_epoch
+    if saved.get("steps_per_epoch", per_epoch) != per_epoch:  # the global batch is the same (the sampler checks)
+        warnings.warn(f"the train split changed: an epoch is {per_epoch} steps now, {saved['steps_per_epoch']} in the "
+                      "checkpoint, so the data order (and a length set by train.epochs) differs from the saved run's",
+                      stacklevel=2)  # fmt: skip
     if "adalora" in saved:  # the rank allocator's importance averages, mask and step count
         trainer.model.adalora.load_state_dict(saved["adalora"])
     if run.rank0:
@@ -309,20 +325,20 @@ def resume(run: Run, trainer: Trainer, path: Path):
 
 
 def loop(run: Run, trainer: Trainer, data: Data) -> Outcome:
-    """Steps until train.max_steps, a signal or early stopping: log, validate, checkpoint."""
+    """Steps until the run's length (trainer.max_steps), a signal or early stopping: log, validate, checkpoint."""
     cfg, world, state, stop = run.cfg, run.world, trainer.state, run.stop
     patience = cfg.train.early_stopping_patience
     if patience and state.bad_evals >= patience:  # resumed from the checkpoint that stopped early
         return Outcome(StopReason.EARLY_STOPPING, f"early stopping at step {state.step}: no improvement in "
                        f"{patience} evaluations")  # fmt: skip
-    progress = make_progress(cfg, state.step, enabled=run.rank0)
+    progress = make_progress(cfg, trainer, enabled=run.rank0)
     batches = iter_forever(trainer.sampler)
     outcome = Outcome(StopReason.FINISHED, "finished")
     try:
         stop.defer = True
-        while state.step < cfg.train.max_steps:
+        while state.step < trainer.max_steps:
             t0 = time.perf_counter()
-            lr = lr_at(state.step, cfg.optim, cfg.train.max_steps)
+            lr = lr_at(state.step, cfg.optim, trainer.max_steps)
             set_lr(trainer.optimizer, lr)
             micro = [data.train(next(batches)) for _ in range(cfg.train.grad_accum)]
             step_tokens = world.sum(sum(int((b["targets"] != IGNORE).sum()) for b in micro))  # of the global batch
@@ -337,11 +353,13 @@ def loop(run: Run, trainer: Trainer, data: Data) -> Outcome:
             state.step += 1
             state.tokens += world.sum(sum(int((b["input_ids"] != data.pad_id).sum()) for b in micro))
             loss, seconds = loss_sum / step_tokens, time.perf_counter() - t0
-            tokens_per_s = log_step(run, trainer.model, state.step, micro, loss, lr, grad_norm, seconds)
+            epoch = state.step / trainer.sampler.steps_per_epoch
+            tokens_per_s = log_step(run, trainer.model, state.step, epoch, micro, loss, lr, grad_norm, seconds)
             progress.update(1)
+            progress.set_description(epoch_label(cfg, epoch), refresh=False)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
 
-            at_end = state.step == cfg.train.max_steps
+            at_end = state.step == trainer.max_steps
             every = cfg.train.eval_every and state.step % cfg.train.eval_every == 0
             evaluate_now = bool(data.val_batches) and (at_end or every)
             if evaluate_now:
@@ -371,6 +389,7 @@ def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, outcome:
     world.print(outcome.message)
     trainable = trainer.trainable
     summary = {"status": outcome.message, "stop_reason": outcome.reason.value, "step": state.step,
+               "max_steps": trainer.max_steps, "steps_per_epoch": trainer.sampler.steps_per_epoch,
                "trainable_params": trainable, "total_params": trainer.total}  # fmt: skip
     if outcome.reason is StopReason.SIGNAL:
         run.logger.close()
@@ -406,12 +425,13 @@ def finish(run: Run, trainer: Trainer, tokenizer, data: Data, baseline, outcome:
 # -- the loop's parts -----------------------------------------------------------------------------------
 
 
-def log_step(run: Run, model, step: int, micro: list[dict], loss: float, lr: float, grad_norm: float,
+def log_step(run: Run, model, step: int, epoch: float, micro: list[dict], loss: float, lr: float, grad_norm: float,
              seconds: float) -> float:  # fmt: skip
-    """One train event: loss, lr, grad norm, tokens/s over all ranks, CUDA peak memory, MFU where known."""
+    """One train event: epoch, loss, lr, grad norm, tokens/s over all ranks, CUDA peak memory, MFU where known."""
     world = run.world
     tokens_per_s = world.sum(sum(b["input_ids"].numel() for b in micro)) / seconds  # all ranks
-    event = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+    event = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+             "tokens_per_s": tokens_per_s}  # fmt: skip
     if world.device.type == "cuda":
         event["peak_mem_gb"] = torch.cuda.max_memory_allocated(world.device) / 2**30
     if run.peak_flops is not None:
@@ -442,7 +462,8 @@ def validate(run: Run, trainer: Trainer, data: Data):
 def save_checkpoint(run: Run, trainer: Trainer):
     state = trainer.state
     saved = {"scaler": trainer.scaler.state_dict(), "sampler": trainer.sampler.state_dict(),
-             "loop": dict(vars(state)), "best_step": state.best_step}  # fmt: skip
+             "loop": dict(vars(state)), "best_step": state.best_step, "max_steps": trainer.max_steps,
+             "steps_per_epoch": trainer.sampler.steps_per_epoch}  # fmt: skip
     if getattr(trainer.model, "adalora", None) is not None:
         saved["adalora"] = trainer.model.adalora.state_dict()
     root, keep = run.run_dir / "checkpoints", run.cfg.train.keep_checkpoints
@@ -535,11 +556,18 @@ def iter_forever(sampler: Sampler):
         yield from sampler
 
 
-def make_progress(cfg: RunConfig, start: int, enabled: bool = True):
+def make_progress(cfg: RunConfig, trainer: Trainer, enabled: bool = True):
     from tqdm import tqdm
 
     disable = not (cfg.logger.progress and enabled)
-    return tqdm(total=cfg.train.max_steps, initial=start, disable=disable, dynamic_ncols=True)
+    start = trainer.state.step
+    return tqdm(total=trainer.max_steps, initial=start, disable=disable, dynamic_ncols=True,
+                desc=epoch_label(cfg, start / trainer.sampler.steps_per_epoch))  # fmt: skip
+
+
+def epoch_label(cfg: RunConfig, epoch: float) -> str:
+    """The progress bar's description: `epoch 1.4/2` (train.epochs set) or `epoch 1.4`."""
+    return f"epoch {epoch:.1f}" + (f"/{cfg.train.epochs:g}" if cfg.train.epochs else "")
 
 
 def save_final(model, tokenizer, cfg: RunConfig, out_dir: Path, world: World):
