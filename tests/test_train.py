@@ -66,6 +66,20 @@ def tiny_run(tiny_dir, data_cache, run_dir, **overrides) -> dict:
     return cfg
 
 
+def sigterm_during(monkeypatch, at: int):
+    """The loop's lr_at sends this process a SIGTERM during step index `at` (the run then stops at a checkpoint);
+    returns the real lr_at, to put back."""
+    real = ftcore.train.loop.lr_at
+
+    def lr_at_then_sigterm(step, optim, max_steps):
+        if step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, optim, max_steps)
+
+    monkeypatch.setattr(ftcore.train.loop, "lr_at", lr_at_then_sigterm)
+    return real
+
+
 def losses(run_dir):
     return [e["loss"] for e in read_metrics(run_dir) if "loss" in e]
 
@@ -150,15 +164,7 @@ def test_epochs_set_the_length_and_resume_bit_exact(tiny_dir, data_cache, tmp_pa
     assert json.loads((tmp_path / "straight" / "eval.json").read_text())["max_steps"] == 20
     assert ftcore.train.loop.epoch_label(cfg, 1.44) == "epoch 1.4/2"
 
-    real_lr_at = ftcore.train.loop.lr_at
-
-    def lr_at_then_sigterm(step, optim, max_steps):  # a SIGTERM during step index 12, in the second epoch
-        assert max_steps == 20
-        if step == 12:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(step, optim, max_steps)
-
-    monkeypatch.setattr(ftcore.train.loop, "lr_at", lr_at_then_sigterm)
+    real_lr_at = sigterm_during(monkeypatch, 12)  # in the second epoch
     stopped = train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", **options)))
     assert stopped["status"].startswith("stopped by SIGTERM at step 13")
     monkeypatch.setattr(ftcore.train.loop, "lr_at", real_lr_at)
@@ -178,14 +184,7 @@ def test_resume_after_sigterm_is_bit_exact(tiny_dir, data_cache, tmp_path, monke
     train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "straight", **options)))
     expected = read_metrics(tmp_path / "straight")
 
-    real_lr_at = ftcore.train.loop.lr_at
-
-    def lr_at_then_sigterm(step, cfg, max_steps):  # a SIGTERM arrives during step index 4
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(step, cfg, max_steps)
-
-    monkeypatch.setattr(ftcore.train.loop, "lr_at", lr_at_then_sigterm)
+    real_lr_at = sigterm_during(monkeypatch, 4)
     stopped = train(run_config(tiny_run(tiny_dir, data_cache, tmp_path / "resumed", **options)))
     assert stopped["status"].startswith("stopped by SIGTERM at step 5")
     assert (tmp_path / "resumed" / "checkpoints" / "step_00000005").is_dir()
