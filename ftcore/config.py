@@ -175,11 +175,20 @@ class EvalConfig:
     forgetting_tokens: int = 64  # tokens each (a corpus document is cut to this)
     forgetting_seed: int = 0
     report_failures: int = 10  # failures report.md lists (prompt, reference, output); 0 = none
+    # drift_reference.json: the training prompts' lengths, tokens and (for drift_prompts of them) the base model's
+    # mean final hidden state, what served or fresh prompts are compared with (ftcore/monitor/)
+    drift_reference: bool = True
+    drift_prompts: int = 256
 
     def __post_init__(self):
         one_of("eval.split", self.split, SPLITS)
         if self.few_shot < 0:
             raise invalid("eval.few_shot", self.few_shot, ">= 0 (0 = no few-shot baseline)")
+        if self.few_shot and self.split == "train":
+            raise FtcoreError("eval.few_shot: the shots come from the train split, so eval.split=train would show "
+                              "test items as their own shots; evaluate on validation or test")  # fmt: skip
+        if self.drift_prompts < 0:
+            raise invalid("eval.drift_prompts", self.drift_prompts, ">= 0 (0 = no embedding summary)")
         if self.report_failures < 0:
             raise invalid("eval.report_failures", self.report_failures, ">= 0")
         for key in ("forgetting_samples", "forgetting_tokens"):

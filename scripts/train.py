@@ -1,5 +1,6 @@
 """Fine-tune: `python scripts/train.py [peft=dora] [optim.lr=1e-4] [train.max_steps=200] ...` (Hydra)."""
 
+import math
 import os
 import sys
 
@@ -23,7 +24,8 @@ def main(cfg: DictConfig) -> float | None:
         result = train(run_config(values))
     if result.get("signal"):  # stopped after saving a checkpoint: schedulers requeue on 130/143, not on 0
         sys.exit(STOPPED_EXIT[result["signal"]])
-    return result.get("best_val_loss")  # what a Hydra sweeper would minimize
+    loss = result.get("best_val_loss")  # what a Hydra sweeper minimizes (no validation split: the worst value)
+    return math.inf if loss is None else loss
 
 
 if __name__ == "__main__":

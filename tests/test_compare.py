@@ -352,6 +352,16 @@ def test_variant_arms_start_from_their_methods_settings():
         compare_config({"variants": {"p": {"method": "lora", "init": "bogus"}}})
 
 
+def test_report_only_keys_do_not_change_a_runs_hash():
+    """A comparison started before the evaluation extras existed (trials now measure no forgetting) still finds its
+    runs: those keys change what a run reports, not what it trains or scores."""
+    base = {"model": {"path": "x"}, "train": {"max_steps": 8}}
+    extras = {"eval": {"forgetting": False, "forgetting_samples": 3, "report_failures": 0, "drift_reference": False},
+              "data": {"group_field": "kind"}}  # fmt: skip
+    assert config_hash({**base, **extras}) == config_hash(base)
+    assert config_hash({**base, "eval": {"few_shot": 2}}) != config_hash(base)  # a baseline the sweep scores
+
+
 def test_ablation_plans(tmp_path):
     cc = compare_config({"methods": ["lora"], "budget": 5000, "peft": PEFT,
                          "vary": {"key": "target_modules", "values": [["q_proj", "v_proj"], ALL_LINEAR]}})  # fmt: skip

@@ -125,3 +125,28 @@ def test_compare_arms_marks_a_real_difference_and_not_noise():
     assert marks[("good", "bad")] and marks[("good", "base model")] and not marks[("bad", "twin")]
     assert result["arms"]["good"]["ci"][0] > result["arms"]["base model"]["ci"][1]
     assert all(p["p_holm"] >= p["p"] for p in result["pairs"])
+
+
+def test_f1_swap_test_over_shared_classes_equals_brute_force():
+    """Two arms whose answers name different classes (one answers "" or free text): over a shared class list the
+    exact swap test equals classification_report over every one of the 2^8 swaps."""
+    refs = ["billing", "refund", "billing", "shipping", "refund", "billing", "shipping", "refund"]
+    a = rows(["billing", "refund", "refund", "shipping", "refund", "billing", "", "refund"], refs)
+    b = rows(["billing", "other", "", "shipping", "billing", "", "", "account"], refs)
+    classes = stats.classes_of([a], [b])
+    oa, ob = stats.outcomes("f1", [a], classes), stats.outcomes("f1", [b], classes)
+    p = stats.swap_test(oa, ob, 10**6, np.random.default_rng(0))
+
+    def f1(rs):
+        return classification_report([r["prediction"] for r in rs], [r["reference"] for r in rs])["f1_macro"]
+
+    observed = f1(a) - f1(b)
+    swapped = []
+    for flips in itertools.product((0, 1), repeat=8):
+        x = [rb if f else ra for ra, rb, f in zip(a, b, flips)]
+        y = [ra if f else rb for ra, rb, f in zip(a, b, flips)]
+        swapped.append(f1(x) - f1(y))
+    assert stats.point(oa) - stats.point(ob) == pytest.approx(observed, abs=1e-12)
+    assert p == pytest.approx(np.mean(np.abs(swapped) >= abs(observed) - 1e-12), abs=1e-12)
+    with pytest.raises(ValueError, match="shared classes"):
+        stats.swap_test(stats.outcomes("f1", [a]), stats.outcomes("f1", [b]), 100, np.random.default_rng(0))

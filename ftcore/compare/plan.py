@@ -30,7 +30,11 @@ STATUS_FILE = "compare_status.json"  # written by the sweep after each run: stat
 RUN_CONFIG_FILE = (
     "compare_run.yaml"  # the run's config, for `scripts/train.py --config-dir RUN_DIR --config-name compare_run`
 )
-NOT_HASHED = ("run_dir", "logger", "train.resume", "data.cache_dir")  # do not change what a run computes
+# what does not change a run's training or test score: paths, logging, and the report-only evaluation extras
+# (a comparison started before such a key existed still finds its runs)
+NOT_HASHED = ("run_dir", "logger", "train.resume", "data.cache_dir", "data.group_field", "eval.report_failures",
+              "eval.forgetting", "eval.forgetting_path", "eval.forgetting_samples", "eval.forgetting_tokens",
+              "eval.forgetting_seed", "eval.drift_reference", "eval.drift_prompts")  # fmt: skip
 
 
 @dataclass

@@ -129,8 +129,9 @@ def significance(out_dir: Path, cc, arms, finals, runs: list[dict], table: list[
     every = [p for preds in by_arm.values() for p in preds] + list(refs.values())
     if not by_arm or len({tuple(r["reference"] for r in p) for p in every}) != 1:
         return None
-    outcomes = {name: stats.outcomes(metric, preds) for name, preds in by_arm.items()}
-    references = {name: stats.outcomes(metric, [preds]) for name, preds in refs.items()}
+    classes = stats.classes_of(*by_arm.values(), *([p] for p in refs.values())) if metric == "f1" else None
+    outcomes = {name: stats.outcomes(metric, preds, classes) for name, preds in by_arm.items()}
+    references = {name: stats.outcomes(metric, [preds], classes) for name, preds in refs.items()}
     st = cc.stats
     result = stats.compare_arms(outcomes, references, st.resamples, st.permutations, st.seed, st.alpha)
     for row in table:

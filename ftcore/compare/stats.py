@@ -32,6 +32,8 @@ from ftcore.eval.bleu import bleu_from_stats, segment_stats
 from ftcore.eval.metrics import normalize_text
 from ftcore.eval.rouge import rouge_pair
 
+CHUNK = 2048  # swaps scored at a time (memory: CHUNK x n)
+
 
 @dataclass
 class Outcomes:
@@ -60,12 +62,18 @@ def aggregate(sums: np.ndarray, metric: str, classes: int, n: np.ndarray) -> np.
     return sums[..., 0] / n
 
 
-def outcomes(metric: str, runs: list[list[dict]]) -> Outcomes:
+def classes_of(*runs: list[list[dict]]) -> list[str]:
+    """Every answer any of these runs gave or expected: a label task's classes (an unparsable answer "" too), as
+    classification_report counts them. Arms that are swap-tested against each other need the same list."""
+    return sorted({r[key] for seeds in runs for rows in seeds for r in rows for key in ("prediction", "reference")})
+
+
+def outcomes(metric: str, runs: list[list[dict]], classes: list[str] | None = None) -> Outcomes:
     """Outcomes from each seed's predictions.jsonl rows ({"prediction", "reference", ...}: the extracted answers),
-    all over the same test examples in the same order."""
-    if metric == "f1":  # every answer seen is a class (an unparsable one, "", too), as classification_report counts
-        answers = sorted({r[key] for rows in runs for r in rows for key in ("prediction", "reference")})
-        index = {c: i for i, c in enumerate(answers)}
+    all over the same test examples in the same order. classes (f1): the shared class list (classes_of over every
+    arm compared); default this arm's own."""
+    if metric == "f1":
+        index = {c: i for i, c in enumerate(classes or classes_of(runs))}
         k = len(index)
         stats = np.zeros((len(runs), len(runs[0]), 3 * k))
         for s, rows in enumerate(runs):
@@ -111,6 +119,8 @@ def resampled(o: Outcomes, d: Draws) -> np.ndarray:
     """The arm's score under each draw [R]: the mean over the drawn seeds of the metric on the drawn examples.
     An arm with one seed (the base model) uses it for every drawn seed."""
     per_seed = o.score(d.weights)  # [R, S_arm]
+    if per_seed.shape[1] not in (1, d.seeds.shape[1]):
+        raise ValueError(f"resampled: an arm with {per_seed.shape[1]} seeds among arms of {d.seeds.shape[1]}")
     seeds = d.seeds if per_seed.shape[1] == d.seeds.shape[1] else np.zeros_like(d.seeds)
     return np.take_along_axis(per_seed, seeds, axis=1).mean(1)
 
@@ -123,22 +133,31 @@ def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 def swap_test(a: Outcomes, b: Outcomes, permutations: int, rng: np.random.Generator) -> float:
     """Two-sided p-value of score(a) - score(b) by swapping each example's predictions between a and b."""
     n = a.stats.shape[1]
-    if 2**n <= permutations:
-        flips = np.array(list(itertools.product((0.0, 1.0), repeat=n)))  # [2^n, n]: every swap, the identity first
-    else:
-        flips = np.concatenate([np.zeros((1, n)), rng.integers(0, 2, size=(permutations, n)).astype(float)])
+    if a.stats.shape[2] != b.stats.shape[2] or a.classes != b.classes:
+        raise ValueError("swap_test: the arms' statistics differ in shape (build f1 outcomes over shared classes)")
     sa, sb = a.stats, b.stats
     if sa.shape[0] != sb.shape[0]:  # one side has one seed (the base model): the same predictions in every seed
         sa, sb = np.broadcast_arrays(sa, sb)
-    ones = np.ones_like(flips)
-    diff = sb - sa  # [S, n, K]
-    sum_a = np.einsum("rn,snk->rsk", ones, sa) + np.einsum("rn,snk->rsk", flips, diff)  # a with the swaps
-    sum_b = np.einsum("rn,snk->rsk", ones, sb) - np.einsum("rn,snk->rsk", flips, diff)
-    n_col = np.full((len(flips), 1), float(n))
-    d = (aggregate(sum_a, a.metric, a.classes, n_col) - aggregate(sum_b, b.metric, b.classes, n_col)).mean(1)  # [P]
+    diff, total_a, total_b = sb - sa, sa.sum(1), sb.sum(1)  # [S, n, K], [S, K], [S, K]
+    exact = 2**n <= permutations
+    d = []  # the difference of the seed means under each swap, the identity first
+    for start in range(0, 2**n if exact else permutations + 1, CHUNK):
+        if exact:  # every swap: row r flips the examples of r's binary digits
+            r = np.arange(start, min(start + CHUNK, 2**n))
+            flips = ((r[:, None] >> np.arange(n)[::-1]) & 1).astype(float)  # [R, n]
+        else:
+            size = min(CHUNK, permutations + 1 - start)
+            flips = rng.integers(0, 2, size=(size, n)).astype(float)
+            if start == 0:
+                flips[0] = 0.0  # the identity
+        delta = np.einsum("rn,snk->rsk", flips, diff)  # [R, S, K]: what the swaps move from b to a
+        n_col = np.full((len(flips), 1), float(n))
+        d.append((aggregate(total_a + delta, a.metric, a.classes, n_col)
+                  - aggregate(total_b - delta, b.metric, b.classes, n_col)).mean(1))  # fmt: skip
+    d = np.concatenate(d)
     extreme = np.abs(d[1:]) >= abs(d[0]) * (1 - 1e-12) - 1e-15
-    if 2**n <= permutations:
-        return float((1 + extreme.sum()) / len(d))  # exact: the identity counts as one of the 2^n
+    if exact:
+        return float((1 + extreme.sum()) / len(d))  # the identity counts as one of the 2^n
     return float((1 + extreme.sum()) / (1 + permutations))
 
 

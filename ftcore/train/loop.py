@@ -39,6 +39,7 @@ from ftcore.eval.forgetting import forgetting_report, make_probe, probe_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
 from ftcore.formats.hf import load_meta, load_pretrained, save_pretrained
+from ftcore.monitor.reference import build_reference
 from ftcore.peft.adalora import AdaLoraStep
 from ftcore.peft.oft import OftStep
 from ftcore.train import checkpoint
@@ -203,10 +204,12 @@ def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) ->
     cfg, world, path = run.cfg, run.world, run.run_dir / "baseline_eval.json"
     if resuming:
         saved = json.loads(path.read_text()) if path.exists() else {}
+        if "score" in saved and "zero_shot" not in saved:  # a run started before the few-shot/forgetting keys
+            saved = {"zero_shot": saved}
         return {"zero_shot": saved.get("zero_shot"), "few_shot": saved.get("few_shot"), "probe": saved.get("probe"),
                 "probe_loss": saved.get("probe_loss")}  # fmt: skip
     ev = cfg.eval
-    if not (ev.baseline or ev.few_shot or ev.forgetting):
+    if not (ev.baseline or ev.few_shot or ev.forgetting or ev.drift_reference):
         return {"zero_shot": None, "few_shot": None, "probe": None, "probe_loss": None}
     world.print("evaluating the base model ...")
     base = model
@@ -227,6 +230,11 @@ def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) ->
     if ev.forgetting:
         probe = make_probe(base, tokenizer, ev, cfg.model.path, cfg.data.cache_dir, world)
         baseline["probe"], baseline["probe_loss"] = probe, probe_loss(base, probe, world.device)
+    if ev.drift_reference:  # every rank: a sharded base's forwards run on all of them
+        reference = build_reference(base, data.splits["train"], cfg.data, tokenizer, data.pad_id, world.device,
+                                    ev.drift_prompts, cfg.data.seed)  # fmt: skip
+        if run.rank0:
+            reference.save(run.run_dir / "drift_reference.json")
     if base is not model:  # freed now (FSDP2's hooks make a reference cycle), before the run's shards are made
         for module in base.modules():
             if hasattr(module, "reshard"):
