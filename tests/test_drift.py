@@ -56,7 +56,7 @@ def test_a_run_saves_a_reference_that_tells_its_own_data_from_another_task(tiny_
     from ftcore.train import train
 
     cfg = tiny_run(tiny_dir, data_cache, tmp_path / "run", train__max_steps=1, train__eval_every=0,
-                   eval__baseline=False, eval__forgetting=False, eval__drift_prompts=64)  # fmt: skip
+                   eval__baseline=False, eval__drift_reference=True, eval__drift_prompts=64)  # fmt: skip
     train(run_config(cfg))
     ref = DriftReference.load(tmp_path / "run" / "drift_reference.json")
     model, tok = load_pretrained(tiny_dir)

@@ -70,7 +70,7 @@ def test_corpus_probe_and_its_errors(tiny_dir, tmp_path):  # noqa: F811
 
 def test_a_run_reports_few_shot_and_forgetting(tiny_dir, data_cache, tmp_path):  # noqa: F811
     cfg = tiny_run(tiny_dir, data_cache, tmp_path, train__max_steps=6, train__eval_every=0, optim__lr=3e-2,
-                   eval__few_shot=2, eval__forgetting_samples=4, eval__forgetting_tokens=16)  # fmt: skip
+                   eval__few_shot=2, eval__forgetting=True, eval__forgetting_samples=4, eval__forgetting_tokens=16)  # fmt: skip
     train(run_config(cfg))
     ev = json.loads((tmp_path / "eval.json").read_text())
     shots = ev["few_shot"]["shots"]
@@ -87,5 +87,5 @@ def test_a_run_reports_few_shot_and_forgetting(tiny_dir, data_cache, tmp_path): 
     # a second run of the same base measures the same probe (cached)
     other = tmp_path / "again"
     train(run_config(tiny_run(tiny_dir, data_cache, other, train__max_steps=2, train__eval_every=0, eval__baseline=False,
-                              eval__forgetting_samples=4, eval__forgetting_tokens=16)))  # fmt: skip
+                              eval__forgetting=True, eval__forgetting_samples=4, eval__forgetting_tokens=16)))  # fmt: skip
     assert json.loads((other / "baseline_eval.json").read_text())["probe"] == base["probe"]

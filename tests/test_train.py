@@ -54,7 +54,8 @@ def tiny_run(tiny_dir, data_cache, run_dir, **overrides) -> dict:
         "data": {"path": "arithmetic", "task": "arithmetic", "cache_dir": data_cache, "system_prompt": "Reply with the number only."},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"max_steps": 8, "batch_size": 4, "eval_every": 4, "eval_batches": 2, "device": "cpu"},
-        "eval": {"max_examples": 8, "max_new_tokens": 4, "batch_size": 8},
+        # the forgetting probe and the drift reference are off here: their own tests switch them on
+        "eval": {"max_examples": 8, "max_new_tokens": 4, "batch_size": 8, "forgetting": False, "drift_reference": False},
         "logger": {"wandb": {"mode": "disabled"}, "progress": False},
         "run_dir": str(run_dir),
     }
