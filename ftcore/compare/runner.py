@@ -234,8 +234,7 @@ def write_commands(out_dir: Path, pending: list[Run], cc: CompareConfig):
 
 def evaluate_baseline(base: dict, out_dir: Path, compute: bool = True) -> dict | None:
     """The base model's test score, computed once per (model, data, eval) and kept in out_dir/baseline/."""
-    what = {**base, "peft": {"method": "none"}, "optim": {}, "train": {"device": base["train"]["device"]},
-            "eval": {**base["eval"], "forgetting": False}}  # (each run measures its own forgetting)
+    what = {**base, "peft": {"method": "none"}, "optim": {}, "train": {"device": base["train"]["device"]}}
     cfg, key = run_config(what), config_hash(what)
     path = out_dir / "baseline" / "eval.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
@@ -248,7 +247,7 @@ def evaluate_baseline(base: dict, out_dir: Path, compute: bool = True) -> dict |
         return None
     from ftcore.data.pipeline import build_datasets
     from ftcore.dtypes import DTYPES
-    from ftcore.eval.evaluate import evaluate_task
+    from ftcore.eval.evaluate import evaluate_few_shot, evaluate_task
     from ftcore.formats.hf import load_pretrained
     from ftcore.train.parallel import pick_device
 
@@ -263,12 +262,8 @@ def evaluate_baseline(base: dict, out_dir: Path, compute: bool = True) -> dict |
     with open(path.parent / "predictions.jsonl", "w") as f:  # the per-example answers the significance tests pair
         f.writelines(json.dumps(sample) + "\n" for sample in result["samples"])
     if cfg.eval.few_shot:  # the prompting baseline: the same model with k training examples in context
-        from ftcore.eval.few_shot import select_shots
-
-        shots = [splits["train"][i] for i in select_shots(splits["train"], cfg.eval.few_shot, cfg.eval.few_shot_seed)]
-        few = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device, shots=shots)
-        record["few_shot"] = {"k": cfg.eval.few_shot, "score": few["score"], "scores": few["scores"],
-                              "shots": [s["where"] for s in shots]}  # fmt: skip
+        few = evaluate_few_shot(model, tokenizer, splits, cfg.data, cfg.eval, device)
+        record["few_shot"] = {k: few[k] for k in ("k", "score", "scores", "shots")}
         with open(path.parent / "predictions_few_shot.jsonl", "w") as f:
             f.writelines(json.dumps(sample) + "\n" for sample in few["samples"])
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -10,7 +10,7 @@ import torch
 from ftcore.data.format import encode_prompt, split_prompt
 from ftcore.data.tasks import extract_answer, get_task
 from ftcore.eval import metrics
-from ftcore.eval.few_shot import with_shots
+from ftcore.eval.few_shot import select_shots, with_shots
 from ftcore.model.generate import generate
 from ftcore.model.loss import batch_loss_sum  # the training loss, computed inside the model's forward
 
@@ -62,11 +62,12 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
     task = get_task(data_cfg)
     if eval_cfg.max_examples:
         examples = examples[: eval_cfg.max_examples]
-    prompts, references = [], []
+    prompts, references, questions = [], [], []
     for ex in examples:
         messages, answer = split_prompt(ex["messages"])
         prompts.append(encode_prompt(with_shots(messages, shots) if shots else messages, data_cfg.template, tokenizer))
         references.append(answer)
+        questions.append(messages[-1]["content"])  # the last turn asked
     was_training = model.training
     model.eval()
     outputs = []
@@ -91,10 +92,16 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
     preds = [extract_answer(task, t) for t in texts]
     refs = [extract_answer(task, r) for r in references]
     scores = score(task, preds, refs)
-    questions = [split_prompt(ex["messages"])[0][-1]["content"] for ex in examples]  # the last turn asked
     samples = [{"where": ex.get("where"), "prompt": q, "output": t, "prediction": p, "reference": r,
                 **({"group": ex["group"]} if "group" in ex else {})}
                for ex, q, t, p, r in zip(examples, questions, texts, preds, refs)]  # fmt: skip
     return {"task": task.name, "metric": task.metric, "score": headline(task, scores), "scores": scores,
             "n": len(preds), "samples": samples}  # fmt: skip
 
+
+def evaluate_few_shot(model, tokenizer, splits: dict, data_cfg, eval_cfg, device, world=None) -> dict:
+    """The base model's eval.split score with eval.few_shot shots: evaluate_task's result with "k" and "shots"
+    (the shots' source lines)."""
+    shots = [splits["train"][i] for i in select_shots(splits["train"], eval_cfg.few_shot, eval_cfg.few_shot_seed)]
+    result = evaluate_task(model, tokenizer, splits[eval_cfg.split], data_cfg, eval_cfg, device, world, shots=shots)
+    return {**result, "k": eval_cfg.few_shot, "shots": [s["where"] for s in shots]}

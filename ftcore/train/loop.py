@@ -33,8 +33,7 @@ from ftcore.data.pipeline import build_datasets
 from ftcore.data.sampler import Sampler, eval_batches
 from ftcore.dtypes import DTYPES
 from ftcore.errors import FtcoreError, NonFiniteLoss
-from ftcore.eval.evaluate import evaluate_task, validation_loss
-from ftcore.eval.few_shot import select_shots
+from ftcore.eval.evaluate import evaluate_few_shot, evaluate_task, validation_loss
 from ftcore.eval.forgetting import forgetting_report, make_probe, probe_loss
 from ftcore.eval.metrics import perplexity
 from ftcore.eval.report import write_eval
@@ -196,6 +195,9 @@ def load(run: Run):
     return model, tokenizer, Data(splits, train_data, val_data, val_batches, pad_id)
 
 
+BASELINE_KEYS = ("zero_shot", "few_shot", "probe", "probe_loss")  # what evaluate_baseline returns
+
+
 def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) -> dict:
     """What the base model does before training, every rank generating a share: {"zero_shot": its test score,
     "few_shot": with eval.few_shot training examples in context, "probe": the forgetting probe, "probe_loss": its
@@ -206,11 +208,11 @@ def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) ->
         saved = json.loads(path.read_text()) if path.exists() else {}
         if "score" in saved and "zero_shot" not in saved:  # a run started before the few-shot/forgetting keys
             saved = {"zero_shot": saved}
-        return {"zero_shot": saved.get("zero_shot"), "few_shot": saved.get("few_shot"), "probe": saved.get("probe"),
-                "probe_loss": saved.get("probe_loss")}  # fmt: skip
+        return {key: saved.get(key) for key in BASELINE_KEYS}
     ev = cfg.eval
+    baseline = dict.fromkeys(BASELINE_KEYS)
     if not (ev.baseline or ev.few_shot or ev.forgetting or ev.drift_reference):
-        return {"zero_shot": None, "few_shot": None, "probe": None, "probe_loss": None}
+        return baseline
     world.print("evaluating the base model ...")
     base = model
     if run.base_dir is not None:
@@ -218,15 +220,10 @@ def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) ->
         base.requires_grad_(False)  # evaluated only: FSDP2 leaves its token table and lm_head sharded (streamed)
         parallelize(base, world, cfg.train.precision, cfg.dist.replicate, cfg.dist.cpu_offload)
         materialize(base, run.base_dir, DTYPES[cfg.model.dtype], world.device, None)
-    test = data.splits[cfg.eval.split]
-    baseline = {"zero_shot": None, "few_shot": None, "probe": None, "probe_loss": None}
     if ev.baseline:
-        baseline["zero_shot"] = evaluate_task(base, tokenizer, test, cfg.data, ev, world.device, world)
+        baseline["zero_shot"] = evaluate_task(base, tokenizer, data.splits[ev.split], cfg.data, ev, world.device, world)
     if ev.few_shot:
-        picked = select_shots(data.splits["train"], ev.few_shot, ev.few_shot_seed)
-        shots = [data.splits["train"][i] for i in picked]
-        result = evaluate_task(base, tokenizer, test, cfg.data, ev, world.device, world, shots=shots)
-        baseline["few_shot"] = {**result, "k": ev.few_shot, "shots": [s["where"] for s in shots]}
+        baseline["few_shot"] = evaluate_few_shot(base, tokenizer, data.splits, cfg.data, ev, world.device, world)
     if ev.forgetting:
         probe = make_probe(base, tokenizer, ev, cfg.model.path, cfg.data.cache_dir, world)
         baseline["probe"], baseline["probe_loss"] = probe, probe_loss(base, probe, world.device)
