@@ -51,12 +51,17 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     all_done=None,
+    pick=None,
+    on_step=None,
 ) -> list[list[int]]:
     """New tokens for each prompt, cut before the first stop token.
 
     use_cache=False recomputes the whole sequence every step (the reference the cache is tested against).
     all_done: for a model sharded over ranks (FSDP2), which must all run each forward: a collective that is
     true once every rank's rows are finished (World.all); decoding stops together.
+    pick: logits [B, V] -> next ids [B], replacing sample_next (the server's per-row sampling settings).
+    on_step: called with each step's ids [B] (pad for finished rows) and the finished mask [B] before this
+    step's stops; returns a bool list of rows to finish now (their own token limit or stop strings), or None.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
@@ -74,9 +79,11 @@ def generate(
     out = []
     logits = model(tokens, attention_mask=mask, position_ids=positions, kv_cache=cache)[:, -1]
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, gen)
+        nxt = pick(logits) if pick is not None else sample_next(logits, temperature, top_p, gen)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)
+        if on_step is not None and (cut := on_step(nxt, finished)) is not None:
+            finished |= torch.tensor(cut, dtype=torch.bool, device=device)
         finished |= torch.isin(nxt, stop)
         done = bool(finished.all())
         if (done if all_done is None else all_done(done)) or step == max_new_tokens - 1:

@@ -1,0 +1,305 @@
+"""scripts/serve.py over real HTTP on 127.0.0.1: answers equal offline generate(), batching across adapters,
+streaming, /v1/models, /metrics, errors that keep the server serving, the API key, SIGTERM.
+
+The server runs in float64 so a batch's rounding cannot flip a greedy argmax against the one-prompt reference.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftcore.formats.hf import load_pretrained, save_pretrained
+from ftcore.model import ModelConfig, Transformer
+from ftcore.model.generate import generate
+from ftcore.peft import load_adapter, save_adapter
+from ftcore.peft.attach import apply
+from ftcore.peft.config import PeftConfig
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+ADAPTERS = {  # name -> the method's config; prefix tuning is batched on its own, the others share batches
+    "lora": dict(method="lora", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "ia3": dict(method="ia3"),
+    "prefix": dict(method="prefix", num_virtual_tokens=4),
+}
+NOISE = {"lora": 0.5, "ia3": 3.0, "prefix": 2.0}  # enough that each adapter changes the tiny model's answers
+KEY = "test-key"
+QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Count to five.", "Say hello.", "What is 7 times 6?",
+             "Spell cat.", "Is ice cold?", "Pick a number."]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tmp_path_factory, smollm2_dir):
+    """(base dir, {adapter name: dir}): a 2-layer random model with SmolLM2's tokenizer and three adapters
+    whose weights are random (so each one changes the answers)."""
+    out = tmp_path_factory.mktemp("serve")
+    cfg = ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, tie_word_embeddings=True)  # fmt: skip
+    model = Transformer(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    save_pretrained(model, out / "base")
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2_dir / name, out / "base" / name)
+    adapters = {}
+    for i, (name, spec) in enumerate(ADAPTERS.items()):
+        m, _ = load_pretrained(out / "base")
+        apply(m, PeftConfig(**spec, base_model_name_or_path=str(out / "base")))
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * NOISE[name])
+        save_adapter(m, out / name)
+        adapters[name] = out / name
+    return out / "base", adapters
+
+
+class Server:
+    def __init__(self, base, adapters, *extra):
+        args = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(base), "--port", "0",
+                "--dtype", "float64", "--name", "base", "--api-key", KEY, "--log-level", "warning", *extra]
+        args += [a for name, d in adapters.items() for a in ("--adapter", f"{name}={d}")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://([\d.]+):(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise AssertionError(f"server did not start: {line}{self.proc.stderr.read()}")
+        self.url = f"http://{m.group(1)}:{m.group(2)}"
+        self.client = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
+
+    def post(self, path, body, **kw):
+        return self.client.post(path, json=body, **kw)
+
+    def stop(self):
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_served):
+    base, adapters = tiny_served
+    s = Server(base, adapters)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_served):
+    """name -> (model, tokenizer) in float64, loaded as a user would without the server."""
+    base, adapters = tiny_served
+    out = {"base": load_pretrained(base, dtype=torch.float64)}
+    for name, d in adapters.items():
+        m, tok = load_pretrained(base, dtype=torch.float64)
+        out[name] = (load_adapter(m, d), tok)
+    for m, _ in out.values():
+        m.eval()
+    return out
+
+
+def offline_chat(offline, name, question, n):
+    model, tok = offline[name]
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+    new = generate(model, [ids], n, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    return new, tok.decode(new)
+
+
+def chat(server, model, question, n=8, **kw):
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": n,
+            "temperature": 0, "return_token_ids": True, **kw}  # fmt: skip
+    return server.post("/v1/chat/completions", body)
+
+
+@pytest.mark.parametrize("name", ["base", "lora", "ia3", "prefix"])
+def test_greedy_chat_and_completion_equal_offline_generate(server, offline, name):
+    r = chat(server, name, QUESTIONS[0])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids, text = offline_chat(offline, name, QUESTIONS[0], 8)
+    assert body["choices"][0]["token_ids"] == ids
+    assert body["choices"][0]["message"]["content"] == text
+    assert body["object"] == "chat.completion" and body["model"] == name
+    assert body["usage"]["completion_tokens"] == len(ids)
+
+    model, tok = offline[name]
+    prompt = "The capital of France is"
+    want = generate(model, [tok.encode(prompt)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    r = server.post("/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                        "return_token_ids": True})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == want
+    assert r.json()["choices"][0]["text"] == tok.decode(want)
+
+
+def test_adapters_change_the_answers(server):
+    """The check above would pass for adapters the server ignored, if they changed nothing: they do change it."""
+    answers = {name: chat(server, name, QUESTIONS[1]).json()["choices"][0]["token_ids"] for name in
+               ("base", "lora", "ia3", "prefix")}  # fmt: skip
+    assert len({tuple(a) for a in answers.values()}) == 4
+
+
+def test_concurrent_requests_over_adapters_batch_and_equal_offline(server, offline):
+    jobs = [(("lora", "ia3", "prefix", "base")[i % 4], QUESTIONS[i % len(QUESTIONS)], 4 + i % 5) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(lambda j: chat(server, j[0], j[1], j[2]), jobs))
+    assert [r.status_code for r in replies] == [200] * 32
+    for (name, question, n), r in zip(jobs, replies):
+        assert r.json()["choices"][0]["token_ids"] == offline_chat(offline, name, question, n)[0], (name, question)
+    families = {f.name: f for f in text_string_to_metric_families(server.client.get("/metrics").text)}
+    batch = {s.name: s.value for s in families["ftcore_batch_size"].samples}
+    assert batch["ftcore_batch_size_count"] < 32  # some requests shared a batch
+    # lora and ia3 (and the base) share batches: at least one batch held more than one model's rows
+    assert batch["ftcore_batch_size_sum"] / batch["ftcore_batch_size_count"] > 1
+
+
+def test_sampling_with_a_seed_equals_offline(server, offline):
+    model, tok = offline["lora"]
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTIONS[2]}]))
+    want = generate(model, [ids], 10, temperature=0.9, top_p=0.8, seed=123, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    r = chat(server, "lora", QUESTIONS[2], 10, temperature=0.9, top_p=0.8, seed=123)
+    assert r.json()["choices"][0]["token_ids"] == want[0]
+
+
+def test_stop_strings_cut_the_text(server, offline):
+    full = chat(server, "lora", QUESTIONS[3], 12).json()["choices"][0]["message"]["content"]
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = chat(server, "lora", QUESTIONS[3], 12, stop=[stop]).json()["choices"][0]
+    assert cut["message"]["content"] == full[: full.index(stop)]
+    assert cut["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streaming_yields_the_same_text(server, endpoint):
+    body = {"model": "ia3", "max_tokens": 10, "temperature": 0}
+    body.update({"messages": [{"role": "user", "content": QUESTIONS[4]}]} if endpoint == "chat" else {"prompt": "Once"})
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    whole = server.post(path, body).json()["choices"][0]
+    whole = whole["message"]["content"] if endpoint == "chat" else whole["text"]
+    pieces, finish, done = [], None, False
+    with server.client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            pieces.append(choice["delta"].get("content", "") if endpoint == "chat" else choice["text"])
+            finish = choice["finish_reason"] or finish
+    assert done and finish in ("stop", "length")
+    assert "".join(pieces) == whole and len(pieces) > 2
+
+
+def test_models_lists_the_base_and_adapters(server):
+    data = server.client.get("/v1/models").json()["data"]
+    assert {(m["id"], m["method"]) for m in data} == {("base", "base"), ("lora", "lora"), ("ia3", "ia3"),
+                                                       ("prefix", "prefix")}  # fmt: skip
+
+
+BAD = [  # (body or raw bytes, status, a word the message must contain)
+    (b"{not json", 400, "JSON"),
+    ({"model": "base"}, 400, "messages"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "nope"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi " * 3000}]}, 400, "tokens"),
+    ({"model": "base", "messages": "hi"}, 400, "messages"),
+    ({"model": "base", "messages": [{"role": "user", "content": 3}]}, 400, "messages[0]"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "max_tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "'n'"),
+    ([1, 2], 400, "JSON object"),
+]
+
+
+@pytest.mark.parametrize("body,status,word", BAD)
+def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(server, body, status, word):
+    if isinstance(body, bytes):
+        r = server.client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = server.post("/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    assert word in r.json()["error"]["message"]
+    assert chat(server, "base", "hi", 2).status_code == 200
+
+
+def test_prompt_over_the_context(server):
+    r = server.post("/v1/completions", {"model": "base", "prompt": "word " * 1900, "max_tokens": 500})
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_a_missing_or_wrong_api_key_is_401(server, headers):
+    r = httpx.post(server.url + "/v1/chat/completions", headers=headers,
+                   json={"model": "base", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
+def test_metrics_parse_and_count_the_requests(tiny_served):
+    base, adapters = tiny_served
+    s = Server(base, {"lora": adapters["lora"]})
+    try:
+        for _ in range(3):
+            assert chat(s, "lora", "hi", 3).status_code == 200
+        assert chat(s, "base", "hi", 3).status_code == 200
+        assert chat(s, "nope", "hi", 3).status_code == 404
+        assert s.post("/v1/completions", {"model": "base"}).status_code == 400
+        families = {f.name: f for f in text_string_to_metric_families(s.client.get("/metrics").text)}
+    finally:
+        s.stop()
+    requests = {(x.labels["endpoint"], x.labels["model"], x.labels["code"]): x.value
+                for x in families["ftcore_requests"].samples if x.name == "ftcore_requests_total"}  # fmt: skip
+    assert requests == {("chat", "lora", "200"): 3, ("chat", "base", "200"): 1, ("chat", "-", "404"): 1,
+                        ("completions", "-", "400"): 1}  # fmt: skip
+    errors = {x.labels["code"]: x.value for x in families["ftcore_errors"].samples if x.name == "ftcore_errors_total"}
+    assert errors == {"404": 1, "400": 1}
+    generated = {x.labels["model"]: x.value for x in families["ftcore_generated_tokens"].samples
+                 if x.name == "ftcore_generated_tokens_total"}  # fmt: skip
+    assert 0 < generated["lora"] <= 9 and 0 < generated["base"] <= 3
+    for name in ("ftcore_request_latency_seconds", "ftcore_time_to_first_token_seconds", "ftcore_batch_size",
+                 "ftcore_queue_depth", "ftcore_tokens_per_second"):  # fmt: skip
+        assert name in families
+    ttft = {x.name: x.value for x in families["ftcore_time_to_first_token_seconds"].samples}
+    assert ttft["ftcore_time_to_first_token_seconds_count"] == 4
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(tiny_served):
+    base, adapters = tiny_served
+    s = Server(base, {"lora": adapters["lora"]}, "--max-batch", "1")
+    try:
+        replies = []
+        threads = [threading.Thread(target=lambda q=q: replies.append(chat(s, "lora", q, 40))) for q in QUESTIONS[:3]]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the requests are in: one decoding, two queued
+        s.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        code = s.proc.wait(60)
+    finally:
+        s.stop()
+    assert [r.status_code for r in replies] == [200] * 3
+    assert [len(r.json()["choices"][0]["token_ids"]) for r in replies] == [40] * 3  # nothing cut short
+    assert code == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down, as a signalled exit
