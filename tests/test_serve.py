@@ -303,3 +303,52 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tiny_served):
     assert [r.status_code for r in replies] == [200] * 3
     assert [len(r.json()["choices"][0]["token_ids"]) for r in replies] == [40] * 3  # nothing cut short
     assert code == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down, as a signalled exit
+
+
+def test_drift_scores_of_served_prompts(tiny_served, tmp_path):
+    """A served run's adapter is scored against its run's drift reference: the arithmetic test prompts stay under
+    the thresholds, the tickets prompts go over them (gauges and alert counters in /metrics)."""
+    from ftcore.data.config import DataConfig
+    from ftcore.data.format import split_prompt
+    from ftcore.data.pipeline import build_datasets
+    from ftcore.monitor.config import DriftThresholds
+    from ftcore.monitor.reference import build_reference
+
+    base, adapters = tiny_served
+    model, tok = load_pretrained(base)
+    data_cfg = DataConfig(path="arithmetic")
+    splits, _ = build_datasets(data_cfg, tok)
+    run = tmp_path / "run"
+    shutil.copytree(adapters["lora"], run / "final")
+    build_reference(model, splits["train"], data_cfg, tok, tok.pad_id, "cpu", 256).save(run / "drift_reference.json")
+    shifted = build_datasets(DataConfig(path="tickets"), tok)[0]["test"]
+    s = Server(base, {"lora": run / "final"}, "--drift-window", "64", "--drift-every", "64")
+
+    def send(examples, before=None):
+        bodies = [{"model": "lora", "messages": split_prompt(ex["messages"])[0], "max_tokens": 1, "temperature": 0}
+                  for ex in examples[:64]]  # fmt: skip
+        with ThreadPoolExecutor(16) as pool:
+            assert {r.status_code for r in pool.map(lambda b: s.post("/v1/chat/completions", b), bodies)} == {200}
+        for _ in range(600):  # the worker scores the window after the batch that filled it
+            families = {f.name: f for f in text_string_to_metric_families(s.client.get("/metrics").text)}
+            scores = {x.labels["score"]: x.value for x in families["ftcore_drift_score"].samples}
+            if scores and scores != before:
+                break
+            time.sleep(0.1)
+        alerts = {x.labels["score"]: x.value for x in families["ftcore_drift_alerts"].samples
+                  if x.name == "ftcore_drift_alerts_total"}  # fmt: skip
+        return scores, alerts
+
+    try:
+        assert len(splits["test"]) >= 64 and len(shifted) >= 64
+        same, alerts = send(splits["test"])
+        limits = DriftThresholds()
+        assert set(same) == {"length_psi", "token_js", "embedding_shift"}
+        assert all(same[k] < getattr(limits, k) for k in same), same
+        assert not alerts
+        moved, alerts = send(shifted, same)
+    finally:
+        s.stop()
+    over = {k for k in moved if moved[k] > getattr(limits, k)}
+    assert {"length_psi", "token_js"} <= over, moved
+    assert set(alerts) == over
