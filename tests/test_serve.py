@@ -352,3 +352,34 @@ def test_drift_scores_of_served_prompts(tiny_served, tmp_path):
     over = {k for k in moved if moved[k] > getattr(limits, k)}
     assert {"length_psi", "token_js"} <= over, moved
     assert set(alerts) == over
+
+
+def test_a_full_queue_is_429_and_the_rest_are_answered(tiny_served):
+    base, _ = tiny_served
+    s = Server(base, {}, "--max-batch", "1", "--max-queue", "1")
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda q: chat(s, "base", q, 30).status_code, QUESTIONS[:6]))
+        full = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    finally:
+        s.stop()
+    assert set(codes) == {200, 429} and codes.count(200) >= 2
+    assert full.status_code == 200  # the model defaults to the base
+
+
+def test_comparison_adapters_name_each_final_by_arm_and_seed(tmp_path):
+    from ftcore.errors import FtcoreError
+    from ftcore.serve.models import comparison_adapters
+
+    runs = []
+    for arm, seed in (("lora", 0), ("lora", 1), ("ia3", 0)):
+        final = tmp_path / "runs" / f"{arm}_seed{seed}_abc" / "final"
+        final.mkdir(parents=True)
+        runs.append({"arm": arm, "seed": seed, "run_dir": str(final.parent)})
+    runs.append({"arm": "dora", "seed": 0, "run_dir": str(tmp_path / "runs" / "unfinished")})
+    (tmp_path / "plan.json").write_text(json.dumps({"runs": runs}))
+    assert comparison_adapters(tmp_path) == {"lora-seed0": str(tmp_path / "runs/lora_seed0_abc/final"),
+                                             "lora-seed1": str(tmp_path / "runs/lora_seed1_abc/final"),
+                                             "ia3-seed0": str(tmp_path / "runs/ia3_seed0_abc/final")}  # fmt: skip
+    with pytest.raises(FtcoreError, match="plan.json: not found"):
+        comparison_adapters(tmp_path / "runs")

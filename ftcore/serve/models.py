@@ -118,7 +118,10 @@ def comparison_adapters(comparison_dir) -> dict[str, str]:
     plan = json.loads(plan_path.read_text())
     out = {}
     for run in plan.get("runs", []):
-        final = Path(run["run_dir"]) / "final"
+        run_dir = Path(run["run_dir"])
+        if not run_dir.is_absolute():  # relative to where compare ran: look beside plan.json
+            run_dir = plan_path.parent / "runs" / run_dir.name
+        final = run_dir / "final"
         if final.is_dir():
             out[f"{run['arm']}-seed{run['seed']}"] = str(final)
     if not out:
