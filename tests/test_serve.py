@@ -229,6 +229,7 @@ BAD = [  # (body or raw bytes, status, a word the message must contain)
     ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "max_tokens"),
     ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "'n'"),
     ([1, 2], 400, "JSON object"),
+    ({"model": "base", "messages": [{"role": "user", "content": "x" * 200_000}]}, 413, "bytes"),
 ]
 
 

@@ -29,6 +29,9 @@ from ftcore.serve.protocol import ApiError, chunk, new_id, parse, response
 from ftcore.serve.scheduler import QueueFull, Scheduler
 
 
+MAX_BODY_BYTES_PER_TOKEN = 64  # a body this many bytes per allowed prompt token is refused before parsing
+
+
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -82,6 +85,9 @@ class Server:
 
     async def read_body(self, request: Request):
         raw = await request.body()
+        limit = MAX_BODY_BYTES_PER_TOKEN * self.cfg.max_prompt_tokens
+        if len(raw) > limit:
+            raise ApiError(413, f"the request body has {len(raw)} bytes, over this server's limit of {limit}")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
