@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 import torch
-from test_data_common import pairs, write_jsonl
+from test_data_common import write_jsonl
 from test_train import TOKENIZER_FILES, data_cache, tiny_dir, tiny_run  # noqa: F401 (fixtures)
 
+import ftcore.data.augment
 import ftcore.formats.hf
 import ftcore.model.generate
 from ftcore.config import run_config
@@ -22,7 +23,8 @@ from ftcore.formats.tokenizer import Tokenizer
 from ftcore.model import ModelConfig, Transformer
 from ftcore.train import train
 
-COUNTS = ("dropped_empty", "dropped_identical", "dropped_length", "dropped_numbers", "dropped_duplicate", "added")
+COUNTS = ("dropped_empty", "dropped_identical", "dropped_untranslated", "dropped_length", "dropped_numbers",
+          "dropped_question", "dropped_duplicate", "added")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,18 @@ def short_rewriter(tiny_dir, tmp_path_factory):  # noqa: F811
     return out
 
 
+@pytest.fixture
+def random_rewriter(monkeypatch):
+    """A random model's "translation back" continues its pivot text's tokens, so the untranslated rule (more words
+    shared with the pivot than with the prompt) would drop every one: off for the pipeline tests."""
+    monkeypatch.setattr(ftcore.data.augment, "word_overlap", lambda a, b: 0.0)
+
+
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("aug") / "d.jsonl", pairs(40))
+    """Prompts without a "?" (a random model's rewrites have none: the question rule would drop them all)."""
+    records = [{"prompt": f"q {i}: add {i} and {i}.", "completion": str(2 * i)} for i in range(40)]
+    return write_jsonl(tmp_path_factory.mktemp("aug") / "d.jsonl", records)
 
 
 def config(data_file, cache_dir="", **kw) -> DataConfig:
@@ -67,12 +78,17 @@ def test_drop_reasons():
     assert drop_reason(q, "   ", 2.0) == "empty"
     assert drop_reason(q, "  omar has 31 cards and gets 7 more.   How many cards does he have? ", 2.0) == "identical"
     assert drop_reason(q, "Omar a 31 cartes.", 2.0, pivot="Omar a 31 cartes.") == "identical"  # never translated back
+    pivot = "Omar a 31 cartes et en reçoit 7 de plus. Combien de cartes a-t-il ?"
+    assert drop_reason(q, "Omar has 31 cards and receives 7 more. How many cards has he?", 2.0, pivot=pivot) is None
+    assert drop_reason(q, "Omar a 31 cartes et 7 de plus. Combien de cartes ?", 2.0, pivot=pivot) == "untranslated"
     assert drop_reason(q, "Omar: 31 + 7?", 2.0) == "length"  # under half as long
     assert drop_reason(q, q + " " + q + " " + q, 2.0) == "length"  # over twice as long
     cut = "Omar owns 31 cards and receives 7 more. How many cards has he?"
     assert drop_reason(q, cut, 2.0, truncated=True) == "length"  # hit the token budget
     assert drop_reason(q, "Omar owns 31 cards and receives 8 more. How many cards has he got?", 2.0) == "numbers"
     assert drop_reason(q, "Omar owns 31 cards and receives 8 more. How many cards has he got?", 2.0, False) is None
+    answered = "Omar owns 31 cards and then receives 7 more cards, so he has 38 cards."
+    assert drop_reason(q, answered, 2.0, keep_numbers=False) == "question"
     assert numbers("3.5 and 3,5 and 12") == ["12", "3", "3", "5", "5"]
 
 
@@ -129,7 +145,7 @@ def test_cache_key_follows_the_augmentation(data_file, tiny_dir):  # noqa: F811
 
 
 def test_rewrites_join_the_training_split_only_and_are_counted(data_file, tiny_dir, short_rewriter,  # noqa: F811
-                                                               one_thread):  # fmt: skip
+                                                               random_rewriter, one_thread):  # fmt: skip
     tok = Tokenizer.from_dir(tiny_dir)
     plain, _ = build_datasets(DataConfig(path=str(data_file), cache_dir=""), tok)
     splits, report = build_datasets(config(data_file, augment_model=str(short_rewriter)), tok)
@@ -160,7 +176,7 @@ def test_the_base_model_is_the_default_rewriter(data_file, tiny_dir, one_thread)
 
 
 def test_a_rerun_is_served_from_the_cache(data_file, tiny_dir, short_rewriter, tmp_path, monkeypatch,  # noqa: F811
-                                          one_thread):  # fmt: skip
+                                          random_rewriter, one_thread):  # fmt: skip
     tok, cfg = Tokenizer.from_dir(tiny_dir), config(data_file, tmp_path / "c", augment_model=str(short_rewriter))
     calls = {"load": 0, "generate": 0}
     real_load, real_generate = ftcore.formats.hf.load_pretrained, ftcore.model.generate.generate
@@ -182,7 +198,7 @@ def test_a_rerun_is_served_from_the_cache(data_file, tiny_dir, short_rewriter, t
     assert second == first and r2["augment"] == r1["augment"]
 
 
-def test_training_run_writes_the_counts(tiny_dir, short_rewriter, tmp_path, one_thread):  # noqa: F811
+def test_training_run_writes_the_counts(tiny_dir, short_rewriter, tmp_path, random_rewriter, one_thread):  # noqa: F811
     """The loop's wiring: a tiny run with data.augment on the arithmetic demo (a 5% share rewritten)."""
     cfg = tiny_run(tiny_dir, str(tmp_path / "cache"), tmp_path / "run", train__max_steps=1, train__eval_every=0,
                    eval__baseline=False, data__augment="backtranslate", data__augment_model=str(short_rewriter),
@@ -191,4 +207,4 @@ def test_training_run_writes_the_counts(tiny_dir, short_rewriter, tmp_path, one_
     assert train(run_config(cfg))["status"] == "finished"
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     aug = report["augment"]
-    assert 40 < aug["augmented_candidates"] == sum(aug[k] for k in COUNTS) and aug["added"] > 0
+    assert 40 < aug["augmented_candidates"] == sum(aug[k] for k in COUNTS)  # the demo's questions: mostly dropped

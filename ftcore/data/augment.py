@@ -6,11 +6,13 @@
 Only the last user message of an example (the prompt its final answer responds to) is rewritten; the
 answer and every other message are kept. Generation is ftcore's own: batched, greedy, KV cache. A rewrite
 is dropped (and counted under its reason, in this order) when it is
-    empty       nothing left after stripping (or the pivot text was empty)
-    identical   the prompt again, or, back-translated, the pivot text unchanged (casefold, whitespace-collapsed)
-    length      outside [1/r, r] times the prompt's length in characters, or cut off by the token budget
-    numbers     its digit runs differ from the prompt's (a changed number changes the answer)
-    duplicate   its prompt is already an example's prompt in any split (or an earlier rewrite's)
+    empty         nothing left after stripping (or the pivot text was empty)
+    identical     the prompt again, or, back-translated, the pivot text unchanged (casefold, whitespace-collapsed)
+    untranslated  back-translated: it shares more words with the pivot text than with the prompt (still French)
+    length        outside [1/r, r] times the prompt's length in characters, or cut off by the token budget
+    numbers       its digit runs differ from the prompt's (a changed number changes the answer)
+    question      the prompt ends with "?" and the rewrite has none (answered or summarised, not rewritten)
+    duplicate     its prompt is already an example's prompt in any split (or an earlier rewrite's)
 The survivors join the training split only; build_datasets calls this after the split, and only on a
 cache miss, so the model is loaded only when the rewrites are not cached yet.
 """
@@ -34,7 +36,7 @@ INSTRUCTIONS = {
     "paraphrase": ("Rewrite the following text in other words. Keep its meaning, every number and every name. "
                    "Reply with the rewritten text only.\n\n{text}"),  # fmt: skip
 }
-DROP_REASONS = ("empty", "identical", "length", "numbers", "duplicate")
+DROP_REASONS = ("empty", "identical", "untranslated", "length", "numbers", "question", "duplicate")
 SAMPLES = 8  # round trips kept in the report for a reader to judge
 _QUOTES = ('""', "''", "“”", "«»")
 
@@ -76,7 +78,7 @@ def augment_examples(examples: list[dict], cfg, model_ref: str, device="cpu", dt
     for i, (ex, turn, prompt, (text, cut)) in enumerate(zip(picked, turns, prompts, outputs)):
         pivot, pivot_cut = pivots[i] if pivots else (None, False)
         if pivots and (not pivot or pivot_cut):
-            reason = "empty" if not pivot else "length"  # no back translation was made
+            reason, text = "empty" if not pivot else "length", None  # no back translation was made
         else:
             reason = drop_reason(prompt, text, cfg.augment_length_ratio, cfg.augment_keep_numbers, pivot, cut)
         messages = [dict(m, content=text) if j == turn else m for j, m in enumerate(ex["messages"])]
@@ -108,11 +110,21 @@ def drop_reason(original: str, rewrite: str, length_ratio: float, keep_numbers: 
         return "empty"
     if _norm(rewrite) == _norm(original) or (pivot is not None and _norm(rewrite) == _norm(pivot)):
         return "identical"
+    if pivot is not None and word_overlap(rewrite, pivot) > word_overlap(rewrite, original):
+        return "untranslated"
     if truncated or not 1 / length_ratio <= len(rewrite.strip()) / len(original.strip()) <= length_ratio:
         return "length"
     if keep_numbers and numbers(rewrite) != numbers(original):
         return "numbers"
+    if original.rstrip().endswith("?") and "?" not in rewrite:
+        return "question"
     return None
+
+
+def word_overlap(a: str, b: str) -> float:
+    """Jaccard similarity of two texts' sets of casefolded words (letters and digits)."""
+    wa, wb = (set(re.findall(r"\w+", t.casefold())) for t in (a, b))
+    return len(wa & wb) / max(len(wa | wb), 1)
 
 
 def numbers(text: str) -> list[str]:
