@@ -12,12 +12,13 @@ from test_train import TOKENIZER_FILES, data_cache, tiny_dir, tiny_run  # noqa: 
 import ftcore.data.augment
 import ftcore.formats.hf
 import ftcore.model.generate
-from ftcore.config import run_config
+from ftcore.config import EvalConfig, run_config
 from ftcore.data import cache
 from ftcore.data.augment import clean_output, drop_reason, last_user_turn, numbers, picked_for
 from ftcore.data.config import DataConfig
 from ftcore.data.pipeline import build_datasets
 from ftcore.errors import FtcoreError
+from ftcore.eval.run import EvalRunConfig, evaluate
 from ftcore.formats.hf import save_pretrained
 from ftcore.formats.tokenizer import Tokenizer
 from ftcore.model import ModelConfig, Transformer
@@ -198,8 +199,10 @@ def test_a_rerun_is_served_from_the_cache(data_file, tiny_dir, short_rewriter, t
     assert second == first and r2["augment"] == r1["augment"]
 
 
-def test_training_run_writes_the_counts(tiny_dir, short_rewriter, tmp_path, random_rewriter, one_thread):  # noqa: F811
-    """The loop's wiring: a tiny run with data.augment on the arithmetic demo (a 5% share rewritten)."""
+def test_training_run_writes_the_counts(tiny_dir, short_rewriter, tmp_path, monkeypatch, random_rewriter,  # noqa: F811
+                                        one_thread):  # fmt: skip
+    """The loop's wiring: a tiny run with data.augment on the arithmetic demo (a 5% share rewritten); evaluating
+    the run's test split afterwards (another data cache) rewrites nothing."""
     cfg = tiny_run(tiny_dir, str(tmp_path / "cache"), tmp_path / "run", train__max_steps=1, train__eval_every=0,
                    eval__baseline=False, data__augment="backtranslate", data__augment_model=str(short_rewriter),
                    data__augment_fraction=0.05, data__augment_keep_numbers=False, data__augment_length_ratio=50.0,
@@ -208,3 +211,13 @@ def test_training_run_writes_the_counts(tiny_dir, short_rewriter, tmp_path, rand
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     aug = report["augment"]
     assert 40 < aug["augmented_candidates"] == sum(aug[k] for k in COUNTS)  # the demo's questions: mostly dropped
+
+    def no_rewrites(*args, **kwargs):
+        raise AssertionError("evaluating the test split loaded the rewriting model")
+
+    monkeypatch.setattr(ftcore.data.augment, "load_rewriter", no_rewrites)
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    run["data"]["cache_dir"] = str(tmp_path / "other_cache")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(run))
+    ev = EvalConfig(max_examples=2, max_new_tokens=2, baseline=False)
+    assert evaluate(EvalRunConfig(run_dir=str(tmp_path / "run"), eval=ev, out_dir=str(tmp_path / "ev")))["n"] == 2
