@@ -1,4 +1,4 @@
-"""Data pipeline: read -> clean -> split -> tokenize with label masks -> pack/pad -> resumable sampler.
+"""Data pipeline: read -> clean -> split -> augment (train) -> tokenize with label masks -> pack/pad -> sampler.
 
     splits, report = build_datasets(cfg, tokenizer)              # pipeline.py
     batcher = Batcher.from_config(splits["train"], cfg, pad_token_id(tokenizer))

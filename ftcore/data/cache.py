@@ -53,9 +53,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(files: dict, tokenizer, cfg) -> str:
-    """files: {"train": Path, "validation": Path|None, ...}; cfg: the DataConfig."""
+def cache_key(files: dict, tokenizer, cfg, rewriter: str = "") -> str:
+    """files: {"train": Path, "validation": Path|None, ...}; cfg: the DataConfig; rewriter: what identifies
+    data.augment's model (augment.model_fingerprint). With data.augment=none the augment_* settings are left
+    out, so keys made before augmentation existed still hit."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED}
+    if cfg.augment == "none":
+        settings = {k: v for k, v in settings.items() if not k.startswith("augment")}
+    else:
+        settings["rewriter"] = rewriter
     parts = {
         "version": CACHE_VERSION,
         "files": {name: file_digest(p) for name, p in files.items() if p is not None},

@@ -28,6 +28,7 @@ LOSS_ON = ("assistant", "response", "all")
 SPLIT_BY = ("example", "prompt")
 SPLIT_NAMES = ("train", "validation", "test")
 METRICS = ("", "accuracy", "f1", "rouge", "bleu", "exact_match")
+AUGMENTS = ("none", "backtranslate", "paraphrase")
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,17 @@ class DataConfig:
     # --- split ----------------------------------------------------------------------------
     split: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])  # train, validation, test
     split_by: str = "example"  # hash the whole example, or only its prompt (same prompt -> same split)
-    seed: int = 0  # split and sampler seed
+    seed: int = 0  # split and sampler seed (also which training examples augment_fraction picks)
+    # --- augmentation (training split only; ftcore/data/augment.py) ----------------------
+    augment: str = "none"  # none | backtranslate (prompt -> augment_pivot -> back) | paraphrase
+    augment_model: str = ""  # the model that rewrites ("" = the run's model.path)
+    augment_pivot: str = "French"  # backtranslate: the language translated through
+    augment_source: str = "English"  # backtranslate: the data's language (translated back into)
+    augment_fraction: float = 1.0  # share of the training examples rewritten (picked by a hash seeded by seed)
+    augment_length_ratio: float = 2.0  # drop a rewrite outside [1/r, r] times the prompt's length in characters
+    augment_keep_numbers: bool = True  # drop a rewrite whose numbers (digit runs) differ from the prompt's
+    augment_max_new_tokens: int = 256  # the most tokens one generation may write (fewer for short prompts)
+    augment_batch_size: int = 16  # prompts per generate call
     # --- batching -------------------------------------------------------------------------
     packing: bool = False  # pack documents into rows of seq_len (attention never crosses documents)
     seq_len: int | None = None  # packed row length; also the fixed length when static_shape (generic: 1024)
@@ -119,6 +130,7 @@ class DataConfig:
         one_of("data.loss_on", self.loss_on, LOSS_ON)
         one_of("data.split_by", self.split_by, SPLIT_BY)
         one_of("data.metric", self.metric, METRICS)
+        self._check_augment()
         for key, value in self.fields.items():
             if key not in FIELD_NAMES:
                 raise FtcoreError(f"data.fields.{key}: unknown name; allowed: {', '.join(FIELD_NAMES)}")
@@ -139,6 +151,22 @@ class DataConfig:
                 f"data.max_length={self.max_length} > data.seq_len={self.seq_len}: "
                 f"with {mode} every example must fit in one row; lower max_length or raise seq_len"
             )
+
+    def _check_augment(self):
+        one_of("data.augment", self.augment, AUGMENTS)
+        if not 0 < self.augment_fraction <= 1:
+            raise invalid("data.augment_fraction", self.augment_fraction, "a fraction in (0, 1]")
+        if self.augment_length_ratio < 1:
+            raise invalid("data.augment_length_ratio", self.augment_length_ratio, "a ratio >= 1")
+        for key in ("augment_max_new_tokens", "augment_batch_size"):
+            if getattr(self, key) < 1:
+                raise invalid(f"data.{key}", getattr(self, key), "a positive number")
+        for key in ("augment_pivot", "augment_source"):
+            if not getattr(self, key).strip():
+                raise invalid(f"data.{key}", getattr(self, key), "a language name, e.g. French")
+        same = self.augment_pivot.strip().lower() == self.augment_source.strip().lower()
+        if self.augment == "backtranslate" and same:
+            raise invalid("data.augment_pivot", self.augment_pivot, "a language other than data.augment_source")
 
 
 def resolve_path(path: str, key: str = "data.path") -> Path:

@@ -1,16 +1,24 @@
-"""build_datasets: read -> clean -> split -> tokenize with label masks -> length filter, cached on disk.
+"""build_datasets: read -> clean -> split -> augment (train) -> tokenize with label masks -> length filter,
+cached on disk.
 
     splits, report = build_datasets(cfg, tokenizer)
+    splits, report = build_datasets(cfg, tokenizer, base_model=model_path, device=device)  # data.augment != none
     splits["train"][0] == {"input_ids": [...], "labels": [...], "messages": [...], "where": "file:line"}
 
 labels equal input_ids where the loss applies and are -100 elsewhere (not yet shifted; the collator
 shifts them). The split comes before formatting, so it does not depend on the system prompt, template or tokenizer.
 The report (what each step read, changed and removed) is a plain dict to save with the run.
+Augmentation (data.augment, augment.py) rewrites training prompts only, after the split, so validation
+and test never see a copy of their own examples; the rewrites are cached with the rest, so a cache hit
+loads no model.
 """
 
 import json
 
+import torch
+
 from ftcore.data import cache
+from ftcore.data.augment import augment_examples, model_fingerprint
 from ftcore.data.clean import clean_examples
 from ftcore.data.config import SPLIT_NAMES, DataConfig, resolve_path
 from ftcore.data.format import IGNORE, add_system_prompt, encode_example
@@ -19,14 +27,23 @@ from ftcore.data.split import split_examples, split_key
 from ftcore.errors import FtcoreError
 
 
-def build_datasets(cfg: DataConfig, tokenizer) -> tuple[dict[str, list[dict]], dict]:
-    """The train/validation/test splits of cfg's data, tokenized, and the report of how they were made."""
+def build_datasets(cfg: DataConfig, tokenizer, base_model: str = "", device="cpu",
+                   dtype=torch.float32) -> tuple[dict[str, list[dict]], dict]:  # fmt: skip
+    """The train/validation/test splits of cfg's data, tokenized, and the report of how they were made.
+
+    base_model, device, dtype: data.augment's model when data.augment_model is "" (the run's model.path),
+    and where and in what dtype it generates (loaded on a cache miss only).
+    """
     files = {
         "train": resolve_path(cfg.path, "data.path"),
         "validation": resolve_path(cfg.val_path, "data.val_path") if cfg.val_path else None,
         "test": resolve_path(cfg.test_path, "data.test_path") if cfg.test_path else None,
     }
-    key = cache.cache_key(files, tokenizer, cfg) if cfg.cache_dir else None
+    augment_model = cfg.augment_model or base_model
+    if cfg.augment != "none" and not augment_model:
+        raise FtcoreError(f"data.augment={cfg.augment}: no model to rewrite with; set data.augment_model")
+    rewriter = f"{model_fingerprint(augment_model)}:{dtype}" if cfg.augment != "none" else ""
+    key = cache.cache_key(files, tokenizer, cfg, rewriter) if cfg.cache_dir else None
     if key and (hit := cache.load(cfg.cache_dir, key)) is not None:
         splits, report = hit
         report["files"] = {name: str(p) for name, p in files.items() if p is not None}  # same bytes, maybe moved
@@ -49,6 +66,12 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[dict[str, list[dict]], d
     splits = split_examples(examples["train"], fractions, cfg.seed, cfg.split_by)
     splits.update({name: exs for name, exs in examples.items() if name != "train"})
     report["removed_overlap"] = drop_overlap(splits, cfg.split_by)
+
+    # 3b. augment the training split only: rewritten prompts, answers kept (none matching any split's prompt)
+    if cfg.augment != "none":
+        taken = {split_key(ex["messages"], "prompt") for exs in splits.values() for ex in exs}
+        added, report["augment"] = augment_examples(splits["train"], cfg, augment_model, device, dtype, taken)
+        splits["train"] = splits["train"] + added
 
     # 4. format (system prompt, template), tokenize with label masks; drop examples over max_length
     #    or with nothing to learn

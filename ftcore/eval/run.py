@@ -9,7 +9,7 @@ token-weighted mean loss, computed exactly as the training loop's validation los
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ftcore import peft
@@ -79,7 +79,10 @@ def evaluate(cfg: EvalRunConfig) -> dict:
     device = pick_device(cfg.device)
     dtype = DTYPES[cfg.model.dtype]
     model, tokenizer = load_pretrained(cfg.model.path, dtype=dtype, device=device, quant=cfg.model.quant_spec())
-    splits, _ = build_datasets(cfg.data, tokenizer)
+    # data.augment only adds rewrites to the training split: other splits are the same without them (no model load)
+    data = cfg.data if cfg.eval.split == "train" else replace(cfg.data, augment="none")
+    splits, _ = build_datasets(data, tokenizer, base_model=cfg.baseline_path or cfg.model.path, device=device,
+                               dtype=dtype)  # fmt: skip
     examples = splits[cfg.eval.split]
     if not examples:
         raise FtcoreError(f"eval.split={cfg.eval.split!r} is empty for data.path={cfg.data.path!r}")

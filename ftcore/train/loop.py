@@ -184,7 +184,9 @@ def load(run: Run):
             world.print(f"every rank loads the whole base before sharding it: {why_whole}")
         model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=world.device,
                                            quant=cfg.model.quant_spec())  # fmt: skip
-    splits, data_report = build_datasets(cfg.data, tokenizer)
+    # data.augment: its model (the base by default) is loaded on a data-cache miss only, beside the run's model
+    splits, data_report = build_datasets(cfg.data, tokenizer, base_model=cfg.model.path, device=world.device,
+                                         dtype=DTYPES[cfg.model.dtype])  # fmt: skip
     if run.rank0:
         (run.run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
     pad_id = pad_token_id(tokenizer)
