@@ -176,7 +176,8 @@ def summary(record: dict) -> str:
     base = f", base {record['base_score']:.4f}" if record["base_score"] is not None else ""
     verdict = "PASS" if record["passed"] else f"FAIL (more than {record['max_drop']} below the stored score)"
     lines = [f"{record['metric']} on {record['file']} (n={record['n']}): {record['score']:.4f}; stored test score "
-             f"{record['stored_score']:.4f}{base}; drop {record['drop']:+.4f}: {verdict}"]  # fmt: skip
+             f"{record['stored_score']:.4f} (n={record['stored_n']}){base}; "
+             f"drop {record['drop']:+.4f}: {verdict}"]  # fmt: skip
     if record["drift"] is not None:
         parts = [f"{name} {value:.3f}" + (f" OVER {record['drift_thresholds'][name]}" if name in record["drift_over"]
                                           else "") for name, value in record["drift"].items()]  # fmt: skip
