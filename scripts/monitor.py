@@ -24,11 +24,11 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="the fresh labeled file, in the run's data format")
     p.add_argument("--history", default="", help="the history to append to (default: RUN_DIR/monitor.jsonl)")
     p.add_argument("--max-drop", type=float, default=MonitorConfig.max_drop,
-                   help="fail when the score is more than this (absolute) below the stored test score")
+                   help="fail when the score is more than this (absolute) below the stored test score")  # fmt: skip
     p.add_argument("--limit", type=int, default=0, help="score the first N examples of the file (0 = all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--drift-thresholds", default="", metavar="NAME=VALUE,...",
-                   help=f"override drift thresholds (defaults: {DriftThresholds().as_dict()})")
+                   help=f"override drift thresholds (defaults: {DriftThresholds().as_dict()})")  # fmt: skip
     p.add_argument("--no-drift", action="store_true", help="skip the drift scores (a run without drift_reference.json)")
     p.add_argument("--fail-on-drift", action="store_true", help="also exit 1 when a drift score is over its threshold")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot of the history")

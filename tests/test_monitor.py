@@ -70,12 +70,12 @@ def learned(tiny_dir, data_cache, tmp_path_factory):  # noqa: F811
     lines = data.read_text().splitlines()
     own = [json.loads(lines[int(ex["where"].rsplit(":", 1)[1]) - 1]) for ex in test]  # the test split's records
     tickets = [json.loads(line) for line in (DEMO / "tickets.jsonl").read_text().splitlines()[:LIMIT]]
+    plus_one = [{**r, "completion": str(int(r["completion"]) + 1)} for r in own]
+    other = [{"prompt": f"{r['instruction']}\n{r['input']}", "completion": r["output"]} for r in tickets]
     files = {
         "own": write_jsonl(root / "own_test.jsonl", own),
-        "plus_one": write_jsonl(root / "plus_one.jsonl", ({**r, "completion": str(int(r["completion"]) + 1)}
-                                                          for r in own)),  # fmt: skip
-        "tickets": write_jsonl(root / "tickets.jsonl", ({"prompt": f"{r['instruction']}\n{r['input']}",
-                                                         "completion": r["output"]} for r in tickets)),  # fmt: skip
+        "plus_one": write_jsonl(root / "plus_one.jsonl", plus_one),
+        "tickets": write_jsonl(root / "tickets.jsonl", other),
     }
     return root / "run", files
 
@@ -166,8 +166,8 @@ def test_drift_thresholds_defaults_parse_and_over():
     assert default.as_dict() == {"length_psi": 0.25, "token_js": 0.1, "embedding_shift": 0.3}
     assert DriftThresholds.parse("") == default
     assert DriftThresholds.parse("token_js=0.2, embedding_shift=1") == DriftThresholds(0.25, 0.2, 1.0)
-    assert default.over({"length_psi": 0.3, "token_js": 0.05, "embedding_shift": math.inf}) == ["length_psi",
-                                                                                                "embedding_shift"]
+    over = default.over({"length_psi": 0.3, "token_js": 0.05, "embedding_shift": math.inf})
+    assert over == ["length_psi", "embedding_shift"]
     assert default.over({"token_js": 0.1}) == []  # at the threshold is not over it
     for bad, message in (("psi=1", "name=value with a name in length_psi"), ("token_js=x", "a number >= 0"),
                          ("token_js=-1", "a number >= 0"), ("length_psi", "name=value")):  # fmt: skip
