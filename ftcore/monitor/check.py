@@ -12,9 +12,10 @@ base score is eval.json's baseline (else baseline_eval.json's), for scale: both 
 Drift scores (drift.py) come from the fresh prompts exactly as drift_reference.json was built (reference.py): the
 prompts as the model sees them, embedded by the base model.
 
-A record (one line of monitor.jsonl): time (UTC), run_dir, file, sha256, examples (the file's after cleaning), n
-(scored), task, metric, score, perplexity, stored_score, stored_n, base_score, drop (stored_score - score),
-max_drop, passed, drift (the scores, or null), drift_thresholds, drift_over (the scores over them), git, versions.
+A record (one line of monitor.jsonl): time (UTC), run_dir, file, sha256, examples (the file's, cleaned and
+length-filtered), n (scored), task, metric, score, perplexity, stored_score, stored_n, base_score, drop
+(stored_score - score), max_drop, passed, drift (the scores, or null), drift_thresholds, drift_over (the scores
+over them), git, versions.
 """
 
 import hashlib
@@ -27,6 +28,7 @@ from pathlib import Path
 from ftcore import peft
 from ftcore.config import EvalConfig
 from ftcore.data.collate import pad_token_id
+from ftcore.data.config import resolve_path
 from ftcore.data.pipeline import build_file
 from ftcore.data.tasks import get_task
 from ftcore.dtypes import DTYPES
@@ -103,6 +105,7 @@ def drift_notes(n: int, thresholds: DriftThresholds) -> list[str]:
 
 def run_check(cfg: MonitorConfig) -> dict:
     """Score the run's model on the fresh file, compare with the stored score, measure drift: the record."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run = Path(cfg.run_dir)
     ev = from_training_run(EvalRunConfig(run_dir=cfg.run_dir, device=cfg.device))  # names config.json, final/
     trained = read_json_object(run / "config.json")
@@ -117,13 +120,15 @@ def run_check(cfg: MonitorConfig) -> dict:
             raise FtcoreError(f"{ref_path}: no such file (the run's drift reference; a run trained with "
                               f"eval.drift_reference=false has none: --no-drift skips the drift scores)")  # fmt: skip
         reference = DriftReference.load(ref_path)
+    fresh = resolve_path(cfg.data, "--data")  # named before any model is loaded
+    digest = sha256(fresh)
 
     device, dtype, quant = pick_device(cfg.device), DTYPES[ev.model.dtype], ev.model.quant_spec()
     full = bool(ev.baseline_path)  # full fine-tuning: model.path is final/, baseline_path the base
     base_path = ev.baseline_path if full else ev.model.path
     model, tokenizer = load_pretrained(ev.model.path if full and reference is None else base_path, dtype=dtype,
                                        device=device, quant=quant)  # fmt: skip
-    examples, data_report = build_file(cfg.data, ev.data, tokenizer, "--data")
+    examples, _ = build_file(fresh, ev.data, tokenizer, "--data")
     scored = examples[: cfg.limit or None]
     drift = None
     if reference is not None:  # the base model's embeddings, as reference.py made the reference's
@@ -140,13 +145,13 @@ def run_check(cfg: MonitorConfig) -> dict:
     result = score_model(model.eval(), tokenizer, scored, ev, device)
 
     drop = stored - result["score"]
+    passed = drop <= cfg.max_drop + 1e-9  # 1.0 - 0.95 is 0.05000000000000004: at the threshold passes
     return {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_dir": str(run), "file": data_report["file"], "sha256": sha256(Path(data_report["file"])),
+        "time": started, "run_dir": str(run), "file": str(fresh), "sha256": digest,
         "examples": len(examples), "n": result["n"], "task": result["task"], "metric": result["metric"],
         "score": result["score"], "perplexity": result["perplexity"],
         "stored_score": stored, "stored_n": stored_n, "base_score": base_score,
-        "drop": drop, "max_drop": cfg.max_drop, "passed": drop <= cfg.max_drop,
+        "drop": drop, "max_drop": cfg.max_drop, "passed": passed,
         "drift": drift, "drift_thresholds": cfg.thresholds.as_dict(),
         "drift_over": cfg.thresholds.over(drift) if drift is not None else [],
         "git": git_state(Path(__file__).resolve().parents[2]), "versions": versions(("torch", "ftcore")),
