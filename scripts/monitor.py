@@ -28,7 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=0, help="score the first N examples of the file (0 = all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--drift-thresholds", default="", metavar="NAME=VALUE,...",
-                   help=f"override drift thresholds (defaults: {DriftThresholds().as_dict()})")  # fmt: skip
+                   help="override drift thresholds (defaults: "
+                        + ",".join(f"{k}={v}" for k, v in DriftThresholds().as_dict().items()) + ")")  # fmt: skip
     p.add_argument("--no-drift", action="store_true", help="skip the drift scores (a run without drift_reference.json)")
     p.add_argument("--fail-on-drift", action="store_true", help="also exit 1 when a drift score is over its threshold")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot of the history")
