@@ -45,7 +45,7 @@ def parse_args():
             continue
         p.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
     p.add_argument("--drift-threshold", action="append", default=[], metavar="SCORE=VALUE",
-                   help="override a drift threshold (length_psi, token_js, embedding_shift)")
+                   help="override a drift threshold (length_psi, token_js, embedding_shift; ftcore/monitor/config.py)")
     p.add_argument("--dtype", choices=sorted(SERVE_DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -65,15 +65,8 @@ def named_pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def thresholds(items: list[str]) -> dict[str, float]:
-    out = dataclasses.asdict(DriftThresholds())
-    for name, value in named_pairs(items, "--drift-threshold").items():
-        if name not in out:
-            raise FtcoreError(f"--drift-threshold {name}: expected one of {', '.join(out)}")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise FtcoreError(f"--drift-threshold {name}={value}: expected a number") from None
-    return out
+    """DriftThresholds' defaults with --drift-threshold NAME=VALUE overrides."""
+    return DriftThresholds.parse(",".join(items)).as_dict()
 
 
 def main():

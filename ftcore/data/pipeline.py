@@ -3,6 +3,7 @@ cached on disk.
 
     splits, report = build_datasets(cfg, tokenizer)
     splits, report = build_datasets(cfg, tokenizer, base_model=model_path, device=device)  # data.augment != none
+    examples, report = build_file("fresh.jsonl", cfg, tokenizer)      # one whole file, as the splits are made
     splits["train"][0] == {"input_ids": [...], "labels": [...], "messages": [...], "where": "file:line"}
 
 labels equal input_ids where the loss applies and are -100 elsewhere (not yet shifted; the collator
@@ -54,12 +55,8 @@ def build_datasets(cfg: DataConfig, tokenizer, base_model: str = "", device="cpu
     # 1-2. read and clean each file on its own
     examples = {}
     for name, path in files.items():
-        if path is None:
-            continue
-        raw = load_examples(path, cfg.format, cfg.schema, cfg.fields, cfg.group_field)
-        examples[name], report["clean"][name] = clean_examples(raw, cfg.clean)
-        if not examples[name]:
-            raise FtcoreError(f"{path}: no examples left after cleaning; report: {json.dumps(report['clean'][name])}")
+        if path is not None:
+            examples[name], report["clean"][name] = read_clean(path, cfg)
 
     # 3. split the main file among the splits that have no file of their own
     fractions = [f if name == "train" or files[name] is None else 0.0 for name, f in zip(SPLIT_NAMES, cfg.split)]
@@ -77,19 +74,7 @@ def build_datasets(cfg: DataConfig, tokenizer, base_model: str = "", device="cpu
     #    or with nothing to learn
     report["tokenize"] = {}
     for name, exs in splits.items():
-        exs = [{**ex, "messages": add_system_prompt(ex["messages"], cfg.system_prompt)} for ex in exs]
-        encoded = [{**encode_example(ex["messages"], cfg.template, tokenizer, cfg.loss_on, ex["where"]), **ex} for ex in exs]
-        kept = [ex for ex in encoded if len(ex["input_ids"]) <= cfg.max_length]
-        learnable = [ex for ex in kept if any(t != IGNORE for t in ex["labels"][1:])]
-        report["tokenize"][name] = {
-            "examples": len(learnable),
-            "removed_over_max_length": len(encoded) - len(kept),
-            "removed_no_loss_tokens": len(kept) - len(learnable),
-            "tokens": sum(len(ex["input_ids"]) for ex in learnable),
-            "loss_tokens": sum(sum(t != IGNORE for t in ex["labels"][1:]) for ex in learnable),
-            "max_tokens": max((len(ex["input_ids"]) for ex in learnable), default=0),
-        }
-        splits[name] = learnable
+        splits[name], report["tokenize"][name] = encode_examples(exs, cfg, tokenizer)
     if not splits["train"]:
         raise FtcoreError(f"{files['train']}: the training split is empty; report: {json.dumps(report)}")
 
@@ -97,6 +82,45 @@ def build_datasets(cfg: DataConfig, tokenizer, base_model: str = "", device="cpu
         cache.save(cfg.cache_dir, key, splits, report)
         report["cache"] = {"dir": cfg.cache_dir, "key": key, "hit": False}
     return splits, report
+
+
+def build_file(path, cfg: DataConfig, tokenizer, key: str = "data file") -> tuple[list[dict], dict]:
+    """One whole file (no split, no cache), read, cleaned, formatted and tokenized as cfg's splits are: e.g. fresh
+    labeled data for a finished run (scripts/monitor.py)."""
+    path = resolve_path(str(path), key)
+    examples, cleaned = read_clean(path, cfg)
+    encoded, tokenized = encode_examples(examples, cfg, tokenizer)
+    if not encoded:
+        raise FtcoreError(f"{path}: no examples left after tokenizing; report: {json.dumps(tokenized)}")
+    return encoded, {"file": str(path), "clean": cleaned, "tokenize": tokenized}
+
+
+def read_clean(path, cfg: DataConfig) -> tuple[list[dict], dict]:
+    """A file's examples, cleaned, and the cleaning report."""
+    raw = load_examples(path, cfg.format, cfg.schema, cfg.fields, cfg.group_field)
+    examples, report = clean_examples(raw, cfg.clean)
+    if not examples:
+        raise FtcoreError(f"{path}: no examples left after cleaning; report: {json.dumps(report)}")
+    return examples, report
+
+
+def encode_examples(examples: list[dict], cfg: DataConfig, tokenizer) -> tuple[list[dict], dict]:
+    """Format (system prompt, template), tokenize with label masks; drop examples over max_length or with
+    nothing to learn."""
+    exs = [{**ex, "messages": add_system_prompt(ex["messages"], cfg.system_prompt)} for ex in examples]
+    encoded = [{**encode_example(ex["messages"], cfg.template, tokenizer, cfg.loss_on, ex["where"]), **ex}
+               for ex in exs]  # fmt: skip
+    kept = [ex for ex in encoded if len(ex["input_ids"]) <= cfg.max_length]
+    learnable = [ex for ex in kept if any(t != IGNORE for t in ex["labels"][1:])]
+    report = {
+        "examples": len(learnable),
+        "removed_over_max_length": len(encoded) - len(kept),
+        "removed_no_loss_tokens": len(kept) - len(learnable),
+        "tokens": sum(len(ex["input_ids"]) for ex in learnable),
+        "loss_tokens": sum(sum(t != IGNORE for t in ex["labels"][1:]) for ex in learnable),
+        "max_tokens": max((len(ex["input_ids"]) for ex in learnable), default=0),
+    }
+    return learnable, report
 
 
 def drop_overlap(splits: dict, by: str) -> dict:

@@ -1,0 +1,60 @@
+"""Check a finished run on fresh labeled data: `python scripts/monitor.py outputs/<run> --data fresh.jsonl`.
+
+Scores the run's model on the whole file (in the run's data format) with the run's task metric, compares it with
+the run's stored test score (eval.json) and its base model's, and scores the fresh prompts' drift against the
+training prompts (drift_reference.json). Appends one JSON line to the history (default <run>/monitor.jsonl) and
+plots it next to it (monitor.png; needs matplotlib). Exits 1 when the score is more than --max-drop below the
+stored test score (or, with --fail-on-drift, when a drift score is over its threshold), 0 otherwise, 2 on a user
+error: fit for cron or CI.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from ftcore.cli import run_cli
+from ftcore.monitor.check import MonitorConfig, append_history, drift_notes, read_history, run_check, summary
+from ftcore.monitor.config import DriftThresholds
+from ftcore.monitor.plot import plot_history
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="a finished training run (config.json, final/, eval.json, drift_reference.json)")
+    p.add_argument("--data", required=True, help="the fresh labeled file, in the run's data format")
+    p.add_argument("--history", default="", help="the history to append to (default: RUN_DIR/monitor.jsonl)")
+    p.add_argument("--max-drop", type=float, default=MonitorConfig.max_drop,
+                   help="fail when the score is more than this (absolute) below the stored test score")  # fmt: skip
+    p.add_argument("--limit", type=int, default=0, help="score the first N examples of the file (0 = all)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--drift-thresholds", default="", metavar="NAME=VALUE,...",
+                   help="override drift thresholds (defaults: "
+                        + ",".join(f"{k}={v}" for k, v in DriftThresholds().as_dict().items()) + ")")  # fmt: skip
+    p.add_argument("--no-drift", action="store_true", help="skip the drift scores (a run without drift_reference.json)")
+    p.add_argument("--fail-on-drift", action="store_true", help="also exit 1 when a drift score is over its threshold")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot of the history")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = MonitorConfig(run_dir=args.run_dir, data=args.data, max_drop=args.max_drop, limit=args.limit,
+                        device=args.device, drift=not args.no_drift,
+                        thresholds=DriftThresholds.parse(args.drift_thresholds))  # fmt: skip
+    record = run_check(cfg)
+    history = Path(args.history) if args.history else Path(args.run_dir) / "monitor.jsonl"
+    append_history(history, record)
+    print(summary(record))
+    if record["drift"] is not None:
+        for note in drift_notes(record["n"], cfg.thresholds):
+            print(f"note: {note}", file=sys.stderr)
+    written = f"appended to {history}"
+    if not args.no_plot and (png := plot_history(read_history(history), history.with_suffix(".png"))):
+        written += f", plot {png}"
+    print(written)
+    failed = not record["passed"] or (args.fail_on_drift and record["drift_over"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
