@@ -28,7 +28,6 @@ from ftcore.serve.metrics import ServerMetrics
 from ftcore.serve.protocol import ApiError, chunk, new_id, parse, response
 from ftcore.serve.scheduler import QueueFull, Scheduler
 
-
 MAX_BODY_BYTES_PER_TOKEN = 64  # a body this many bytes per allowed prompt token is refused before parsing
 
 
