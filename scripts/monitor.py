@@ -9,6 +9,7 @@ error: fit for cron or CI.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def parse_args(argv=None):
     p.add_argument("--no-drift", action="store_true", help="skip the drift scores (a run without drift_reference.json)")
     p.add_argument("--fail-on-drift", action="store_true", help="also exit 1 when a drift score is over its threshold")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot of the history")
+    p.add_argument("--url", default="", help="score the model a scripts/serve.py server serves (e.g. "
+                   "http://127.0.0.1:8000) instead of loading final/; with --served-model")
+    p.add_argument("--served-model", default="", help="the model's name on that server (its --adapter NAME)")
+    p.add_argument("--api-key", default=os.environ.get("FTCORE_API_KEY", ""), help="the server's key "
+                   "(default: $FTCORE_API_KEY)")
     return p.parse_args(argv)
 
 
@@ -40,7 +46,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = MonitorConfig(run_dir=args.run_dir, data=args.data, max_drop=args.max_drop, limit=args.limit,
                         device=args.device, drift=not args.no_drift,
-                        thresholds=DriftThresholds.parse(args.drift_thresholds))  # fmt: skip
+                        thresholds=DriftThresholds.parse(args.drift_thresholds), url=args.url,
+                        served_model=args.served_model, api_key=args.api_key)  # fmt: skip
     record = run_check(cfg)
     history = Path(args.history) if args.history else Path(args.run_dir) / "monitor.jsonl"
     append_history(history, record)

@@ -180,3 +180,29 @@ def test_no_matplotlib_skips_the_plot_with_a_note(monkeypatch, capsys, tmp_path)
     assert plot_history([{"score": 1.0}], tmp_path / "monitor.png") is None
     assert capsys.readouterr().out == "monitor: matplotlib is not installed, no plot (pip install 'ftcore[plots]')\n"
     assert not (tmp_path / "monitor.png").exists()
+
+
+def test_a_served_adapter_scores_as_the_loaded_one(learned, tiny_dir, tmp_path):  # noqa: F811
+    """--url: the run's adapter behind scripts/serve.py answers the same prompts (as token ids) with the same
+    tokens, so the check's score equals the local one; the own-split check passes, the changed-answer one fails."""
+    pytest.importorskip("uvicorn")
+    from test_serve import Server
+
+    run, files = learned
+    server = Server(tiny_dir, {"sevens": run / "final"}, "--dtype", "float32")
+    args = ["--limit", "40", "--device", "cpu", "--no-plot", "--url", server.url, "--served-model", "sevens",
+            "--api-key", "test-key"]  # fmt: skip
+    try:
+        assert monitor.main([str(run), "--history", str(tmp_path / "h.jsonl"), "--data", str(files["own"]), *args]) == 0
+        assert monitor.main([str(run), "--history", str(tmp_path / "h.jsonl"), "--data", str(files["plus_one"]),
+                             *args]) == 1  # fmt: skip
+        with pytest.raises(FtcoreError, match="HTTP 404"):
+            run_check(MonitorConfig(run_dir=str(run), data=str(files["own"]), limit=4, device="cpu", drift=False,
+                                    url=server.url, served_model="nope", api_key="test-key"))  # fmt: skip
+    finally:
+        server.stop()
+    remote, changed = read_history(tmp_path / "h.jsonl")
+    local = run_check(MonitorConfig(run_dir=str(run), data=str(files["own"]), limit=40, device="cpu"))
+    assert remote["score"] == local["score"] == 1.0 and changed["score"] == 0.0
+    assert remote["served"] == {"url": server.url, "model": "sevens"} and remote["perplexity"] is None
+    assert remote["drift"] == pytest.approx(local["drift"], rel=1e-9)

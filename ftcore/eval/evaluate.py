@@ -50,10 +50,11 @@ def headline(task, scores: dict) -> float:
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, device, world=None,
-                  shots: list[dict] | None = None) -> dict:  # fmt: skip
+                  shots: list[dict] | None = None, generate_fn=generate) -> dict:  # fmt: skip
     """Generate an answer for every example (greedy, batched, KV cache) and score it.
 
     shots: training examples shown before every question (the few-shot baseline, few_shot.py).
+    generate_fn: generate's signature; e.g. a served model's (ftcore/monitor/remote.py, model None).
 
     world (a distributed World): every rank calls this together and generates a share of the batches (rank r
     batches r, r + W, ...) on its model, whole (DDP) or sharded (FSDP2: all ranks step each forward together);
@@ -68,8 +69,9 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
         prompts.append(encode_prompt(with_shots(messages, shots) if shots else messages, data_cfg.template, tokenizer))
         references.append(answer)
         questions.append(messages[-1]["content"])  # the last turn asked
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     outputs = []
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
     max_new = eval_cfg.max_new_tokens or task.max_new_tokens
@@ -79,13 +81,14 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
     for i in range(-(-len(batches) // size)):
         # FSDP2 needs the same forwards on every rank: a rank out of batches re-runs batch 0, its answers dropped
         idx = mine[i] if i < len(mine) else batches[0]
-        new = generate(model, [prompts[j] for j in idx], max_new, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                       all_done=world.all if size > 1 else None)  # fmt: skip
+        new = generate_fn(model, [prompts[j] for j in idx], max_new, stop_ids=tokenizer.stop_ids,
+                          pad_id=tokenizer.pad_id, all_done=world.all if size > 1 else None)  # fmt: skip
         if i < len(mine):
             outputs += list(zip(idx, new))
     if size > 1:
         outputs = [pair for part in world.gather(outputs) for pair in part]
-    model.train(was_training)
+    if model is not None:
+        model.train(was_training)
     texts = [""] * len(prompts)
     for i, new in outputs:
         texts[i] = tokenizer.decode(new).strip()

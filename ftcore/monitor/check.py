@@ -7,15 +7,17 @@ fresh prompts' drift against the training prompts. For cron or CI (scripts/monit
 
 The fresh file is read, cleaned, formatted and tokenized as the run's data config says, and scored whole (no
 split; the first `limit` examples with a limit) by ftcore.eval.run.score_model with the run's eval settings
-(generation length, batch size) and its trained model (final/). The stored score is eval.json's test score; the
-base score is eval.json's baseline (else baseline_eval.json's), for scale: both are the run's, on its test split.
+(generation length, batch size) and its trained model (final/), or with `url` the model a server serves under
+`served_model` (remote.py: the same prompt token ids, greedy; no perplexity then). The stored score is
+eval.json's test score; the base score is eval.json's baseline (else baseline_eval.json's), for scale: both are
+the run's, on its test split.
 Drift scores (drift.py) come from the fresh prompts exactly as drift_reference.json was built (reference.py): the
 prompts as the model sees them, embedded by the base model.
 
 A record (one line of monitor.jsonl): time (UTC), run_dir, file, sha256, examples (the file's, cleaned and
-length-filtered), n (scored), task, metric, score, perplexity, stored_score, stored_n, base_score, drop
-(stored_score - score), max_drop, passed, drift (the scores, or null), drift_thresholds, drift_over (the scores
-over them), git, versions.
+length-filtered), n (scored), task, metric, score, perplexity, served (url and model, or null), stored_score,
+stored_n, base_score, drop (stored_score - score), max_drop, passed, drift (the scores, or null),
+drift_thresholds, drift_over (the scores over them), git, versions.
 """
 
 import hashlib
@@ -33,12 +35,13 @@ from ftcore.data.pipeline import build_file
 from ftcore.data.tasks import get_task
 from ftcore.dtypes import DTYPES
 from ftcore.errors import FtcoreError
-from ftcore.eval.evaluate import headline
+from ftcore.eval.evaluate import evaluate_task, headline
 from ftcore.eval.run import EvalRunConfig, from_training_run, score_model
 from ftcore.formats.hf import load_pretrained
 from ftcore.monitor.config import DriftThresholds
 from ftcore.monitor.drift import DriftReference
 from ftcore.monitor.reference import prompt_embeddings, prompt_ids
+from ftcore.monitor.remote import served_generate
 from ftcore.schema import build, invalid
 from ftcore.textfile import read_json_object
 from ftcore.train.parallel import pick_device
@@ -54,12 +57,17 @@ class MonitorConfig:
     device: str = "auto"
     drift: bool = True  # also the drift scores (needs the run's drift_reference.json)
     thresholds: DriftThresholds = field(default_factory=DriftThresholds)
+    url: str = ""  # score the model served there (scripts/serve.py) instead of loading final/
+    served_model: str = ""  # its name on that server (the request's `model`)
+    api_key: str = ""
 
     def __post_init__(self):
         if not (self.max_drop >= 0):
             raise invalid("--max-drop", self.max_drop, "a number >= 0")
         if self.limit < 0:
             raise invalid("--limit", self.limit, ">= 0 (0 = the whole file)")
+        if self.url and not self.served_model:
+            raise FtcoreError("--url: also give --served-model, the model's name on that server")
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -137,12 +145,17 @@ def run_check(cfg: MonitorConfig) -> dict:
         if reference.embedding_mean is not None:
             embeddings = prompt_embeddings(model, ids, pad_token_id(tokenizer), device)
         drift = reference.scores(ids, embeddings)
-        if full:
+        if full and not cfg.url:
             del model
             model, _ = load_pretrained(ev.model.path, dtype=dtype, device=device, quant=quant)
-    if ev.adapter:
-        peft.load_adapter(model, ev.adapter)
-    result = score_model(model.eval(), tokenizer, scored, ev, device)
+    if cfg.url:  # the served model answers; no perplexity (the server returns no log-probabilities)
+        gen = served_generate(cfg.url, cfg.served_model, cfg.api_key)
+        result = evaluate_task(None, tokenizer, scored, ev.data, ev.eval, device, generate_fn=gen)
+        result["perplexity"] = None
+    else:
+        if ev.adapter:
+            peft.load_adapter(model, ev.adapter)
+        result = score_model(model.eval(), tokenizer, scored, ev, device)
 
     drop = stored - result["score"]
     passed = drop <= cfg.max_drop + 1e-9  # 1.0 - 0.95 is 0.05000000000000004: at the threshold passes
@@ -150,6 +163,7 @@ def run_check(cfg: MonitorConfig) -> dict:
         "time": started, "run_dir": str(run), "file": str(fresh), "sha256": digest,
         "examples": len(examples), "n": result["n"], "task": result["task"], "metric": result["metric"],
         "score": result["score"], "perplexity": result["perplexity"],
+        "served": {"url": cfg.url, "model": cfg.served_model} if cfg.url else None,
         "stored_score": stored, "stored_n": stored_n, "base_score": base_score,
         "drop": drop, "max_drop": cfg.max_drop, "passed": passed,
         "drift": drift, "drift_thresholds": cfg.thresholds.as_dict(),

@@ -59,10 +59,16 @@ class Server:
             raise ApiError(404, f"'model': {s.model!r} is not served (GET /v1/models lists: "
                                 f"{', '.join(sorted(self.served.by_name))})", "model", "not_found_error")  # fmt: skip
         tok = served.engine.tokenizer
-        try:
-            ids = tok.encode(tok.apply_chat_template(s.messages) if chat else s.prompt)
-        except FtcoreError as e:  # e.g. a model without a chat template
-            raise ApiError(400, str(e), "messages" if chat else "prompt") from None
+        if isinstance(s.prompt, list):  # token ids
+            ids = s.prompt
+            vocab = served.engine.model.cfg.vocab_size
+            if not all(0 <= t < vocab for t in ids):
+                raise ApiError(400, f"'prompt': token ids must be in [0, {vocab})", "prompt")
+        else:
+            try:
+                ids = tok.encode(tok.apply_chat_template(s.messages) if chat else s.prompt)
+            except FtcoreError as e:  # e.g. a model without a chat template
+                raise ApiError(400, str(e), "messages" if chat else "prompt") from None
         cfg = self.cfg
         max_tokens = cfg.default_max_tokens if s.max_tokens is None else s.max_tokens
         if max_tokens > cfg.max_tokens_limit:

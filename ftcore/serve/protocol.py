@@ -1,7 +1,7 @@
 """OpenAI request bodies -> validated settings, and the response bodies (chat.completion, text_completion).
 
 Every problem is an ApiError: an HTTP status and a message naming the field (OpenAI's error object,
-{"error": {"message", "type", "param", "code"}}). Supported: model, messages | prompt, max_tokens
+{"error": {"message", "type", "param", "code"}}). Supported: model, messages | prompt (text or token ids), max_tokens
 (max_completion_tokens), temperature, top_p, stop, seed, stream, n=1, and ftcore's `return_token_ids`
 (each choice then carries the generated token ids). Options ftcore cannot honour (n > 1, logprobs, penalties,
 tools) are refused rather than ignored; others (user, metadata, ...) are ignored.
@@ -31,7 +31,7 @@ class ApiError(Exception):
 class Settings:
     model: str
     messages: list[dict] | None  # chat: rendered with the served model's chat template
-    prompt: str | None  # completions: the text fed as is
+    prompt: str | list[int] | None  # completions: the text fed as is, or token ids
     max_tokens: int | None
     temperature: float
     top_p: float
@@ -87,12 +87,15 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _prompt(body: dict) -> str:
+def _prompt(body: dict) -> str | list[int]:
+    """A string, a list of one string, or (as OpenAI allows) a list of token ids."""
     prompt = body.get("prompt")
     if prompt is None:
-        raise ApiError(400, "'prompt': required (a string)", "prompt")
+        raise ApiError(400, "'prompt': required (a string or a list of token ids)", "prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, f"'prompt': expected a non-empty string, got {prompt!r}"[:300], "prompt")
     return prompt
