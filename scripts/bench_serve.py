@@ -39,13 +39,15 @@ def parse_args():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32, help="the batching-on setting")
     p.add_argument("--threads", type=int, default=0, help="the server's torch threads (0 = its default)")
+    p.add_argument("--device", default="cpu", help="the server's device (cpu, cuda, ...)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     return p.parse_args()
 
 
 def start(args, max_batch: int):
     cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", args.model, "--port", "0", "--name", "base",
-           "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning"]  # fmt: skip
+           "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning",
+           "--device", args.device]  # fmt: skip
     cmd += [a for item in args.adapter for a in ("--adapter", item)]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -84,6 +86,8 @@ def load(url: str, models: list[str], clients: int, requests: int, max_tokens: i
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if not latencies:
+        raise FtcoreError(f"{clients} clients: every request failed (HTTP {sorted(set(errors))})")
     q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
     return {"clients": clients, "requests": len(latencies), "errors": len(errors), "wall_s": wall,
             "requests_per_s": len(latencies) / wall, "tokens_per_s": sum(tokens) / wall,
@@ -101,14 +105,15 @@ def main():
         try:
             load(url, models, 1, 1, args.max_tokens)  # warm-up
             for c in clients:
-                row = {"batching": label, "max_batch": max_batch, **load(url, models, c, args.requests, args.max_tokens)}
+                measured = load(url, models, c, args.requests, args.max_tokens)
+                row = {"batching": label, "max_batch": max_batch, **measured}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
             proc.terminate()
             proc.wait(120)
-    result = {"machine": device_name("cpu"), "model": args.model, "models": models, "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests, "load_average": {"before": load_before, "after": os.getloadavg()},
+    result = {"machine": device_name(args.device), "device": args.device, "model": args.model, "models": models,
+              "max_tokens": args.max_tokens, "requests_per_client": args.requests, "load_average": {"before": load_before, "after": os.getloadavg()},
               "versions": bench_versions(), "rows": rows}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

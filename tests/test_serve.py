@@ -229,6 +229,10 @@ BAD = [  # (body or raw bytes, status, a word the message must contain)
     ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "max_tokens"),
     ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "'n'"),
     ([1, 2], 400, "JSON object"),
+    (b"[" * 50000, 400, "nested"),
+    (b'{"model": "base", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "tokenized"),  # lone surrogate
+    ({"model": "base", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
     ({"model": "base", "messages": [{"role": "user", "content": "x" * 200_000}]}, 413, "bytes"),
 ]
 
@@ -384,3 +388,72 @@ def test_comparison_adapters_name_each_final_by_arm_and_seed(tmp_path):
                                              "ia3-seed0": str(tmp_path / "runs/ia3_seed0_abc/final")}  # fmt: skip
     with pytest.raises(FtcoreError, match="plan.json: not found"):
         comparison_adapters(tmp_path / "runs")
+
+
+def test_openai_client_variants_mean_the_same_request(server):
+    """A tiny temperature is greedy (no overflow); `developer` is the system role; text parts are one string."""
+    greedy = chat(server, "lora", QUESTIONS[5], 6).json()["choices"][0]["token_ids"]
+    tiny = chat(server, "lora", QUESTIONS[5], 6, temperature=1e-39)
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["token_ids"] == greedy
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[5]}]
+    variant = [{"role": "developer", "content": "Be brief."},
+               {"role": "user", "content": [{"type": "text", "text": QUESTIONS[5][:4]},
+                                            {"type": "text", "text": QUESTIONS[5][4:]}]}]  # fmt: skip
+    answers = [server.post("/v1/chat/completions", {"model": "lora", "messages": m, "max_tokens": 6, "temperature": 0,
+                                                    "return_token_ids": True, "n": None}).json()  # fmt: skip
+               for m in (system, variant)]
+    assert answers[0]["choices"][0]["token_ids"] == answers[1]["choices"][0]["token_ids"]
+
+
+def test_stream_usage_and_a_client_that_leaves_stops_its_row(tiny_served):
+    base, _ = tiny_served
+    s = Server(base, {}, "--max-tokens-limit", "2000", "--max-batch", "1")
+    try:
+        body = {"model": "base", "prompt": "Once", "max_tokens": 5, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        with s.client.stream("POST", "/v1/completions", json=body) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 5
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client gives up after 0.3 s
+            s.post("/v1/completions", {"model": "base", "prompt": "Once", "max_tokens": 2000, "temperature": 0},
+                   timeout=0.3)  # fmt: skip
+        time.sleep(1.5)
+        families = {f.name: f for f in text_string_to_metric_families(s.client.get("/metrics").text)}
+        t0 = time.perf_counter()
+        assert s.post("/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2}).status_code == 200
+        waited = time.perf_counter() - t0
+    finally:
+        s.stop()
+    codes = {x.labels["code"]: x.value for x in families["ftcore_requests"].samples if x.name == "ftcore_requests_total"}
+    assert codes.get("499") == 1
+    generated = [x.value for x in families["ftcore_generated_tokens"].samples if x.name.endswith("_total")]
+    assert sum(generated) < 5 + 2000  # the row stopped before its 2000 tokens
+    assert waited < 5
+
+
+def test_adapters_that_change_base_weights_get_a_private_base_and_lily_decodes_alone(tiny_served, tmp_path):
+    """HF PEFT saves a targeted embed_tokens' base weight in the adapter file and loading copies it in: the shared
+    base must not change. Lily mixes a batch's rows, so it gets its own engine, one row per batch."""
+    from safetensors.torch import load_file, save_file
+
+    from ftcore.serve.models import load_served
+
+    base, adapters = tiny_served
+    m, _ = load_pretrained(base)
+    original = m.embed_tokens.weight.detach().clone()
+    apply(m, PeftConfig(method="lora", r=2, alpha=4, target_modules=["embed_tokens", "q_proj"]))
+    save_adapter(m, tmp_path / "emb")
+    tensors = load_file(tmp_path / "emb" / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] = original + 0.5
+    save_file(tensors, tmp_path / "emb" / "adapter_model.safetensors")
+    m, _ = load_pretrained(base)
+    apply(m, PeftConfig(method="lily", r=2, target_modules=["q_proj", "v_proj"]))
+    save_adapter(m, tmp_path / "lily")
+
+    served = load_served(base, {"emb": tmp_path / "emb", "lily": tmp_path / "lily", "lora": adapters["lora"]})
+    shared = served.base.engine
+    assert torch.equal(shared.model.embed_tokens.module_for(0).weight, original)  # the base is untouched
+    assert torch.equal(shared.model.embed_tokens.module_for(served.by_name["emb"].adapter).weight, original + 0.5)
+    assert served.by_name["emb"].engine is shared and served.by_name["lora"].engine is shared
+    lily = served.by_name["lily"].engine
+    assert lily is not shared and lily.max_batch == 1

@@ -16,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -25,10 +25,11 @@ from ftcore.serve.batch import Job
 from ftcore.serve.config import ServeConfig
 from ftcore.serve.drift import DriftTracker
 from ftcore.serve.metrics import ServerMetrics
-from ftcore.serve.protocol import ApiError, chunk, new_id, parse, response
-from ftcore.serve.scheduler import QueueFull, Scheduler
+from ftcore.serve.protocol import ApiError, chunk, new_id, parse, response, usage
+from ftcore.serve.scheduler import QueueFull, Scheduler, WorkerStopped
 
 MAX_BODY_BYTES_PER_TOKEN = 64  # a body this many bytes per allowed prompt token is refused before parsing
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -69,6 +70,8 @@ class Server:
                 ids = tok.encode(tok.apply_chat_template(s.messages) if chat else s.prompt)
             except FtcoreError as e:  # e.g. a model without a chat template
                 raise ApiError(400, str(e), "messages" if chat else "prompt") from None
+            except (TypeError, ValueError) as e:  # e.g. a lone surrogate the tokenizer cannot take
+                raise ApiError(400, f"the text cannot be tokenized: {e}", "messages" if chat else "prompt") from None
         cfg = self.cfg
         max_tokens = cfg.default_max_tokens if s.max_tokens is None else s.max_tokens
         if max_tokens > cfg.max_tokens_limit:
@@ -89,14 +92,26 @@ class Server:
         return job, s
 
     async def read_body(self, request: Request):
-        raw = await request.body()
+        """The JSON body, read up to the size limit (Content-Length first, then as it arrives)."""
         limit = MAX_BODY_BYTES_PER_TOKEN * self.cfg.max_prompt_tokens
-        if len(raw) > limit:
-            raise ApiError(413, f"the request body has {len(raw)} bytes, over this server's limit of {limit}")
+        too_big = ApiError(413, f"the request body is over this server's limit of {limit} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        raw = bytearray()
+        try:
+            async for part in request.stream():
+                raw += part
+                if len(raw) > limit:
+                    raise too_big
+        except ClientDisconnect:
+            raise ApiError(400, "the client went away while sending the body") from None
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
 
     async def complete(self, request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
@@ -107,23 +122,38 @@ class Server:
             model_name = job.served.name
             events: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            job.emit = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+            wanted = ("delta", "done") if s.stream else ("done",)  # a non-streaming request waits for the end only
+
+            def emit(kind, payload):
+                if kind in wanted:
+                    loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+            job.emit = emit
             try:
                 self.scheduler.submit(job)
             except QueueFull as e:
                 raise ApiError(429, str(e), kind="rate_limit_error") from None
+            except WorkerStopped as e:
+                raise ApiError(503, str(e), kind="server_error") from None
         except ApiError as e:
             self.metrics.answered(endpoint, model_name or "-", e.status, time.perf_counter() - t0)
             return error_response(e)
         self.metrics.prompt_tokens.labels(model_name).inc(len(job.prompt))
         rid = new_id("chatcmpl" if chat else "cmpl")
         if s.stream:
-            return StreamingResponse(self.stream(job, events, rid, chat, endpoint, t0), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+            return StreamingResponse(self.stream(job, events, rid, chat, endpoint, t0, s.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
         try:
-            while (await events.get())[0] != "done":
-                pass
-        except asyncio.CancelledError:  # the client went away
+            while True:
+                try:
+                    await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)  # "done"
+                    break
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # stop decoding for a client that went away
+                        job.cancelled.set()
+                        self.client_gone(job, endpoint, t0)
+                        return Response(status_code=499)
+        except asyncio.CancelledError:
             job.cancelled.set()
             raise
         return self.finished(job, endpoint, t0, lambda: JSONResponse(response(job, chat, rid, model_name,
@@ -141,7 +171,13 @@ class Server:
         self.metrics.answered(endpoint, name, 200, time.perf_counter() - t0)
         return ok()
 
-    async def stream(self, job: Job, events: asyncio.Queue, rid: str, chat: bool, endpoint: str, t0: float):
+    def client_gone(self, job: Job, endpoint: str, t0: float):
+        """Metrics of a request whose client disconnected (status 499, nginx's "client closed request")."""
+        self.metrics.generated_tokens.labels(job.served.name).inc(len(job.ids))
+        self.metrics.answered(endpoint, job.served.name, 499, time.perf_counter() - t0)
+
+    async def stream(self, job: Job, events: asyncio.Queue, rid: str, chat: bool, endpoint: str, t0: float,
+                     include_usage: bool = False):  # fmt: skip
         name = job.served.name
 
         def sse(body: dict) -> str:
@@ -160,11 +196,14 @@ class Server:
                     yield sse(json.loads(result.body))
                 else:
                     yield sse(chunk(rid, name, chat, finish="length" if job.finish_reason == "length" else "stop"))
+                    if include_usage:
+                        yield sse({**chunk(rid, name, chat), "choices": [], "usage": usage(job)})
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            if job.finish_reason is None and job.error is None:
-                job.cancelled.set()  # the client disconnected mid-stream
+            if job.finish_reason is None and job.error is None:  # the client disconnected mid-stream
+                job.cancelled.set()
+                self.client_gone(job, endpoint, t0)
 
     async def chat(self, request: Request):
         return await self.complete(request, chat=True)

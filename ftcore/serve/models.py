@@ -5,8 +5,10 @@ at every module some LoRA-family/IA3/LN-tuning/OFT/... adapter replaced (routing
 and for all those adapters share its batches. An adapter that changes the sequence (prefix, prompt tuning,
 P-tuning) gets an engine of its own (a shared_copy of the base, so no base tensor is duplicated); so does a
 whole fine-tuned model (a directory with config.json, e.g. full fine-tuning's final/), which has its own
-weights. An adapter that changes the base weights when attached (an unconverted PiSSA/OLoRA adapter) is
-attached to a private copy of the base and routed like the others.
+weights. An adapter that changes the base weights when attached (an unconverted PiSSA/OLoRA adapter, or one
+whose file carries base weights) is attached to a private copy of the base and routed like the others. Lily
+mixes the rows of a batch (its router averages over all of them): its requests decode one at a time on an
+engine of their own.
 """
 
 import copy
@@ -18,10 +20,15 @@ import torch
 
 from ftcore.errors import FtcoreError
 from ftcore.formats.hf import load_pretrained
+from ftcore.formats.safetensors import SafetensorsFile
 from ftcore.peft.attach import VIRTUAL_TOKENS
 from ftcore.peft.config import is_principal
-from ftcore.peft.io import CONFIG, config_from_peft, load_adapter, read_json_object
+from ftcore.peft.io import CONFIG, WEIGHTS, config_from_peft, load_adapter, read_json_object
 from ftcore.serve.routing import Routing, attach_routers, shared_copy
+
+# Lily's router averages its softmax over every token of the batch, so a row's answer depends on its batch mates
+# (and on padding): its requests are decoded one at a time.
+ROW_COUPLED = ("lily",)
 
 
 @dataclass
@@ -32,6 +39,7 @@ class Engine:
     model: torch.nn.Module
     tokenizer: object
     routing: Routing | None = None
+    max_batch: int = 0  # rows per batch, 0 = the server's --max-batch; 1 for a method whose rows interact
 
 
 @dataclass
@@ -60,10 +68,13 @@ class ServedModels:
 
 
 def adapter_method(adapter_dir: Path) -> tuple[str, bool]:
-    """(method, attaching it changes the base weights) from a PEFT adapter_config.json."""
+    """(method, loading it changes the base weights): an unconverted PiSSA/OLoRA init, or base weights saved in the
+    adapter file (HF PEFT saves a targeted embed_tokens/lm_head's `base_layer.weight`, and loading copies them in)."""
     path = adapter_dir / CONFIG
     cfg = config_from_peft(read_json_object(path), path)
-    return cfg.method, is_principal(cfg.init)
+    weights = adapter_dir / WEIGHTS
+    carries_base = weights.is_file() and any(".base_layer." in n for n in SafetensorsFile(weights).names())
+    return cfg.method, is_principal(cfg.init) or carries_base
 
 
 def run_drift_reference(model_dir: Path) -> Path | None:
@@ -94,8 +105,9 @@ def load_served(base_path: str, adapters: dict[str, str], dtype=torch.float32, d
         method, changes_base = adapter_method(where)
         m = load_adapter(copy.deepcopy(model) if changes_base else shared_copy(model), where)
         m.eval()
-        if method in VIRTUAL_TOKENS:  # changes the sequence: batched on its own
-            own.append(Served(name, Engine(name, m, tokenizer), 0, method, str(where), run_drift_reference(where)))
+        if method in VIRTUAL_TOKENS or method in ROW_COUPLED:  # changes the sequence, or mixes rows: on its own
+            engine = Engine(name, m, tokenizer, max_batch=1 if method in ROW_COUPLED else 0)
+            own.append(Served(name, engine, 0, method, str(where), run_drift_reference(where)))
         else:
             routed.append(m)
             routed_served.append(Served(name, None, len(routed), method, str(where), run_drift_reference(where)))

@@ -3,8 +3,9 @@
 Every problem is an ApiError: an HTTP status and a message naming the field (OpenAI's error object,
 {"error": {"message", "type", "param", "code"}}). Supported: model, messages | prompt (text or token ids), max_tokens
 (max_completion_tokens), temperature, top_p, stop, seed, stream, n=1, and ftcore's `return_token_ids`
-(each choice then carries the generated token ids). Options ftcore cannot honour (n > 1, logprobs, penalties,
-tools) are refused rather than ignored; others (user, metadata, ...) are ignored.
+(each choice then carries the generated token ids), stream_options.include_usage. Options ftcore cannot honour
+(n > 1, logprobs, penalties, tools, a response_format other than text) are refused rather than ignored; others
+(user, metadata, ...) are ignored. A temperature under GREEDY_BELOW is greedy.
 """
 
 import random
@@ -12,10 +13,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-UNSUPPORTED = {"n": 1, "logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+UNSUPPORTED = {"n": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
                "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-               "best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}  # fmt: skip
-ROLES = ("system", "user", "assistant")
+               "tool_choice": (None, "none"), "function_call": (None, "none"), "best_of": (None, 1),
+               "echo": (None, False), "suffix": (None, ""), "response_format": (None, {"type": "text"})}  # fmt: skip
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
+GREEDY_BELOW = 1e-4  # a temperature under this is greedy (dividing logits by it would overflow)
 
 
 class ApiError(Exception):
@@ -24,7 +27,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Settings:
     seed: int | None
     stream: bool
     return_token_ids: bool
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
 def _number(body: dict, key: str, default, low: float, high: float, integer: bool = False):
@@ -80,10 +84,14 @@ def _messages(body: dict) -> list[dict]:
         raise ApiError(400, f"'messages': expected a non-empty list, got {type(messages).__name__}", "messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text"
+                                             and isinstance(c.get("text"), str) for c in content):  # fmt: skip
+            content = "".join(c["text"] for c in content)  # text parts; images and audio are not supported
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
             raise ApiError(400, f"'messages[{i}]': expected {{\"role\": one of {', '.join(ROLES)}, \"content\": a "
-                                f"string}}, got {m!r}"[:300], f"messages[{i}]")  # fmt: skip
-        out.append({"role": m["role"], "content": m["content"]})
+                                f"string or text parts}}, got {m!r}"[:300], f"messages[{i}]")  # fmt: skip
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
 
 
@@ -119,10 +127,18 @@ def parse(body, chat: bool) -> Settings:
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise ApiError(400, "'top_p': expected a value in (0, 1], got 0", "top_p")
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0
     if temperature > 0 and seed is None:
         seed = random.getrandbits(63)
+    options = body.get("stream_options")
+    valid = isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)
+    if options is not None and not valid:
+        raise ApiError(400, f"'stream_options': expected {{\"include_usage\": true|false}}, got {options!r}",
+                       "stream_options")  # fmt: skip
     return Settings(model or "", messages, prompt, max_tokens, float(temperature), float(top_p), _stop(body), seed,
-                    _flag(body, "stream"), _flag(body, "return_token_ids"))  # fmt: skip
+                    _flag(body, "stream"), _flag(body, "return_token_ids"),
+                    bool(options and options.get("include_usage")))  # fmt: skip
 
 
 def new_id(prefix: str) -> str:

@@ -20,6 +20,10 @@ class QueueFull(Exception):
     pass
 
 
+class WorkerStopped(Exception):
+    pass
+
+
 class Scheduler:
     def __init__(self, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.002, metrics=None,
                  after_batch=None):  # fmt: skip
@@ -36,8 +40,10 @@ class Scheduler:
         return self
 
     def submit(self, job: Job):
+        if not self.thread.is_alive():
+            raise WorkerStopped("the decode worker is not running")
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            if sum(not j.cancelled.is_set() for j in self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self.waiting.append(job)
             self._queue_gauge()
@@ -65,7 +71,7 @@ class Scheduler:
         with self.cond:
             engine = self.waiting[0].served.engine
             batch = [j for j in self.waiting if j.served.engine is engine and not j.cancelled.is_set()]
-            batch = batch[: self.max_batch]
+            batch = batch[: min(self.max_batch, engine.max_batch or self.max_batch)]
             taken = {id(j) for j in batch}
             gone = [j for j in self.waiting if j.served.engine is engine and j.cancelled.is_set()]
             taken |= {id(j) for j in gone}
