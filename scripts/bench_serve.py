@@ -114,7 +114,8 @@ def main():
             proc.wait(120)
     result = {"machine": device_name(args.device), "device": args.device, "model": args.model, "models": models,
               "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-              "load_average": {"before": load_before, "after": os.getloadavg()}, "versions": bench_versions(), "rows": rows}  # fmt: skip
+              "load_average": {"before": load_before, "after": os.getloadavg()},
+              "versions": bench_versions(), "rows": rows}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{datetime.now():%Y%m%d-%H%M%S}-serve"
