@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import tiny_dir  # noqa: F401 (a fixture)
 
-from ftcore.formats.hf import load_pretrained, save_pretrained
-from ftcore.model import ModelConfig, Transformer
+from ftcore.formats.hf import load_pretrained
 from ftcore.model.generate import generate
 from ftcore.peft import load_adapter, save_adapter
 from ftcore.peft.attach import apply
@@ -32,7 +32,6 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 ADAPTERS = {  # name -> the method's config; prefix tuning is batched on its own, the others share batches
     "lora": dict(method="lora", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     "ia3": dict(method="ia3"),
@@ -45,21 +44,14 @@ QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Count to five.", "Say hello.",
 
 
 @pytest.fixture(scope="module")
-def tiny_served(tmp_path_factory, smollm2_dir):
-    """(base dir, {adapter name: dir}): a 2-layer random model with SmolLM2's tokenizer and three adapters
-    whose weights are random (so each one changes the answers)."""
+def tiny_served(tmp_path_factory, tiny_dir):  # noqa: F811
+    """(base dir, {adapter name: dir}): the 2-layer random model with SmolLM2's tokenizer (test_train's) and three
+    adapters whose weights are random (so each one changes the answers)."""
     out = tmp_path_factory.mktemp("serve")
-    cfg = ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, tie_word_embeddings=True)  # fmt: skip
-    model = Transformer(cfg)
-    model.init_weights(generator=torch.Generator().manual_seed(0))
-    save_pretrained(model, out / "base")
-    for name in TOKENIZER_FILES:
-        shutil.copy(smollm2_dir / name, out / "base" / name)
     adapters = {}
     for i, (name, spec) in enumerate(ADAPTERS.items()):
-        m, _ = load_pretrained(out / "base")
-        apply(m, PeftConfig(**spec, base_model_name_or_path=str(out / "base")))
+        m, _ = load_pretrained(tiny_dir)
+        apply(m, PeftConfig(**spec, base_model_name_or_path=str(tiny_dir)))
         g = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
             for p in m.parameters():
@@ -67,7 +59,7 @@ def tiny_served(tmp_path_factory, smollm2_dir):
                     p.add_(torch.randn(p.shape, generator=g) * NOISE[name])
         save_adapter(m, out / name)
         adapters[name] = out / name
-    return out / "base", adapters
+    return tiny_dir, adapters
 
 
 class Server:
