@@ -5,18 +5,22 @@ the run's stored test score (eval.json) and its base model's, and scores the fre
 training prompts (drift_reference.json). Appends one JSON line to the history (default <run>/monitor.jsonl) and
 plots it next to it (monitor.png; needs matplotlib). Exits 1 when the score is more than --max-drop below the
 stored test score (or, with --fail-on-drift, when a drift score is over its threshold), 0 otherwise, 2 on a user
-error: fit for cron or CI.
+error, 3 on an unexpected one: fit for cron or CI.
 """
 
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from ftcore.cli import run_cli
+from ftcore.errors import FtcoreError
 from ftcore.monitor.check import MonitorConfig, append_history, drift_notes, read_history, run_check, summary
 from ftcore.monitor.config import DriftThresholds
 from ftcore.monitor.plot import plot_history
+
+INTERNAL_ERROR = 3
 
 
 def parse_args(argv=None):
@@ -25,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="the fresh labeled file, in the run's data format")
     p.add_argument("--history", default="", help="the history to append to (default: RUN_DIR/monitor.jsonl)")
     p.add_argument("--max-drop", type=float, default=MonitorConfig.max_drop,
-                   help="fail when the score is more than this (absolute) below the stored test score")  # fmt: skip
+                   help="fail when the score is more than this (absolute) below the stored test score "
+                        "(default: 5%% of the metric's scale, 0.05 or 5 BLEU points)")  # fmt: skip
     p.add_argument("--limit", type=int, default=0, help="score the first N examples of the file (0 = all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--drift-thresholds", default="", metavar="NAME=VALUE,...",
@@ -56,12 +61,28 @@ def main(argv=None) -> int:
         for note in drift_notes(record["n"], cfg.thresholds):
             print(f"note: {note}", file=sys.stderr)
     written = f"appended to {history}"
-    if not args.no_plot and (png := plot_history(read_history(history), history.with_suffix(".png"))):
-        written += f", plot {png}"
+    try:
+        if not args.no_plot and (png := plot_history(read_history(history), history.with_suffix(".png"))):
+            written += f", plot {png}"
+    except Exception as e:  # the check itself is done and recorded: a plot failure must not change the verdict
+        print(f"note: the plot failed ({type(e).__name__}: {e})", file=sys.stderr)
     print(written)
     failed = not record["passed"] or (args.fail_on_drift and record["drift_over"])
     return 1 if failed else 0
 
 
+def checked_main(argv=None) -> int:
+    """main(); an unexpected error exits INTERNAL_ERROR (3) with its traceback, so cron or CI can tell a crash
+    from a regression (1) and a user error (2)."""
+    try:
+        return main(argv)
+    except (FtcoreError, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception:
+        traceback.print_exc()
+        print("error: the check failed unexpectedly (exit 3): see the traceback above", file=sys.stderr)
+        return INTERNAL_ERROR
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(checked_main)

@@ -25,7 +25,7 @@ from ftcore.model import ModelConfig, Transformer
 from ftcore.train import train
 
 COUNTS = ("dropped_empty", "dropped_identical", "dropped_untranslated", "dropped_length", "dropped_numbers",
-          "dropped_question", "dropped_duplicate", "added")  # fmt: skip
+          "dropped_question", "dropped_clean", "dropped_duplicate", "removed_over_max_length", "added")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,40 @@ def test_training_run_writes_the_counts(tiny_dir, short_rewriter, tmp_path, monk
     (tmp_path / "run" / "config.json").write_text(json.dumps(run))
     ev = EvalConfig(max_examples=2, max_new_tokens=2, baseline=False)
     assert evaluate(EvalRunConfig(run_dir=str(tmp_path / "run"), eval=ev, out_dir=str(tmp_path / "ev")))["n"] == 2
+
+
+def test_rewrites_are_cleaned_length_filtered_and_counted_after_it(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    """A scripted rewriter: HTML in a rewrite is cleaned away as the data's was; a rewrite too long for
+    data.max_length is counted as removed, not added; a chat record with no user turn before its answer is not a
+    candidate (and does not crash)."""
+    tok = Tokenizer.from_dir(tiny_dir)
+    records = [{"messages": [{"role": "user", "content": f"Add {i} and {i}."},
+                             {"role": "assistant", "content": str(2 * i)}]} for i in range(30)]  # fmt: skip
+    records.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "ok"}]})
+    data = write_jsonl(tmp_path / "chat.jsonl", records)
+
+    def scripted(model, tokenizer, texts, instruction, fill, cfg):
+        out = []
+        for t in texts:
+            i = int(t.split()[1])
+            if i % 3 == 0:
+                out.append((f"Sum {i} plus {i}, " + "please " * 60, False))  # too long for max_length
+            elif i % 3 == 1:
+                out.append((f"<b>Sum</b> {i} plus {i}.", False))  # cleaned to "Sum i plus i."
+            else:
+                out.append((f"Sum {i} plus {i}.", False))
+        return out
+
+    monkeypatch.setattr(ftcore.data.augment, "load_rewriter", lambda ref, device, dtype: (None, tok))
+    monkeypatch.setattr(ftcore.data.augment, "rewrite", scripted)
+    cfg = DataConfig(path=str(data), schema="chat", cache_dir="", augment="paraphrase", augment_model=str(tiny_dir),
+                     augment_length_ratio=100.0, max_length=64)  # fmt: skip
+    splits, report = build_datasets(cfg, tok)
+    aug = report["augment"]
+    real = [ex for ex in splits["train"] if "augmented" not in ex]
+    assert any(last_user_turn(ex["messages"]) is None for ex in real)  # the record without a user turn is in train
+    assert aug["augmented_candidates"] == sum(last_user_turn(ex["messages"]) is not None for ex in real)
+    added = [prompt_of(ex) for ex in splits["train"] if "augmented" in ex]
+    assert added and all("<b>" not in p and "please" not in p for p in added)
+    assert aug["added"] == len(added) and aug["removed_over_max_length"] > 0
+    assert aug["augmented_candidates"] == sum(aug[k] for k in COUNTS)

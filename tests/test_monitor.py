@@ -206,3 +206,17 @@ def test_a_served_adapter_scores_as_the_loaded_one(learned, tiny_dir, tmp_path):
     assert remote["score"] == local["score"] == 1.0 and changed["score"] == 0.0
     assert remote["served"] == {"url": server.url, "model": "sevens"} and remote["perplexity"] is None
     assert remote["drift"] == pytest.approx(local["drift"], rel=1e-9)
+
+
+def test_history_survives_a_torn_line_and_foreign_lines(tmp_path):
+    from ftcore.monitor.check import append_history
+
+    record = {"score": 0.5, "stored_score": 0.6, "max_drop": 0.05, "passed": False, "metric": "accuracy",
+              "run_dir": "r"}  # fmt: skip
+    history = tmp_path / "monitor.jsonl"
+    history.write_text(json.dumps(record) + "\n" + '{"score": 0.7, "stor')  # a check killed mid-write
+    append_history(history, {**record, "score": 0.9})
+    history.write_text(history.read_text() + "null\n[1, 2]\n" + json.dumps({"score": 1}) + "\n")
+    assert [r["score"] for r in read_history(history)] == [0.5, 0.9]
+    if importlib.util.find_spec("matplotlib"):
+        assert plot_history(read_history(history), tmp_path / "monitor.png") is not None

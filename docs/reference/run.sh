@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reference comparison (not run yet): SmolLM2-135M on the arithmetic demo, 10 arms at a 2.5M-parameter
+# The reference comparison: SmolLM2-135M on the arithmetic demo, 10 arms at a 2.5M-parameter
 # budget (LoRA r=8, DoRA r=7, PiSSA r=8, LoHa r=4, HRA r=16, prefix and prompt at their 100-token cap, IA3 and LN
 # tuning at their fixed sizes, full fine-tuning) plus the base model zero- and 4-shot; 3 seeds; 3 learning rates
 # per method tried for 40 steps; 200-step runs. Resumable: rerun the same command (finished runs are skipped).

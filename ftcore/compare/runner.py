@@ -7,6 +7,7 @@ torchrun with compare.launch=subprocess) in its own directory under out_dir; the
 compare_run.yaml (the run's config) and compare_status.json (status, wall time, peak memory).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -255,8 +256,7 @@ def evaluate_baseline(base: dict, out_dir: Path, compute: bool = True) -> dict |
     device = pick_device(cfg.train.device)
     model, tokenizer = load_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device,
                                        quant=cfg.model.quant_spec())
-    splits, _ = build_datasets(cfg.data, tokenizer, base_model=cfg.model.path, device=device,
-                               dtype=DTYPES[cfg.model.dtype])  # fmt: skip
+    splits, _ = build_datasets(dataclasses.replace(cfg.data, augment="none"), tokenizer)  # shots: real examples
     result = evaluate_task(model, tokenizer, splits[cfg.eval.split], cfg.data, cfg.eval, device)
     record = {"config_hash": key, **{k: result[k] for k in ("task", "metric", "score", "scores", "n")}, "config": what}
     path.parent.mkdir(parents=True, exist_ok=True)

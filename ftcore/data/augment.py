@@ -12,6 +12,7 @@ is dropped (and counted under its reason, in this order) when it is
     length        outside [1/r, r] times the prompt's length in characters, or cut off by the token budget
     numbers       its digit runs differ from the prompt's (a changed number changes the answer)
     question      the prompt ends with "?" and the rewrite has none (answered or summarised, not rewritten)
+    clean         data.clean removes it (the rewrites are cleaned as the data was: HTML, whitespace, max_chars)
     duplicate     its prompt is already an example's prompt in any split (or an earlier rewrite's)
 The survivors join the training split only; build_datasets calls this after the split, and only on a
 cache miss, so the model is loaded only when the rewrites are not cached yet.
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ftcore.data.cache import TOKENIZER_FILES, file_digest
-from ftcore.data.clean import content_key
+from ftcore.data.clean import clean_examples, content_key
 from ftcore.data.format import encode_prompt
 from ftcore.data.split import split_key, unit_hash
 from ftcore.errors import FtcoreError
@@ -36,7 +37,8 @@ INSTRUCTIONS = {
     "paraphrase": ("Rewrite the following text in other words. Keep its meaning, every number and every name. "
                    "Reply with the rewritten text only.\n\n{text}"),  # fmt: skip
 }
-DROP_REASONS = ("empty", "identical", "untranslated", "length", "numbers", "question", "duplicate")
+DROP_REASONS = ("empty", "identical", "untranslated", "length", "numbers", "question", "clean", "duplicate")
+AUGMENT_VERSION = 2  # in the data cache's key: bump when the instructions or the rules above change
 SAMPLES = 8  # round trips kept in the report for a reader to judge
 _QUOTES = ('""', "''", "“”", "«»")
 
@@ -48,7 +50,8 @@ def augment_examples(examples: list[dict], cfg, model_ref: str, device="cpu", dt
     cfg: the DataConfig (augment_*); model_ref: the model that rewrites (a path, .gguf, pkg://... or hub id);
     taken: split_key(messages, "prompt") of every example in every split (rewrites matching one are dropped).
     """
-    picked = [ex for ex in examples if picked_for(ex, cfg.seed, cfg.augment_fraction)]
+    picked = [ex for ex in examples if last_user_turn(ex["messages"]) is not None  # a prompt to rewrite
+              and picked_for(ex, cfg.seed, cfg.augment_fraction)]  # fmt: skip
     report = {"method": cfg.augment, "model": model_ref}
     if cfg.augment == "backtranslate":
         report["pivot"] = cfg.augment_pivot
@@ -74,7 +77,7 @@ def augment_examples(examples: list[dict], cfg, model_ref: str, device="cpu", dt
         torch.cuda.empty_cache()
 
     taken = set() if taken is None else taken
-    added = []
+    candidates = []
     for i, (ex, turn, prompt, (text, cut)) in enumerate(zip(picked, turns, prompts, outputs)):
         pivot, pivot_cut = pivots[i] if pivots else (None, False)
         if pivots and (not pivot or pivot_cut):
@@ -83,17 +86,30 @@ def augment_examples(examples: list[dict], cfg, model_ref: str, device="cpu", dt
             reason = drop_reason(prompt, text, cfg.augment_length_ratio, cfg.augment_keep_numbers, pivot, cut)
         messages = [dict(m, content=text) if j == turn else m for j, m in enumerate(ex["messages"])]
         if reason is None:
-            key = split_key(messages, "prompt")
+            candidates.append({**ex, "messages": messages, "where": f"{ex['where']} ({cfg.augment})",
+                               "augmented": cfg.augment, "sample": i})  # fmt: skip
+        else:
+            report[f"dropped_{reason}"] += 1
+        if i < SAMPLES:
+            sample = {"prompt": prompt, **({"pivot": pivot} if pivots else {}), "rewrite": text, "dropped": reason}
+            report["samples"].append(sample)
+    # the rewrites are cleaned as the data was (data.clean), then compared with every split's prompts
+    cleaned = {ex["sample"]: ex for ex in clean_examples(candidates, cfg.clean)[0]}
+    added = []
+    for ex in candidates:
+        if ex["sample"] not in cleaned:
+            reason = "clean"
+        else:
+            ex = cleaned[ex["sample"]]
+            key = split_key(ex["messages"], "prompt")
             reason = "duplicate" if key in taken else None
             taken.add(key)
         if reason is None:
-            added.append({**ex, "messages": messages, "where": f"{ex['where']} ({cfg.augment})",
-                          "augmented": cfg.augment})  # fmt: skip
+            added.append({k: v for k, v in ex.items() if k != "sample"})
         else:
             report[f"dropped_{reason}"] += 1
-        if len(report["samples"]) < SAMPLES:
-            sample = {"prompt": prompt, **({"pivot": pivot} if pivots else {}), "rewrite": text, "dropped": reason}
-            report["samples"].append(sample)
+            if ex["sample"] < SAMPLES:
+                report["samples"][ex["sample"]]["dropped"] = reason
     report["added"] = len(added)
     return added, report
 
@@ -144,10 +160,10 @@ def clean_output(text: str, labels=()) -> str:
     return text
 
 
-def last_user_turn(messages: list[dict]) -> int:
-    """Index of the last user message before the last assistant message (the prompt that is rewritten)."""
+def last_user_turn(messages: list[dict]) -> int | None:
+    """Index of the last user message before the last assistant message (the prompt that is rewritten), or None."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return max(i for i, m in enumerate(messages[:last]) if m["role"] == "user")
+    return max((i for i, m in enumerate(messages[:last]) if m["role"] == "user"), default=None)
 
 
 def rewrite(model, tokenizer, texts: list[str], instruction: str, fill: dict, cfg) -> list[tuple[str, bool]]:
@@ -186,20 +202,20 @@ def load_rewriter(model_ref: str, device, dtype):
 
 def model_fingerprint(model_ref: str) -> str:
     """What identifies the rewriting model in the data cache's key, without loading it: a local directory's
-    config.json and tokenizer files (bytes) and weight files (names, sizes); a file's name and size; else the
-    reference itself (a hub repo id)."""
+    config.json and tokenizer files (bytes) and weight files (names, sizes, modification times); a file's name,
+    size and modification time; else the reference itself (a hub repo id); and AUGMENT_VERSION."""
     from ftcore.formats.hf import _local_ref
 
     path = Path(_local_ref(model_ref)).expanduser()
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"augment v{AUGMENT_VERSION}".encode())
     if path.is_dir():
         for name in ("config.json", *TOKENIZER_FILES):
             if (path / name).is_file():
                 h.update(f"{name}:{file_digest(path / name)}".encode())
         for weights in sorted(path.glob("*.safetensors")):
-            h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+            h.update(f"{weights.name}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}".encode())
     elif path.is_file():
-        h.update(f"{path.name}:{path.stat().st_size}".encode())
+        h.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
     else:
         h.update(f"ref:{model_ref}".encode())
     return h.hexdigest()

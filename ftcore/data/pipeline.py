@@ -77,6 +77,10 @@ def build_datasets(cfg: DataConfig, tokenizer, base_model: str = "", device="cpu
         splits[name], report["tokenize"][name] = encode_examples(exs, cfg, tokenizer)
     if not splits["train"]:
         raise FtcoreError(f"{files['train']}: the training split is empty; report: {json.dumps(report)}")
+    if cfg.augment != "none":  # the rewrites that also passed max_length
+        kept = sum("augmented" in ex for ex in splits["train"])
+        report["augment"]["removed_over_max_length"] = report["augment"]["added"] - kept
+        report["augment"]["added"] = kept
 
     if key:
         cache.save(cfg.cache_dir, key, splits, report)

@@ -105,6 +105,7 @@ def evaluate_task(model, tokenizer, examples: list[dict], data_cfg, eval_cfg, de
 def evaluate_few_shot(model, tokenizer, splits: dict, data_cfg, eval_cfg, device, world=None) -> dict:
     """The base model's eval.split score with eval.few_shot shots: evaluate_task's result with "k" and "shots"
     (the shots' source lines)."""
-    shots = [splits["train"][i] for i in select_shots(splits["train"], eval_cfg.few_shot, eval_cfg.few_shot_seed)]
+    real = [ex for ex in splits["train"] if "augmented" not in ex]  # shots are the user's own examples
+    shots = [real[i] for i in select_shots(real, eval_cfg.few_shot, eval_cfg.few_shot_seed)]
     result = evaluate_task(model, tokenizer, splits[eval_cfg.split], data_cfg, eval_cfg, device, world, shots=shots)
     return {**result, "k": eval_cfg.few_shot, "shots": [s["where"] for s in shots]}

@@ -14,8 +14,9 @@ the run's, on its test split.
 Drift scores (drift.py) come from the fresh prompts exactly as drift_reference.json was built (reference.py): the
 prompts as the model sees them, embedded by the base model.
 
-A record (one line of monitor.jsonl): time (UTC), run_dir, file, sha256, examples (the file's, cleaned and
-length-filtered), n (scored), task, metric, score, perplexity, served (url and model, or null), stored_score,
+A record (one line of monitor.jsonl): time (UTC), run_dir, file, sha256, read (the file's records), removed
+(by cleaning and the length filter, by reason: a shift to longer inputs shows here), examples (what is left),
+n (scored), task, metric, score, perplexity, served (url and model, or null), stored_score,
 stored_n, base_score, drop (stored_score - score), max_drop, passed, drift (the scores, or null),
 drift_thresholds, drift_over (the scores over them), git, versions.
 """
@@ -52,7 +53,8 @@ from ftcore.train.run_info import git_state, versions
 class MonitorConfig:
     run_dir: str
     data: str  # the fresh labeled file, in the run's data format
-    max_drop: float = 0.05  # fail when the score is more than this (absolute) below the stored test score
+    max_drop: float | None = None  # fail when the score is this far (absolute) below the stored test score;
+    # None = 5% of the metric's scale: 0.05 (accuracy, F1, ROUGE), 5 BLEU points
     limit: int = 0  # score the first N examples of the file (0 = all)
     device: str = "auto"
     drift: bool = True  # also the drift scores (needs the run's drift_reference.json)
@@ -62,7 +64,7 @@ class MonitorConfig:
     api_key: str = ""
 
     def __post_init__(self):
-        if not (self.max_drop >= 0):
+        if self.max_drop is not None and not (self.max_drop >= 0):
             raise invalid("--max-drop", self.max_drop, "a number >= 0")
         if self.limit < 0:
             raise invalid("--limit", self.limit, ">= 0 (0 = the whole file)")
@@ -136,7 +138,7 @@ def run_check(cfg: MonitorConfig) -> dict:
     base_path = ev.baseline_path if full else ev.model.path
     model, tokenizer = load_pretrained(ev.model.path if full and reference is None else base_path, dtype=dtype,
                                        device=device, quant=quant)  # fmt: skip
-    examples, _ = build_file(fresh, ev.data, tokenizer, "--data")
+    examples, prepared = build_file(fresh, ev.data, tokenizer, "--data")
     scored = examples[: cfg.limit or None]
     drift = None
     if reference is not None:  # the base model's embeddings, as reference.py made the reference's
@@ -157,36 +159,45 @@ def run_check(cfg: MonitorConfig) -> dict:
             peft.load_adapter(model, ev.adapter)
         result = score_model(model.eval(), tokenizer, scored, ev, device)
 
+    max_drop = cfg.max_drop if cfg.max_drop is not None else 0.05 * (100 if task.metric == "bleu" else 1)
     drop = stored - result["score"]
-    passed = drop <= cfg.max_drop + 1e-9  # 1.0 - 0.95 is 0.05000000000000004: at the threshold passes
+    passed = drop <= max_drop + 1e-9  # 1.0 - 0.95 is 0.05000000000000004: at the threshold passes
     return {
         "time": started, "run_dir": str(run), "file": str(fresh), "sha256": digest,
-        "examples": len(examples), "n": result["n"], "task": result["task"], "metric": result["metric"],
+        "examples": len(examples), "read": prepared["clean"]["input"],
+        "removed": {k: v for k, v in {**prepared["clean"], **prepared["tokenize"]}.items() if k.startswith("removed")},
+        "n": result["n"], "task": result["task"], "metric": result["metric"],
         "score": result["score"], "perplexity": result["perplexity"],
         "served": {"url": cfg.url, "model": cfg.served_model} if cfg.url else None,
         "stored_score": stored, "stored_n": stored_n, "base_score": base_score,
-        "drop": drop, "max_drop": cfg.max_drop, "passed": passed,
+        "drop": drop, "max_drop": max_drop, "passed": passed,
         "drift": drift, "drift_thresholds": cfg.thresholds.as_dict(),
         "drift_over": cfg.thresholds.over(drift) if drift is not None else [],
         "git": git_state(Path(__file__).resolve().parents[2]), "versions": versions(("torch", "ftcore")),
     }  # fmt: skip
 
 
+RECORD_KEYS = ("score", "stored_score", "max_drop", "passed", "metric", "run_dir")  # what the plot reads
+
+
 def append_history(path: Path, record: dict) -> None:
-    """One JSON line per check, written whole."""
+    """One JSON line per check, written whole (on a line of its own after a torn last line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(record) + "\n")
 
 
 def read_history(path: Path) -> list[dict]:
-    """The history's records; a line that is not JSON (a torn last write) is skipped."""
+    """The history's records; a line that is not a record (a torn write, hand edits) is skipped."""
     records = []
     for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict) and all(k in record for k in RECORD_KEYS):
+            records.append(record)
     return records
 
 

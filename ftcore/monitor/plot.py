@@ -23,6 +23,8 @@ def plot_history(records: list[dict], path: Path) -> Path | None:
     except ImportError:
         print("monitor: matplotlib is not installed, no plot (pip install 'ftcore[plots]')", flush=True)
         return None
+    if not records:
+        return None
     x = list(range(1, len(records) + 1))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
     top.plot(x, [r["score"] for r in records], "o-", color="tab:blue", label="score on the fresh file")

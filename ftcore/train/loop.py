@@ -230,8 +230,9 @@ def evaluate_baseline(run: Run, model, tokenizer, data: Data, resuming: bool) ->
         probe = make_probe(base, tokenizer, ev, cfg.model.path, cfg.data.cache_dir, world)
         baseline["probe"], baseline["probe_loss"] = probe, probe_loss(base, probe, world.device)
     if ev.drift_reference:  # every rank: a sharded base's forwards run on all of them
-        reference = build_reference(base, data.splits["train"], cfg.data, tokenizer, data.pad_id, world.device,
-                                    ev.drift_prompts, cfg.data.seed)  # fmt: skip
+        real = [ex for ex in data.splits["train"] if "augmented" not in ex]  # the user's prompts, no rewrites
+        reference = build_reference(base, real, cfg.data, tokenizer, data.pad_id, world.device, ev.drift_prompts,
+                                    cfg.data.seed)  # fmt: skip
         if run.rank0:
             reference.save(run.run_dir / "drift_reference.json")
     if base is not model:  # freed now (FSDP2's hooks make a reference cycle), before the run's shards are made
