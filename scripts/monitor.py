@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--no-drift", action="store_true", help="skip the drift scores (a run without drift_reference.json)")
     p.add_argument("--fail-on-drift", action="store_true", help="also exit 1 when a drift score is over its threshold")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot of the history")
+    p.add_argument("--score-base", action="store_true", help="also score the base model on the fresh file: is the "
+                   "data harder, or did the model get worse?")
     p.add_argument("--url", default="", help="score the model a scripts/serve.py server serves (e.g. "
                    "http://127.0.0.1:8000) instead of loading final/; with --served-model")
     p.add_argument("--served-model", default="", help="the model's name on that server (its --adapter NAME)")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     cfg = MonitorConfig(run_dir=args.run_dir, data=args.data, max_drop=args.max_drop, limit=args.limit,
                         device=args.device, drift=not args.no_drift,
                         thresholds=DriftThresholds.parse(args.drift_thresholds), url=args.url,
-                        served_model=args.served_model, api_key=args.api_key)  # fmt: skip
+                        served_model=args.served_model, api_key=args.api_key, score_base=args.score_base)  # fmt: skip
     record = run_check(cfg)
     history = Path(args.history) if args.history else Path(args.run_dir) / "monitor.jsonl"
     append_history(history, record)

@@ -84,13 +84,14 @@ def test_passes_on_its_own_test_split_and_fails_on_changed_answers(learned, tiny
     run, files = learned
     history = tmp_path / "monitor.jsonl"
     args = [str(run), "--history", str(history), "--limit", str(LIMIT), "--device", "cpu"]
-    assert monitor.main([*args, "--data", str(files["own"])]) == 0
+    assert monitor.main([*args, "--data", str(files["own"]), "--score-base"]) == 0
     assert monitor.main([*args, "--data", str(files["plus_one"])]) == 1
     own, changed = read_history(history)
     assert len(history.read_text().splitlines()) == 2  # one line per check
     assert own["score"] == 1.0 and own["passed"] and own["n"] == LIMIT and own["examples"] > LIMIT
     assert changed["score"] == 0.0 and changed["drop"] == 1.0 and not changed["passed"]
     assert own["stored_score"] == changed["stored_score"] == 1.0 and own["base_score"] == 0.0
+    assert own["base_fresh_score"] == 0.0 and changed["base_fresh_score"] is None  # the base never says 7
     assert own["file"] == str(files["own"]) and len(own["sha256"]) == 64 and own["sha256"] != changed["sha256"]
     assert own["git"]["sha"] and own["versions"]["torch"] and math.isfinite(own["perplexity"])
     # drawn like the training prompts: under every threshold; the prompts are the same, so are the drift scores

@@ -17,7 +17,8 @@ prompts as the model sees them, embedded by the base model.
 A record (one line of monitor.jsonl): time (UTC), run_dir, file, sha256, read (the file's records), removed
 (by cleaning and the length filter, by reason: a shift to longer inputs shows here), examples (what is left),
 n (scored), task, metric, score, perplexity, served (url and model, or null), stored_score,
-stored_n, base_score, drop (stored_score - score), max_drop, passed, drift (the scores, or null),
+stored_n, base_score, base_fresh_score (the base on the fresh file, with score_base), drop
+(stored_score - score), max_drop, passed, drift (the scores, or null),
 drift_thresholds, drift_over (the scores over them), git, versions.
 """
 
@@ -62,6 +63,7 @@ class MonitorConfig:
     url: str = ""  # score the model served there (scripts/serve.py) instead of loading final/
     served_model: str = ""  # its name on that server (the request's `model`)
     api_key: str = ""
+    score_base: bool = False  # also score the base model on the fresh file (base_fresh_score)
 
     def __post_init__(self):
         if self.max_drop is not None and not (self.max_drop >= 0):
@@ -136,7 +138,8 @@ def run_check(cfg: MonitorConfig) -> dict:
     device, dtype, quant = pick_device(cfg.device), DTYPES[ev.model.dtype], ev.model.quant_spec()
     full = bool(ev.baseline_path)  # full fine-tuning: model.path is final/, baseline_path the base
     base_path = ev.baseline_path if full else ev.model.path
-    model, tokenizer = load_pretrained(ev.model.path if full and reference is None else base_path, dtype=dtype,
+    need_base = reference is not None or cfg.score_base
+    model, tokenizer = load_pretrained(ev.model.path if full and not need_base else base_path, dtype=dtype,
                                        device=device, quant=quant)  # fmt: skip
     examples, prepared = build_file(fresh, ev.data, tokenizer, "--data")
     scored = examples[: cfg.limit or None]
@@ -147,9 +150,12 @@ def run_check(cfg: MonitorConfig) -> dict:
         if reference.embedding_mean is not None:
             embeddings = prompt_embeddings(model, ids, pad_token_id(tokenizer), device)
         drift = reference.scores(ids, embeddings)
-        if full and not cfg.url:
-            del model
-            model, _ = load_pretrained(ev.model.path, dtype=dtype, device=device, quant=quant)
+    base_fresh = None
+    if cfg.score_base:  # the base model on the same file: is the fresh data harder, or did the model get worse?
+        base_fresh = evaluate_task(model.eval(), tokenizer, scored, ev.data, ev.eval, device)["score"]
+    if need_base and full and not cfg.url:
+        del model
+        model, _ = load_pretrained(ev.model.path, dtype=dtype, device=device, quant=quant)
     if cfg.url:  # the served model answers; no perplexity (the server returns no log-probabilities)
         gen = served_generate(cfg.url, cfg.served_model, cfg.api_key)
         result = evaluate_task(None, tokenizer, scored, ev.data, ev.eval, device, generate_fn=gen)
@@ -169,7 +175,7 @@ def run_check(cfg: MonitorConfig) -> dict:
         "n": result["n"], "task": result["task"], "metric": result["metric"],
         "score": result["score"], "perplexity": result["perplexity"],
         "served": {"url": cfg.url, "model": cfg.served_model} if cfg.url else None,
-        "stored_score": stored, "stored_n": stored_n, "base_score": base_score,
+        "stored_score": stored, "stored_n": stored_n, "base_score": base_score, "base_fresh_score": base_fresh,
         "drop": drop, "max_drop": max_drop, "passed": passed,
         "drift": drift, "drift_thresholds": cfg.thresholds.as_dict(),
         "drift_over": cfg.thresholds.over(drift) if drift is not None else [],
@@ -204,6 +210,8 @@ def read_history(path: Path) -> list[dict]:
 def summary(record: dict) -> str:
     """The check in a few lines: score vs stored (and base), pass/fail, drift scores with those over marked."""
     base = f", base {record['base_score']:.4f}" if record["base_score"] is not None else ""
+    if record.get("base_fresh_score") is not None:
+        base += f"; base model on this file {record['base_fresh_score']:.4f}"
     verdict = "PASS" if record["passed"] else f"FAIL (more than {record['max_drop']} below the stored score)"
     lines = [f"{record['metric']} on {record['file']} (n={record['n']}): {record['score']:.4f}; stored test score "
              f"{record['stored_score']:.4f} (n={record['stored_n']}){base}; "
