@@ -1,4 +1,5 @@
-"""One batch of requests through one engine: ftcore's generate() with per-row sampling, limits and stop strings.
+"""A request as a Job, and one batch of jobs run as formed through ftcore's generate() (run_batch: prompt tuning
+and LongRoPE, whose rows cannot join a running batch; decode.py batches the others continuously).
 
 Each Job is one request. Its tokens are decoded to text after every step and handed to `job.emit` as text
 deltas (what a streaming client gets); text that might be the start of a stop string is held back until it
@@ -35,10 +36,17 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    closed: bool = False  # "done" was sent
 
     def send(self, kind: str, payload):
         if self.emit is not None:
             self.emit(kind, payload)
+
+    def close(self):
+        """Tell the handler the job is over (finished, failed or cancelled); once."""
+        if not self.closed:
+            self.closed = True
+            self.send("done", self)
 
     def add_token(self, token: int, tokenizer) -> bool:
         """Append one generated token; True when the row is finished (stop string, max_tokens, cancelled)."""

@@ -21,9 +21,9 @@ class ServerMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.prompt_tokens = Counter("ftcore_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generated_tokens = Counter("ftcore_generated_tokens", "Tokens generated", ["model"], registry=r)
-        self.tokens_per_s = Gauge("ftcore_tokens_per_second", "Generated tokens per second of the last batch",
+        self.tokens_per_s = Gauge("ftcore_tokens_per_second", "Generated tokens per second in the last decode step",
                                   registry=r)  # fmt: skip
-        self.batch_size = Histogram("ftcore_batch_size", "Requests per decode batch", buckets=BATCH_BUCKETS,
+        self.batch_size = Histogram("ftcore_batch_size", "Rows (requests) per decode step", buckets=BATCH_BUCKETS,
                                     registry=r)  # fmt: skip
         self.queue_depth = Gauge("ftcore_queue_depth", "Requests waiting for a batch", registry=r)
         self.drift = Gauge("ftcore_drift_score", "Drift of served prompts against the training prompts",
