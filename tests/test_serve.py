@@ -416,7 +416,8 @@ def test_stream_usage_and_a_client_that_leaves_stops_its_row(tiny_served):
         waited = time.perf_counter() - t0
     finally:
         s.stop()
-    codes = {x.labels["code"]: x.value for x in families["ftcore_requests"].samples if x.name == "ftcore_requests_total"}
+    codes = {x.labels["code"]: x.value for x in families["ftcore_requests"].samples
+             if x.name == "ftcore_requests_total"}  # fmt: skip
     assert codes.get("499") == 1
     generated = [x.value for x in families["ftcore_generated_tokens"].samples if x.name.endswith("_total")]
     assert sum(generated) < 5 + 2000  # the row stopped before its 2000 tokens

@@ -2,7 +2,7 @@
 
     batch = RunningBatch(engine, jobs)       # prefill: the rows left-padded to the longest prompt
     while batch.rows:
-        batch.admit(more_jobs)               # each new row prefilled alone, its keys/values put beside the others
+        batch.admit(more_jobs)               # each new row prefilled alone, its keys/values put beside the others'
         finished = batch.step()              # one token for every row; finished rows leave the batch
 
 The rows share one KV cache [rows, n_kv, width, hd], left-padded: a row's padding columns are masked, and its
@@ -114,21 +114,25 @@ class RunningBatch:
     # -- joining, stepping, leaving ---------------------------------------------------------------------------
 
     def admit(self, jobs: list[Job]):
-        """Prefill each job alone against the batch's width and add it as a row (joinable models only)."""
+        """Prefill each job alone and add it as a row, its keys and values right-aligned to the batch's width."""
         for job in jobs:
-            if len(job.prompt) > self.width:
-                self._pad_left(len(job.prompt) - self.width)
-            tokens, mask = self._left_padded([job.prompt], self.width)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            alone = KVCache(self.model.cfg, 1, self.width)
-            logits = self._forward([job], tokens, mask, positions, alone)
+            n = len(job.prompt)
+            if n > self.width:
+                self._pad_left(n - self.width)
+            # alone, unpadded (left padding changes nothing: the row's keys are the same), then right-aligned
+            tokens = torch.tensor([job.prompt], device=self.device)
+            alone = KVCache(self.model.cfg, 1, n)
+            logits = self._forward([job], tokens, torch.ones_like(tokens), None, alone)
             self._ensure_room(self.width + job.max_tokens)
             self.cache.shape = (self.cache.shape[0] + 1, *self.cache.shape[1:])
             for layer in range(len(alone.k)):
                 for own, batch in ((alone.k, self.cache.k), (alone.v, self.cache.v)):
                     row = batch[layer].new_zeros((1, *batch[layer].shape[1:]))
-                    row[:, :, : self.width] = own[layer]
+                    row[:, :, self.width - n : self.width] = own[layer]
                     batch[layer] = torch.cat([batch[layer], row], dim=0)
+            mask = self.mask.new_zeros(1, self.width)
+            mask[:, self.width - n :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             self.mask = torch.cat([self.mask, mask], dim=0)
             self.positions = torch.cat([self.positions, positions], dim=0)
             self.logits = torch.cat([self.logits, logits], dim=0)
